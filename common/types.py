@@ -1,0 +1,66 @@
+"""Typed messages between the roles: what rollout workers produce and the learner consumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Prompt:
+    """One prompt, ready for an engine: its token ids after the chat template."""
+
+    index: int
+    """Position in its split, to trace a group back to its data row."""
+    text: str
+    """The rendered prompt (after the chat template), what the reward functions see."""
+    token_ids: list[int]
+    columns: dict = field(default_factory=dict)
+    """The row's other dataset columns, passed to reward functions as keyword arguments."""
+
+
+@dataclass
+class RolloutGroup:
+    """G completions of one prompt, scored, with everything the learner needs to train on them."""
+
+    prompt: Prompt
+    completions: list[str]
+    completion_ids: list[list[int]]
+    logprobs: list[list[float]]
+    """Behaviour log-prob of every sampled token, as the engine computed it."""
+    finish_reasons: list[str]
+    """`stop` (end of text) or `length` (hit rollout.max_tokens), per completion."""
+    rewards: list[float]
+    """Weighted sum of the reward functions, per completion."""
+    reward_parts: dict[str, list[float]]
+    """Each reward function's own score, per completion."""
+    advantages: list[float]
+    """Group-relative advantages of `rewards` (scaled as grpo.scale_rewards says)."""
+    policy_version: int
+    """Learner step whose weights generated this group."""
+    worker: int = 0
+    """Index of the rollout worker that generated it."""
+
+    @property
+    def size(self) -> int:
+        return len(self.completion_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(ids) for ids in self.completion_ids)
+
+
+@dataclass
+class GenerationStats:
+    """Throughput of one generate call on one worker."""
+
+    prompts: int
+    completions: int
+    tokens: int
+    """Completion tokens generated."""
+    prompt_tokens: int
+    seconds: float
+    worker: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
