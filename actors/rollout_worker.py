@@ -1,0 +1,156 @@
+"""The rollout worker: one vLLM engine that turns prompts into scored groups of completions.
+
+A plain class; `deploy/launch.py` makes it a Ray actor. Tests may also build it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import zlib
+
+import torch
+
+from common import models
+from common.config import Config
+from common.rewards import Scorer
+from common.types import GenerationStats, Prompt, RolloutGroup
+from learner.grpo import group_advantages
+
+EXTENSION = "actors.vllm_extension.WeightSyncExtension"
+
+
+def engine_args(cfg: Config, model_path: str, index: int) -> dict:
+    """Keyword arguments of `vllm.LLM` for worker `index`: the only place CPU and GPU differ."""
+    args = dict(
+        model=model_path,
+        dtype=str(models.torch_dtype(cfg.model.dtype, cfg.cluster.device)).removeprefix("torch."),
+        seed=cfg.seed + index,
+        max_model_len=cfg.model.max_model_len,
+        worker_extension_cls=EXTENSION,
+        # Log-probs after temperature, the distribution the tokens were really sampled from,
+        # which is what the learner's importance weights compare against.
+        logprobs_mode="processed_logprobs",
+    )
+    if cfg.cluster.device == "cpu":
+        args.update(enforce_eager=True, kv_cache_memory_bytes=int(cfg.rollout.kv_cache_gib * 2**30),
+                    # A seeded request whose prompt is split over two steps makes vLLM rewind its
+                    # random generator, which CPU generators cannot do ("CPU Generator does not
+                    # use offset"): schedule every prompt whole.
+                    enable_chunked_prefill=False,
+                    max_num_batched_tokens=max(4096, cfg.model.max_model_len))
+    else:
+        args.update(tensor_parallel_size=cfg.rollout.tensor_parallel_size,
+                    gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
+        if cfg.rollout.tensor_parallel_size > 1:
+            args.update(distributed_executor_backend="mp")
+    return args
+
+
+def cpu_threads(cfg: Config) -> int:
+    return cfg.rollout.threads or max(1, int(cfg.rollout.num_cpus))
+
+
+def request_seed(run_seed: int, round_: int, position: int) -> int:
+    """A distinct, reproducible sampling seed per request: a fixed seed for every request would
+    replay one random stream, and none at all would make a resumed run sample differently."""
+    return zlib.crc32(f"{run_seed}:{round_}:{position}".encode()) & 0x7FFFFFFF
+
+
+class RolloutWorker:
+    def __init__(self, cfg: Config, index: int = 0):
+        self.cfg, self.index = cfg, index
+        self.version = 0
+        # Resolved on this worker's node (it may not be the driver's).
+        model_path = str(models.resolve(cfg.model.name, cfg.model.cache_dir))
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # not a line per weight reload
+        if cfg.cluster.device == "cpu":
+            # The engine runs in this process (faster start, dies with the actor) with as many
+            # threads as the worker has CPUs, so workers sharing a machine do not fight over cores.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            os.environ["OMP_NUM_THREADS"] = str(cpu_threads(cfg))
+            torch.set_num_threads(cpu_threads(cfg))
+        from vllm import LLM
+
+        # Every reload warns that the rotary embedding got no weights: it has none to get (its
+        # cos/sin cache is computed, and vLLM puts it back).
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
+
+        self.llm = LLM(**engine_args(cfg, model_path, index))
+        self.tokenizer = self.llm.get_tokenizer()
+        self.scorer = Scorer(cfg.rollout.rewards, cfg.rollout.reward_weights)
+
+    def ready(self) -> int:
+        return self.version
+
+    # --- generation --------------------------------------------------------------------------
+
+    def generate(self, prompts: list[Prompt], round_: int = 0, n: int | None = None,
+                 ) -> tuple[list[RolloutGroup], GenerationStats]:
+        """G completions per prompt, scored, with behaviour log-probs and advantages."""
+        from vllm import SamplingParams
+
+        r, n = self.cfg.rollout, n or self.cfg.grpo.group_size
+        params = [
+            SamplingParams(n=n, max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p,
+                           logprobs=0, seed=request_seed(self.cfg.seed, round_, i))
+            for i in range(len(prompts))
+        ]
+        start = time.perf_counter()
+        outputs = self.llm.generate([{"prompt_token_ids": p.token_ids} for p in prompts], params,
+                                    use_tqdm=False)
+        seconds = time.perf_counter() - start
+
+        completions = [[c for c in out.outputs] for out in outputs]
+        texts = [c.text for group in completions for c in group]
+        columns = {k: [p.columns[k] for p in prompts for _ in range(n)] for k in prompts[0].columns} \
+            if prompts else {}
+        totals, parts = self.scorer([p.text for p in prompts for _ in range(n)], texts, columns)
+        advantages = group_advantages(torch.tensor(totals).view(len(prompts), n),
+                                      self.cfg.grpo.scale_rewards)
+
+        groups = []
+        for i, (prompt, group) in enumerate(zip(prompts, completions)):
+            span = slice(i * n, (i + 1) * n)
+            groups.append(RolloutGroup(
+                prompt=prompt,
+                completions=texts[span],
+                completion_ids=[list(c.token_ids) for c in group],
+                logprobs=[[lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)] for c in group],
+                finish_reasons=[c.finish_reason for c in group],
+                rewards=totals[span],
+                reward_parts={name: scores[span] for name, scores in parts.items()},
+                advantages=advantages[i].tolist(),
+                policy_version=self.version,
+                worker=self.index,
+            ))
+        stats = GenerationStats(
+            prompts=len(prompts), completions=len(prompts) * n,
+            tokens=sum(g.num_tokens for g in groups),
+            prompt_tokens=sum(len(p.token_ids) for p in prompts), seconds=seconds, worker=self.index,
+        )
+        return groups, stats
+
+    # --- weights -----------------------------------------------------------------------------
+
+    def join_weight_group(self, host: str, port: int, rank_offset: int, world_size: int,
+                          timeout_s: float) -> None:
+        self.llm.collective_rpc("join_weight_group",
+                                args=(host, port, rank_offset, world_size, timeout_s))
+
+    def receive_broadcast(self, specs: list[tuple], buckets: list[list[int]], version: int) -> float:
+        return self._reload("receive_broadcast", (specs, buckets), version)
+
+    def receive_shared(self, path: str, specs: list[tuple], version: int) -> float:
+        return self._reload("receive_shared", (path, specs, version), version)
+
+    def load_file(self, path: str, version: int) -> float:
+        return self._reload("load_file", (path,), version)
+
+    def _reload(self, method: str, args: tuple, version: int) -> float:
+        start = time.perf_counter()
+        self.llm.collective_rpc(method, args=args)
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
+        self.version = version
+        return time.perf_counter() - start

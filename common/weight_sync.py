@@ -1,0 +1,172 @@
+"""Moving weights from the learner to the rollout engines, with one interface for both sides.
+
+Two transports: a broadcast group (torch.distributed; gloo on CPU, NCCL on GPU; works across
+nodes), and a shared-memory file that CPU engines on the learner's node read directly.
+Tensors travel as raw bytes in flat buckets, so one collective moves many parameters.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, dtype and shape of one parameter, as both sides of a transfer must agree on."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for d in self.shape:
+            numel *= d
+        return numel * getattr(torch, self.dtype).itemsize
+
+
+def specs_of(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[TensorSpec]:
+    return [TensorSpec(n, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for n, t in named_tensors]
+
+
+def plan_buckets(specs: list[TensorSpec], bucket_bytes: int) -> list[list[int]]:
+    """Consecutive runs of tensor indices of at most `bucket_bytes` each; a bigger tensor goes alone."""
+    buckets: list[list[int]] = []
+    size = 0
+    for i, spec in enumerate(specs):
+        if buckets and size + spec.nbytes <= bucket_bytes:
+            buckets[-1].append(i)
+            size += spec.nbytes
+        else:
+            buckets.append([i])
+            size = spec.nbytes
+    return buckets
+
+
+def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors' bytes, back to back, as one uint8 tensor."""
+    return torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors])
+
+
+def unflatten(flat: torch.Tensor, specs: list[TensorSpec]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Views of `flat` (uint8) as the tensors `specs` describe, in order; no copy."""
+    offset = 0
+    for spec in specs:
+        chunk = flat[offset : offset + spec.nbytes]
+        yield spec.name, chunk.view(getattr(torch, spec.dtype)).view(spec.shape)
+        offset += spec.nbytes
+
+
+# --- broadcast group -------------------------------------------------------------------------
+
+
+def listen_socket(host: str) -> socket.socket:
+    """A socket bound to a free port on `host`: taking the port and binding it is one step, so no
+    other process can grab it in between (a busy port is never reused)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))
+    sock.listen()
+    return sock
+
+
+class BroadcastGroup:
+    """One member of a process group that exists only to broadcast weights from rank 0 (the
+    learner) to the engines. It lives beside vLLM's own groups without touching global state."""
+
+    def __init__(self, host: str, port: int, rank: int, world_size: int, device: str,
+                 timeout_s: float, sock: socket.socket | None = None):
+        from vllm.distributed.utils import (
+            StatelessProcessGroup,
+            stateless_init_torch_distributed_process_group,
+        )
+
+        self.rank, self.world_size, self.device = rank, world_size, device
+        if device == "cpu":
+            self._pg = stateless_init_torch_distributed_process_group(
+                host, port, rank, world_size, backend="gloo", listen_socket=sock,
+                timeout=timedelta(seconds=timeout_s),
+            )
+            self._nccl = None
+        else:
+            from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+
+            spg = StatelessProcessGroup.create(host, port, rank, world_size,
+                                               store_timeout=int(timeout_s), listen_socket=sock)
+            self._nccl = PyNcclCommunicator(spg, device=torch.cuda.current_device())
+
+    def broadcast(self, tensor: torch.Tensor) -> None:
+        if self._nccl is None:
+            opts = torch.distributed.BroadcastOptions()
+            opts.rootRank = 0
+            self._pg.broadcast([tensor], opts).wait()
+        else:
+            self._nccl.broadcast(tensor, src=0, stream=torch.cuda.current_stream())
+            torch.cuda.current_stream().synchronize()
+
+    def send(self, named_tensors: list[tuple[str, torch.Tensor]], buckets: list[list[int]]) -> None:
+        for bucket in buckets:
+            self.broadcast(flatten([named_tensors[i][1] for i in bucket]))
+
+    def receive(self, specs: list[TensorSpec], buckets: list[list[int]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yields the tensors as their buckets arrive; the caller loads each before the next."""
+        device = "cpu" if self._nccl is None else torch.cuda.current_device()
+        for bucket in buckets:
+            bucket_specs = [specs[i] for i in bucket]
+            flat = torch.empty(sum(s.nbytes for s in bucket_specs), dtype=torch.uint8, device=device)
+            self.broadcast(flat)
+            yield from unflatten(flat, bucket_specs)
+
+    def close(self) -> None:
+        if self._nccl is None:
+            self._pg.shutdown() if hasattr(self._pg, "shutdown") else None
+        self._pg = self._nccl = None
+
+
+# --- shared memory ---------------------------------------------------------------------------
+
+_HEADER = struct.Struct("<8sqq")  # magic, version, payload bytes
+_MAGIC = b"GRPOWTS1"
+
+
+class SharedWeights:
+    """One copy of the weights in a file in shared memory (/dev/shm): the learner writes it, every
+    engine on the same node reloads from it directly. The header holds the version written last,
+    so a reader can tell a stale or half-written file from the one it was told to load."""
+
+    def __init__(self, path: str, specs: list[TensorSpec]):
+        self.path, self.specs = path, specs
+        self.payload = sum(s.nbytes for s in specs)
+        self._mem = torch.from_file(path, shared=True, size=_HEADER.size + self.payload,
+                                    dtype=torch.uint8)
+
+    def write(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        self._set_header(-1)  # mark as being written
+        for (name, tensor), (_, view) in zip(named_tensors, self._views(), strict=True):
+            view.copy_(tensor.detach())
+        self._set_header(version)
+
+    def read(self, version: int) -> Iterator[tuple[str, torch.Tensor]]:
+        magic, found, payload = _HEADER.unpack(self._mem[: _HEADER.size].numpy().tobytes())
+        if magic != _MAGIC or payload != self.payload or found != version:
+            raise RuntimeError(f"shared weights at {self.path} hold version {found}, expected {version}")
+        return self._views()
+
+    def _views(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return unflatten(self._mem[_HEADER.size :], self.specs)
+
+    def _set_header(self, version: int) -> None:
+        header = _HEADER.pack(_MAGIC, version, self.payload)
+        self._mem[: _HEADER.size].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
+
+    def unlink(self) -> None:
+        if os.path.exists(self.path):
+            os.unlink(self.path)
