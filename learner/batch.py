@@ -1,0 +1,80 @@
+"""Turning rollout groups into padded tensors for the learner's forward passes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from common.types import RolloutGroup
+from learner.grpo import group_advantages
+
+
+@dataclass
+class MicroBatch:
+    """Sequences laid out as [left-padded prompt | right-padded completion], so the completion
+    logits are the last `completion_len + 1` positions for every row (as TRL lays them out)."""
+
+    input_ids: torch.Tensor        # [B, P + C]
+    attention_mask: torch.Tensor   # [B, P + C]
+    position_ids: torch.Tensor     # [B, P + C], counted from each row's first real token
+    completion_ids: torch.Tensor   # [B, C]
+    completion_mask: torch.Tensor  # [B, C] bool
+    behaviour_logp: torch.Tensor   # [B, C], the engine's log-probs of the sampled tokens
+    advantages: torch.Tensor       # [B]
+    rows: slice                    # where these sequences sit in the whole batch
+
+    def to(self, device: str | torch.device) -> MicroBatch:
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
+        return MicroBatch(**moved)
+
+
+def flat_sequences(groups: list[RolloutGroup]) -> list[tuple[list[int], list[int], list[float]]]:
+    """(prompt ids, completion ids, behaviour log-probs) of every completion, group after group."""
+    return [
+        (g.prompt.token_ids, ids, lps)
+        for g in groups
+        for ids, lps in zip(g.completion_ids, g.logprobs)
+    ]
+
+
+def advantages_of(groups: list[RolloutGroup], scale: str) -> torch.Tensor:
+    """Group-relative advantages over the training batch ([num_groups * G]): for `batch` scaling
+    the std is this batch's, which no single rollout worker could know."""
+    rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
+    return group_advantages(rewards, scale).reshape(-1)
+
+
+def micro_batches(groups: list[RolloutGroup], size: int, scale: str, pad_id: int,
+                  ) -> list[MicroBatch]:
+    seqs = flat_sequences(groups)
+    advantages = advantages_of(groups, scale)
+    return [collate(seqs[i : i + size], advantages[i : i + size], slice(i, i + len(seqs[i : i + size])),
+                    pad_id)
+            for i in range(0, len(seqs), size)]
+
+
+def collate(seqs: list[tuple[list[int], list[int], list[float]]], advantages: torch.Tensor,
+            rows: slice, pad_id: int) -> MicroBatch:
+    p_len = max(len(p) for p, _, _ in seqs)
+    c_len = max(max(len(c) for _, c, _ in seqs), 1)
+    n = len(seqs)
+    input_ids = torch.full((n, p_len + c_len), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, p_len + c_len), dtype=torch.long)
+    behaviour = torch.zeros((n, c_len), dtype=torch.float32)
+    for row, (prompt, completion, logps) in enumerate(seqs):
+        input_ids[row, p_len - len(prompt) : p_len] = torch.tensor(prompt)
+        input_ids[row, p_len : p_len + len(completion)] = torch.tensor(completion, dtype=torch.long)
+        attention_mask[row, p_len - len(prompt) : p_len + len(completion)] = 1
+        behaviour[row, : len(logps)] = torch.tensor(logps)
+    completion_mask = attention_mask[:, p_len:].bool()
+    return MicroBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
+        completion_ids=input_ids[:, p_len:],
+        completion_mask=completion_mask,
+        behaviour_logp=behaviour,
+        advantages=advantages,
+        rows=rows,
+    )

