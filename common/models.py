@@ -62,7 +62,7 @@ PRESETS: dict[str, Preset] = {
 }
 
 # Bump when the builder's output changes, so cached presets are rebuilt.
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 TOKENIZER_FILE = Path(__file__).parent / "assets" / "gpt-neox-20b-tokenizer.json"
 PYTHIA_VOCAB = 50277  # tokens in Pythia's tokenizer; the embedding is padded to 50304
 EOS, PAD = "<|endoftext|>", "<|padding|>"
@@ -211,6 +211,7 @@ def _write_preset(preset: Preset, out: Path) -> None:
         unk_token=EOS,
         pad_token=PAD,
         model_max_length=2048,
+        clean_up_tokenization_spaces=False,  # a WordPiece clean-up that would damage BPE text
     )
     _with_defaults(tok).save_pretrained(out)
 

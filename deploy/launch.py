@@ -1,0 +1,107 @@
+"""Starting Ray and placing the actors: resources per role, one placement group, and the node
+addresses Ray assigned (used by the weight-sync group, never a hard-coded loopback)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from common.config import Config
+
+LEARNER_BUNDLE = 0  # bundle 0 is the learner's (the buffer shares it); workers follow
+
+
+@dataclass
+class ResourcePlan:
+    """What each role asks Ray for; a pure function of the config so it can be tested anywhere."""
+
+    bundles: list[dict[str, float]]
+    strategy: str
+    learner: dict
+    worker: dict
+
+    @property
+    def total_cpus(self) -> float:
+        return sum(b.get("CPU", 0) for b in self.bundles)
+
+
+def plan(cfg: Config) -> ResourcePlan:
+    r, l, c = cfg.rollout, cfg.learner, cfg.cluster
+    learner = {"num_cpus": l.num_cpus, "num_gpus": l.num_gpus}
+    worker = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}
+    custom = {c.rollout_resource: 1.0} if c.rollout_resource else {}
+    if custom:
+        worker["resources"] = custom
+
+    def bundle(opts: dict, extra: dict) -> dict[str, float]:
+        b = {"CPU": float(opts["num_cpus"]), **extra}
+        if opts["num_gpus"]:
+            b["GPU"] = float(opts["num_gpus"])
+        return b
+
+    bundles = [bundle(learner, {})] + [bundle(worker, custom) for _ in range(r.num_workers)]
+    return ResourcePlan(bundles=bundles, strategy=c.placement_strategy, learner=learner, worker=worker)
+
+
+def init_ray(cfg: Config) -> None:
+    """Join the configured cluster (or the one `ray job submit` runs us in), else start a local
+    instance bound to loopback, with as many logical CPUs as the run's bundles need."""
+    import ray
+
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    cpus = cfg.cluster.num_cpus or max(int(plan(cfg).total_cpus + 0.999), os.cpu_count() or 1)
+    ray.init(num_cpus=cpus, num_gpus=None if cfg.cluster.device == "gpu" else 0,
+             include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
+
+
+@dataclass
+class Cluster:
+    """The run's actors and where Ray put them."""
+
+    buffer: object
+    learner: object
+    workers: list
+    placement_group: object
+    learner_node: tuple[str, str]                  # (node id, node ip)
+    worker_nodes: list[tuple[str, str]] = field(default_factory=list)
+
+
+def launch(cfg: Config, timeout_s: float) -> Cluster:
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from actors.rollout_worker import RolloutWorker
+    from common.buffer import RolloutBuffer
+    from learner.learner import Learner
+
+    p = plan(cfg)
+    pg = placement_group(p.bundles, strategy=p.strategy, name="grpo-ray")
+    if not pg.wait(timeout_seconds=timeout_s):
+        ray.util.remove_placement_group(pg)
+        raise TimeoutError(f"waited {timeout_s:.0f} s for the cluster to offer {p.bundles} "
+                           f"({p.strategy}); it has {ray.cluster_resources()}")
+
+    def at(index: int) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)
+
+    capacity = cfg.buffer.capacity or (cfg.buffer.max_policy_lag + 1) * cfg.prompts_per_step
+    buffer = ray.remote(RolloutBuffer).options(num_cpus=0, scheduling_strategy=at(LEARNER_BUNDLE)
+                                               ).remote(capacity, cfg.buffer.max_policy_lag)
+    learner = ray.remote(Learner).options(
+        **p.learner, scheduling_strategy=at(LEARNER_BUNDLE)).remote(cfg)
+    workers = [
+        ray.remote(RolloutWorker).options(
+            **p.worker, scheduling_strategy=at(LEARNER_BUNDLE + 1 + i),
+            max_restarts=cfg.cluster.max_worker_restarts, max_task_retries=0,
+        ).remote(cfg, i)
+        for i in range(cfg.rollout.num_workers)
+    ]
+    nodes = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+    placed = placement_group_table(pg)["bundles_to_node_id"]
+    where = [(placed[i], nodes[placed[i]]) for i in range(len(p.bundles))]
+    return Cluster(buffer=buffer, learner=learner, workers=workers, placement_group=pg,
+                   learner_node=where[LEARNER_BUNDLE], worker_nodes=where[LEARNER_BUNDLE + 1 :])
