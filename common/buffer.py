@@ -32,8 +32,8 @@ class RolloutBuffer:
         async with self._cond:
             for group in groups:
                 await self._wait(lambda: len(self._groups) < self.capacity, timeout_s,
-                                 f"room in the rollout buffer (full at {self.capacity} groups; "
-                                 "is the learner still consuming?)")
+                                 lambda: f"room in the rollout buffer (full at {self.capacity} "
+                                 "groups; is the learner still consuming?)")
                 self._groups.append(group)
                 self.produced += 1
                 self._cond.notify_all()
@@ -53,19 +53,20 @@ class RolloutBuffer:
                 return len(self._groups) >= n
 
             await self._wait(enough, timeout_s,
-                             f"{n} rollout groups (have {len(self._groups)}; are the rollout "
-                             "workers alive?)")
+                             lambda: f"{n} rollout groups (have {len(self._groups)}; are the "
+                             "rollout workers alive?)")
             batch = [self._groups.popleft() for _ in range(n)]
             self.consumed += n
             self.lags = [current_version - g.policy_version for g in batch]
             self._cond.notify_all()
             return batch
 
-    async def _wait(self, predicate, timeout_s: float | None, what: str) -> None:
+    async def _wait(self, predicate, timeout_s: float | None, what) -> None:
+        """Wait until `predicate()`; on timeout, say `what()` was waited for (as it is then)."""
         try:
             await asyncio.wait_for(self._cond.wait_for(predicate), timeout_s)
         except (asyncio.TimeoutError, TimeoutError):
-            raise TimeoutError(f"waited {timeout_s:.0f} s for {what}") from None
+            raise TimeoutError(f"waited {timeout_s:.0f} s for {what()}") from None
 
     def stats(self) -> dict:
         return {

@@ -51,18 +51,35 @@ def plan_buckets(specs: list[TensorSpec], bucket_bytes: int) -> list[list[int]]:
     return buckets
 
 
+ALIGN = 16  # every tensor starts at a multiple of this, so each dtype can view its bytes in place
+
+
+def _padded(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+def packed_size(specs: list[TensorSpec]) -> int:
+    """Bytes of `specs` laid out by `flatten`."""
+    return sum(_padded(s.nbytes) for s in specs)
+
+
 def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The tensors' bytes, back to back, as one uint8 tensor."""
-    return torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors])
+    """The tensors' bytes, each at an aligned offset, as one uint8 tensor."""
+    flat = torch.empty(sum(_padded(t.nbytes) for t in tensors), dtype=torch.uint8, device=tensors[0].device)
+    offset = 0
+    for t in tensors:
+        flat[offset : offset + t.nbytes].copy_(t.detach().contiguous().reshape(-1).view(torch.uint8))
+        offset += _padded(t.nbytes)
+    return flat
 
 
 def unflatten(flat: torch.Tensor, specs: list[TensorSpec]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Views of `flat` (uint8) as the tensors `specs` describe, in order; no copy."""
+    """Views of `flat` (uint8, laid out by `flatten`) as the tensors `specs` describe; no copy."""
     offset = 0
     for spec in specs:
         chunk = flat[offset : offset + spec.nbytes]
         yield spec.name, chunk.view(getattr(torch, spec.dtype)).view(spec.shape)
-        offset += spec.nbytes
+        offset += _padded(spec.nbytes)
 
 
 # --- broadcast group -------------------------------------------------------------------------
@@ -121,7 +138,7 @@ class BroadcastGroup:
         device = "cpu" if self._nccl is None else torch.cuda.current_device()
         for bucket in buckets:
             bucket_specs = [specs[i] for i in bucket]
-            flat = torch.empty(sum(s.nbytes for s in bucket_specs), dtype=torch.uint8, device=device)
+            flat = torch.empty(packed_size(bucket_specs), dtype=torch.uint8, device=device)
             self.broadcast(flat)
             yield from unflatten(flat, bucket_specs)
 
@@ -142,22 +159,28 @@ class SharedWeights:
     engine on the same node reloads from it directly. The header holds the version written last,
     so a reader can tell a stale or half-written file from the one it was told to load."""
 
+    BEING_WRITTEN = -1
+
     def __init__(self, path: str, specs: list[TensorSpec]):
         self.path, self.specs = path, specs
-        self.payload = sum(s.nbytes for s in specs)
+        self.payload = packed_size(specs)
         self._mem = torch.from_file(path, shared=True, size=_HEADER.size + self.payload,
                                     dtype=torch.uint8)
 
     def write(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        self._set_header(-1)  # mark as being written
-        for (name, tensor), (_, view) in zip(named_tensors, self._views(), strict=True):
+        self._set_header(self.BEING_WRITTEN)
+        for (_, tensor), (_, view) in zip(named_tensors, self._views(), strict=True):
             view.copy_(tensor.detach())
         self._set_header(version)
 
     def read(self, version: int) -> Iterator[tuple[str, torch.Tensor]]:
         magic, found, payload = _HEADER.unpack(self._mem[: _HEADER.size].numpy().tobytes())
-        if magic != _MAGIC or payload != self.payload or found != version:
-            raise RuntimeError(f"shared weights at {self.path} hold version {found}, expected {version}")
+        if magic != _MAGIC or payload != self.payload:
+            raise RuntimeError(f"{self.path} holds no weights of this model (never written, or "
+                               "written for other tensors)")
+        if found != version:
+            state = "is being written" if found == self.BEING_WRITTEN else f"holds version {found}"
+            raise RuntimeError(f"shared weights at {self.path} {state}, expected version {version}")
         return self._views()
 
     def _views(self) -> Iterator[tuple[str, torch.Tensor]]:
