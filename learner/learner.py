@@ -204,11 +204,13 @@ class Learner:
     def load_checkpoint(self, run_dir: str) -> dict:
         """Restore the newest checkpoint in `run_dir`; returns the driver's state saved with it."""
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
 
         directory = checkpoint.latest(run_dir)
         try:
-            self.model.load_state_dict(load_file(directory / "model" / "model.safetensors"))
+            # Through from_pretrained: saved files use the checkpoint names (embed_out), the
+            # module uses its own (lm_head), and transformers maps one to the other.
+            saved = AutoModelForCausalLM.from_pretrained(directory / "model", dtype=self.model.dtype)
+            self.model.load_state_dict(saved.state_dict())
             state = torch.load(directory / "learner.pt", weights_only=True)  # never unpickle code
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
