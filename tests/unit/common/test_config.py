@@ -1,0 +1,179 @@
+"""Run configuration: validation lines, strict loading from dicts and YAML, command-line overrides."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.config import Config, ConfigError, from_dict, load, parse, validate
+
+
+def problems_after(**changes) -> list[str]:
+    """validate() of the default config with `section__field=value` changes applied."""
+    cfg = Config()
+    for key, value in changes.items():
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    return validate(cfg)
+
+
+# ----- validate -----
+
+
+def test_defaults_are_valid():
+    assert validate(Config()) == []
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(grpo__group_size=1), "grpo.group_size"),
+    (dict(grpo__batch_size=30), "grpo.batch_size (30) must be a multiple of grpo.group_size (8)"),
+    (dict(learner__learning_rate=0.0), "learner.learning_rate"),
+    (dict(learner__learning_rate=-1e-3), "learner.learning_rate"),
+    (dict(rollout__rewards=("nope",)), "unknown reward `nope`"),
+    (dict(model__name="not-a-model"), "unknown model `not-a-model`"),
+    (dict(rollout__reward_weights=(1.0, 2.0)), "reward_weights has 2 weights for 1 reward"),
+    (dict(data__max_prompt_tokens=500), "exceeds model.max_model_len (512)"),
+    (dict(rollout__num_gpus=1), "cluster.device is cpu"),
+    (dict(learner__num_gpus=1), "learner.num_gpus is set"),
+])
+def test_each_mistake_gives_one_line_naming_the_field(changes, field):
+    problems = problems_after(**changes)
+    assert len(problems) == 1, problems
+    assert field in problems[0]
+
+
+def test_group_size_one_line_says_why_and_what_was_given():
+    assert problems_after(grpo__group_size=1) == [
+        "grpo.group_size must be >= 2 for group-relative advantages (got 1)"]
+
+
+def test_prompt_plus_completion_line_gives_all_three_numbers():
+    assert problems_after(data__max_prompt_tokens=500) == [
+        "data.max_prompt_tokens (500) + rollout.max_tokens (24) exceeds model.max_model_len (512)"]
+
+
+def test_prompt_plus_completion_exactly_at_limit_is_fine():
+    assert problems_after(data__max_prompt_tokens=512 - 24) == []
+
+
+def test_several_mistakes_give_several_lines():
+    cfg = Config()
+    cfg.grpo.group_size = 1
+    cfg.learner.learning_rate = 0.0
+    cfg.model.name = "not-a-model"
+    problems = validate(cfg)
+    assert len(problems) == 3
+    assert problems[0].startswith("grpo.group_size")
+    assert problems[1].startswith("learner.learning_rate")
+    assert problems[2].startswith("model.name")
+
+
+def test_gpu_cluster_config_is_valid():
+    cfg = Config()
+    cfg.cluster.device = "gpu"
+    cfg.rollout.tensor_parallel_size = cfg.rollout.num_gpus = 2
+    cfg.learner.num_gpus = 1
+    assert validate(cfg) == []
+
+
+# ----- from_dict -----
+
+
+def test_from_dict_fills_sections_and_keeps_other_defaults():
+    cfg = from_dict({"grpo": {"group_size": 4}, "steps": 3})
+    assert (cfg.grpo.group_size, cfg.steps) == (4, 3)
+    assert cfg.grpo.batch_size == 32
+    assert cfg.rollout.rewards == ("explicit_pos",)
+
+
+def test_from_dict_refuses_unknown_keys_with_a_hint():
+    with pytest.raises(ConfigError) as e:
+        from_dict({"grpo": {"grup_size": 4}, "stepz": 3})
+    assert e.value.problems == [
+        "unknown config field `grpo.grup_size` (did you mean `grpo.group_size`?)",
+        "unknown config field `stepz` (did you mean `steps`?)",
+    ]
+
+
+def test_from_dict_unknown_key_without_close_match_has_no_hint():
+    with pytest.raises(ConfigError) as e:
+        from_dict({"zzzzzz": 1})
+    assert e.value.problems == ["unknown config field `zzzzzz`"]
+
+
+def test_from_dict_refuses_wrong_types():
+    with pytest.raises(ConfigError, match=r"grpo\.group_size"):
+        from_dict({"grpo": {"group_size": "eight"}})
+    with pytest.raises(ConfigError, match=r"Expected `object`, got `int`"):
+        from_dict({"grpo": 5})
+
+
+def test_from_dict_refuses_value_outside_literal():
+    with pytest.raises(ConfigError, match=r"loss_type"):
+        from_dict({"grpo": {"loss_type": "ppo"}})
+
+
+# ----- load -----
+
+
+def test_load_partial_sections_keep_defaults(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("grpo:\n  epsilon: 0.1\nrollout:\n  rewards: [length, format]\nsteps: 5\n")
+    cfg = load(path)
+    assert cfg.grpo.epsilon == 0.1
+    assert cfg.grpo.group_size == 8
+    assert cfg.rollout.rewards == ("length", "format")
+    assert cfg.rollout.max_tokens == 24
+    assert cfg.steps == 5
+
+
+def test_load_empty_file_gives_defaults(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert load(path) == Config()
+
+
+def test_load_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*missing.yaml"):
+        load(tmp_path / "missing.yaml")
+
+
+def test_load_invalid_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("grpo: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load(path)
+
+
+def test_load_non_mapping_yaml(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping of sections, got list"):
+        load(path)
+
+
+# ----- parse -----
+
+
+def test_parse_applies_file_then_override(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("grpo:\n  epsilon: 0.1\n  group_size: 4\n")
+    cfg = parse([str(path), "--grpo.epsilon", "0.3"])
+    assert cfg.grpo.epsilon == 0.3  # override wins over the file
+    assert cfg.grpo.group_size == 4  # file wins over the default
+    assert cfg.grpo.batch_size == 32  # default
+
+
+def test_parse_without_file_overrides_defaults():
+    cfg = parse(["--rollout.max-tokens", "7"])
+    assert cfg.rollout.max_tokens == 7
+    assert cfg.grpo.epsilon == 0.2
+
+
+# ----- prompts_per_step -----
+
+
+def test_prompts_per_step():
+    assert Config().prompts_per_step == 32 // 8
+    cfg = Config()
+    cfg.grpo.batch_size, cfg.grpo.group_size = 12, 3
+    assert cfg.prompts_per_step == 4

@@ -1,0 +1,122 @@
+"""Checkpoint directories: atomic writes, finding the newest finished one, pruning, JSON errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from learner import checkpoint
+from learner.checkpoint import CheckpointError, atomic_dir, complete, latest, path_for, prune, read_json
+
+
+def make(run_dir, step: int, files=checkpoint.FILES):
+    """A finished checkpoint directory holding `files` (empty files are enough here)."""
+    d = path_for(run_dir, step)
+    for f in files:
+        (d / f).parent.mkdir(parents=True, exist_ok=True)
+        (d / f).write_text("x")
+    return d
+
+
+def names(paths) -> list[str]:
+    return [p.name for p in paths]
+
+
+# ----- atomic_dir -----
+
+
+def test_atomic_dir_renames_on_success(tmp_path):
+    final = tmp_path / "checkpoints" / "step_000001"
+    with atomic_dir(final) as tmp:
+        assert tmp.name == "step_000001.tmp"
+        assert not final.exists()
+        (tmp / "learner.pt").write_text("state")
+    assert (final / "learner.pt").read_text() == "state"
+    assert not tmp.exists()
+
+
+def test_atomic_dir_on_exception_leaves_nothing(tmp_path):
+    final = tmp_path / "step_000001"
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_dir(final) as tmp:
+            (tmp / "half").write_text("written")
+            raise RuntimeError("disk full")
+    assert not final.exists()
+    assert not tmp.exists()
+
+
+def test_atomic_dir_replaces_a_leftover_tmp(tmp_path):
+    final = tmp_path / "step_000001"
+    leftover = tmp_path / "step_000001.tmp"
+    leftover.mkdir()
+    (leftover / "stale").write_text("from a crash")
+    with atomic_dir(final) as tmp:
+        assert list(tmp.iterdir()) == []
+        (tmp / "fresh").write_text("new")
+    assert sorted(p.name for p in final.iterdir()) == ["fresh"]
+
+
+def test_atomic_dir_replaces_an_existing_final(tmp_path):
+    final = tmp_path / "step_000001"
+    final.mkdir()
+    (final / "old").write_text("old")
+    with atomic_dir(final) as tmp:
+        (tmp / "new").write_text("new")
+    assert sorted(p.name for p in final.iterdir()) == ["new"]
+
+
+# ----- complete / latest -----
+
+
+def test_complete_ignores_tmp_and_sorts_numerically(tmp_path):
+    make(tmp_path, 10)
+    make(tmp_path, 2)
+    make(tmp_path, 1_000_000)  # seven digits still matches and sorts last
+    (checkpoint.root(tmp_path) / "step_000011.tmp").mkdir()
+    (checkpoint.root(tmp_path) / "notes").mkdir()
+    assert names(complete(tmp_path)) == ["step_000002", "step_000010", "step_1000000"]
+
+
+def test_complete_without_a_checkpoint_dir_is_empty(tmp_path):
+    assert complete(tmp_path) == []
+
+
+def test_latest_returns_the_newest(tmp_path):
+    make(tmp_path, 2)
+    newest = make(tmp_path, 10)
+    assert latest(tmp_path) == newest
+
+
+def test_latest_without_checkpoints_raises(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint to resume from"):
+        latest(tmp_path)
+
+
+def test_latest_names_the_missing_file(tmp_path):
+    make(tmp_path, 2)
+    make(tmp_path, 3, files=("model/model.safetensors", "model/config.json", "driver.json"))
+    with pytest.raises(CheckpointError, match=r"step_000003 is damaged: missing learner\.pt$"):
+        latest(tmp_path)
+
+
+# ----- prune / read_json -----
+
+
+def test_prune_keeps_the_newest_k(tmp_path):
+    for step in (1, 2, 10, 3):
+        make(tmp_path, step)
+    prune(tmp_path, keep=2)
+    assert names(complete(tmp_path)) == ["step_000003", "step_000010"]
+
+
+def test_read_json_round_trip_and_corrupt(tmp_path):
+    path = tmp_path / "driver.json"
+    checkpoint.write_json(path, {"step": 4, "seen": [1, 2]})
+    assert read_json(path) == {"step": 4, "seen": [1, 2]}
+    path.write_text('{"step": 4,')
+    with pytest.raises(CheckpointError, match=r"cannot read .*driver\.json"):
+        read_json(path)
+
+
+def test_read_json_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="cannot read"):
+        read_json(tmp_path / "absent.json")

@@ -1,0 +1,66 @@
+"""The final model's card: TRL's format (front matter, quick start, citation) plus the run's own
+sections (reward, GRPO settings, results, versions)."""
+
+from __future__ import annotations
+
+import re
+
+import ray
+
+from common.config import Config
+from learner.model_card import render
+
+
+def card() -> str:
+    return render(Config(), "/tmp/x/final", {"learning_rate": 0.03, "results": {"a": 1}})
+
+
+def test_front_matter():
+    text = card()
+    assert text.startswith("---\n")
+    front = text.split("---\n")[1]
+    assert "base_model: tiny\n" in front
+    assert "library_name: transformers\n" in front
+    assert "model_name: final\n" in front
+    tags = re.findall(r"^- (\S+)$", front, flags=re.M)
+    assert {"trl", "grpo", "explicit_pos"} <= set(tags)
+
+
+def test_quick_start_loads_the_final_directory():
+    text = card()
+    assert "## Quick start" in text
+    assert 'pipeline("text-generation", model="/tmp/x/final"' in text
+
+
+def test_grpo_settings_table():
+    text = card()
+    assert "| setting | value |" in text
+    assert "| loss type | dapo |" in text
+    assert "| group size (G) | 8 |" in text
+    assert "| completions per step | 32 |" in text
+    assert "| epsilon_high | 0.2 |" in text  # None shows as epsilon
+    assert "| learning rate | 0.03 |" in text
+
+
+def test_reward_and_results():
+    text = card()
+    assert "`explicit_pos` x 1 (weighted sum)" in text
+    assert "## Results\n\n- a: 1\n" in text
+
+
+def test_no_results_says_so():
+    text = render(Config(), "/tmp/x/final", {})
+    assert "- (none recorded)" in text
+
+
+def test_sections_come_before_the_citations():
+    text = card()
+    assert text.index("## GRPO settings") < text.index("## Citations")
+    assert "DeepSeekMath: Pushing the Limits of Mathematical Reasoning" in text
+    assert "@article{shao2024deepseekmath," in text
+
+
+def test_framework_versions():
+    text = card()
+    assert re.search(r"^- vLLM: \d+\.\d+\.\d+", text, flags=re.M)
+    assert f"- Ray: {ray.__version__}\n" in text
