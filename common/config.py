@@ -208,8 +208,10 @@ class Config:
     """Learner steps (policy updates) to run."""
     seed: int = 0
     """Seeds the prompt order, the sampling and the learner."""
-    run_dir: str = "runs/default"
-    """Run directory: config, metrics, checkpoints, final model."""
+    run_dir: str = ""
+    """Run directory: config, metrics, checkpoints, final model; empty means a new
+    `runs/<date>-<time>`. Under `ray job submit` give an absolute path (on shared storage for
+    a multi-node cluster): the job's working directory is temporary."""
     resume: bool = False
     """Continue from the last checkpoint in `run_dir`."""
     stop_after: int = 0
@@ -276,6 +278,7 @@ def validate(cfg: Config) -> list[str]:
             p.append(line)
 
     need(cfg.steps >= 1, f"steps must be >= 1 (got {cfg.steps})")
+    need(bool(cfg.run_dir) or not cfg.resume, "resume needs --run-dir: the run to continue")
     need(cfg.stop_after >= 0, f"stop_after must be >= 0 (got {cfg.stop_after})")
     need(g.group_size >= 2, f"grpo.group_size must be >= 2 for group-relative advantages (got {g.group_size})")
     need(g.batch_size >= 1, f"grpo.batch_size must be >= 1 (got {g.batch_size})")

@@ -3,7 +3,7 @@ and the learner, runs the loop, checkpoints, and writes the final model.
 
     make train                                          # the embedded default: tiny + explicit_pos
     python -m deploy.train deploy/configs/tiny.yaml --rollout.num-workers 2
-    python -m deploy.train --run-dir runs/default --resume
+    python -m deploy.train --run-dir runs/20261124-120000 --resume
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
         python -m deploy.train deploy/configs/pythia-410m.yaml
 """
@@ -64,7 +64,8 @@ def _cause(e: BaseException) -> BaseException:
 def prepare_run_dir(cfg: Config) -> Path:
     from learner import checkpoint
 
-    run_dir = Path(cfg.run_dir)
+    run_dir = Path(cfg.run_dir or time.strftime("runs/%Y%m%d-%H%M%S")).resolve()
+    cfg.run_dir = str(run_dir)  # absolute: the actors' working directories may differ
     if cfg.resume:
         checkpoint.latest(run_dir)  # fail now, with the reason, not after starting the cluster
     elif checkpoint.complete(run_dir):
