@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 import zlib
 
 import torch
@@ -62,6 +63,7 @@ class RolloutWorker:
     def __init__(self, cfg: Config, index: int = 0):
         self.cfg, self.index = cfg, index
         self.version = 0
+        self.incarnation = uuid.uuid4().hex
         # Resolved on this worker's node (it may not be the driver's).
         model_path = str(models.resolve(cfg.model.name, cfg.model.cache_dir))
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # not a line per weight reload
@@ -81,8 +83,9 @@ class RolloutWorker:
         self.tokenizer = self.llm.get_tokenizer()
         self.scorer = Scorer(cfg.rollout.rewards, cfg.rollout.reward_weights)
 
-    def ready(self) -> int:
-        return self.version
+    def ready(self) -> tuple[str, int]:
+        """(incarnation, policy version): a new incarnation means Ray restarted this worker."""
+        return self.incarnation, self.version
 
     # --- generation --------------------------------------------------------------------------
 
@@ -135,9 +138,9 @@ class RolloutWorker:
     # --- weights -----------------------------------------------------------------------------
 
     def join_weight_group(self, host: str, port: int, rank_offset: int, world_size: int,
-                          timeout_s: float) -> None:
+                          timeout_s: float, secret: str) -> None:
         self.llm.collective_rpc("join_weight_group",
-                                args=(host, port, rank_offset, world_size, timeout_s))
+                                args=(host, port, rank_offset, world_size, timeout_s, secret))
 
     def receive_broadcast(self, specs: list[tuple], buckets: list[list[int]], version: int) -> float:
         return self._reload("receive_broadcast", (specs, buckets), version)

@@ -14,13 +14,13 @@ class WeightSyncExtension:
     them in place (vLLM re-packs them for its kernels)."""
 
     def join_weight_group(self, host: str, port: int, rank_offset: int, world_size: int,
-                          timeout_s: float) -> None:
+                          timeout_s: float, secret: str) -> None:
         self.leave_weight_group()
         # One group member per tensor-parallel rank: every rank loads the full tensors and
         # keeps its own shard.
         self._weight_group = BroadcastGroup(host, port, rank_offset + self.rank, world_size,
                                             device="cpu" if self.device.type == "cpu" else "cuda",
-                                            timeout_s=timeout_s)
+                                            timeout_s=timeout_s, secret=secret)
 
     def leave_weight_group(self) -> None:
         group = getattr(self, "_weight_group", None)

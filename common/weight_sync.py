@@ -85,36 +85,53 @@ def unflatten(flat: torch.Tensor, specs: list[TensorSpec]) -> Iterator[tuple[str
 # --- broadcast group -------------------------------------------------------------------------
 
 
-def listen_socket(host: str) -> socket.socket:
-    """A socket bound to a free port on `host`: taking the port and binding it is one step, so no
-    other process can grab it in between (a busy port is never reused)."""
+class PortInUse(RuntimeError):
+    """The configured weight-sync port is taken; one line."""
+
+
+def listen_socket(host: str, port: int = 0) -> socket.socket:
+    """A socket bound to `port` on `host`, or to a free port when it is 0: taking the port and
+    binding it is one step, so no other process can grab it in between."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a fixed port right after a restart
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise PortInUse(f"cluster.weight_sync_port {port} cannot be bound on {host} ({e.strerror}); "
+                        "choose another, or 0 for any free port") from None
     sock.listen()
     return sock
 
 
 class BroadcastGroup:
     """One member of a process group that exists only to broadcast weights from rank 0 (the
-    learner) to the engines. It lives beside vLLM's own groups without touching global state."""
+    learner) to the engines. It lives beside vLLM's own groups without touching global state.
+
+    Only the members the driver created can join: the rendezvous keys live under a random
+    `secret` that the driver hands to each member, and on CPU the gloo connections bind the
+    node's address `host` (loopback on a single machine), not every interface."""
 
     def __init__(self, host: str, port: int, rank: int, world_size: int, device: str,
-                 timeout_s: float, sock: socket.socket | None = None):
-        from vllm.distributed.utils import (
-            StatelessProcessGroup,
-            stateless_init_torch_distributed_process_group,
-        )
-
+                 timeout_s: float, secret: str, sock: socket.socket | None = None):
         self.rank, self.world_size, self.device = rank, world_size, device
+        timeout = timedelta(seconds=timeout_s)
         if device == "cpu":
-            self._pg = stateless_init_torch_distributed_process_group(
-                host, port, rank, world_size, backend="gloo", listen_socket=sock,
-                timeout=timedelta(seconds=timeout_s),
-            )
-            self._nccl = None
+            from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore
+
+            # wait_for_workers=False: a stranger that connects cannot stand in for a member;
+            # members meet only under the secret prefix.
+            store = TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout,
+                             wait_for_workers=False,
+                             master_listen_fd=sock.detach() if sock is not None else None)
+            opts = ProcessGroupGloo._Options()
+            opts._timeout = timeout
+            opts._devices = [ProcessGroupGloo.create_device(hostname=host)]
+            self._pg = ProcessGroupGloo(PrefixStore(f"grpo-ray/{secret}", store), rank, world_size, opts)
+            self._store, self._nccl = store, None
         else:
             from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+            from vllm.distributed.utils import StatelessProcessGroup
 
             spg = StatelessProcessGroup.create(host, port, rank, world_size,
                                                store_timeout=int(timeout_s), listen_socket=sock)
@@ -144,8 +161,8 @@ class BroadcastGroup:
 
     def close(self) -> None:
         if self._nccl is None:
-            self._pg.shutdown() if hasattr(self._pg, "shutdown") else None
-        self._pg = self._nccl = None
+            self._pg.shutdown()
+        self._pg = self._store = self._nccl = None
 
 
 # --- shared memory ---------------------------------------------------------------------------
@@ -164,6 +181,7 @@ class SharedWeights:
     def __init__(self, path: str, specs: list[TensorSpec]):
         self.path, self.specs = path, specs
         self.payload = packed_size(specs)
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))  # the weights are this user's only
         self._mem = torch.from_file(path, shared=True, size=_HEADER.size + self.payload,
                                     dtype=torch.uint8)
 

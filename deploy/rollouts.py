@@ -1,6 +1,7 @@
-"""Driver side of generation: hands each round's prompts to the workers, routes their groups
-straight into the buffer (never through the driver), and notices a worker that died: its share
-is counted lost and generated again once Ray has restarted it."""
+"""Driver side of the rollout workers: hands each round's prompts to them, routes their groups
+straight into the buffer (never through the driver), keeps their weights current, and survives
+a worker that dies: Ray restarts it, it gets the current weights, and the share it was
+generating is counted lost and generated again."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from common.config import Config
 from common.data import PromptSampler
 from common.types import GenerationStats, Prompt
 from deploy.launch import Cluster
+from deploy.sync import WeightSync
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +44,18 @@ def split(items: list, parts: int) -> list[list]:
 
 
 class Rollouts:
-    def __init__(self, cfg: Config, cluster: Cluster, sampler: PromptSampler):
-        self.cfg, self.cluster, self.sampler = cfg, cluster, sampler
+    def __init__(self, cfg: Config, cluster: Cluster, sync: WeightSync, sampler: PromptSampler):
+        self.cfg, self.cluster, self.sync, self.sampler = cfg, cluster, sync, sampler
+        self.timeout = cfg.cluster.call_timeout_s
+        self.incarnations = [inc for inc, _ in self._get([w.ready.remote() for w in cluster.workers],
+                                                         "the rollout workers' engines to start")]
         self.pending: list[Share] = []
         self.lost: list[Share] = []        # shares whose worker died, to generate again
         self.finished: list[GenerationStats] = []
         self.lost_groups = 0
         self.restarts = 0
+
+    # --- generation --------------------------------------------------------------------------
 
     def submit(self, round_: int) -> None:
         prompts = self.sampler.take(self.cfg.prompts_per_step)
@@ -78,25 +85,6 @@ class Rollouts:
                 self.lost_groups += len(share.prompts)
                 self.lost.append(share)
 
-    def recover(self, bring_up_to_date) -> None:
-        """Wait for the dead workers to come back, bring them to the current weights with
-        `bring_up_to_date(worker_indices)`, then generate their lost shares again."""
-        if not self.lost:
-            return
-        dead = sorted({s.worker for s in self.lost})
-        for i in dead:
-            try:
-                ray.get(self.cluster.workers[i].ready.remote(), timeout=self.cfg.cluster.call_timeout_s)
-            except ray.exceptions.RayActorError:
-                raise RuntimeError(
-                    f"rollout worker {i} died and Ray could not restart it "
-                    f"(cluster.max_worker_restarts={self.cfg.cluster.max_worker_restarts})") from None
-        self.restarts += len(dead)
-        bring_up_to_date(dead)
-        lost, self.lost = self.lost, []
-        for share in lost:
-            self._launch(share.round, share.worker, share.prompts)
-
     def take_stats(self) -> list[GenerationStats]:
         stats, self.finished = self.finished, []
         return stats
@@ -107,6 +95,64 @@ class Rollouts:
             return float("nan")
         refs = [self.cluster.workers[i].generate.options(num_returns=2).remote(share, EVAL_ROUND)[0]
                 for i, share in enumerate(split(prompts, len(self.cluster.workers))) if share]
-        rewards = [r for groups in ray.get(refs, timeout=self.cfg.cluster.call_timeout_s)
-                   for g in groups for r in g.rewards]
+        rewards = [r for groups in self._get(refs, "the evaluation") for g in groups for r in g.rewards]
         return sum(rewards) / len(rewards)
+
+    # --- weights and recovery: only while the learner is idle --------------------------------
+
+    def push_weights(self, version: int) -> None:
+        """Bring every engine to policy `version`, reviving any worker that died."""
+        self._sync(version, None)
+
+    def recover(self, version: int) -> None:
+        """Revive the workers whose shares were lost, then generate those shares again."""
+        if not self.lost:
+            return
+        self._sync(version, sorted({s.worker for s in self.lost}))
+        lost, self.lost = self.lost, []
+        for share in lost:
+            self._launch(share.round, share.worker, share.prompts)
+
+    def _sync(self, version: int, dead: list[int] | None) -> None:
+        """Push weights to all engines (dead is None) or revive `dead` ones and serve them."""
+        targets = dead
+        for _ in range(1 + self.cfg.cluster.max_worker_restarts * len(self.cluster.workers)):
+            if targets:
+                self._await_restart(targets)
+                if self.sync.transport == "broadcast":
+                    self.sync.connect()  # a group is re-formed by all members, never rejoined
+                    targets = None
+            try:
+                targets = self.sync.push(version, targets)
+            except ray.exceptions.RayTaskError:
+                # A broadcast fails on every side when one member is gone or new: find who.
+                targets = self._restarted() or None
+                if targets is None:
+                    raise
+            if not targets:
+                return
+        raise RuntimeError(f"the rollout workers kept dying while receiving weights version {version}")
+
+    def _await_restart(self, workers: list[int]) -> None:
+        for i in workers:
+            try:
+                incarnation, _ = self._get([self.cluster.workers[i].ready.remote()],
+                                           f"rollout worker {i} to restart")[0]
+            except ray.exceptions.RayActorError:
+                raise RuntimeError(
+                    f"rollout worker {i} died and Ray could not restart it "
+                    f"(cluster.max_worker_restarts={self.cfg.cluster.max_worker_restarts})") from None
+            if incarnation != self.incarnations[i]:
+                self.incarnations[i] = incarnation
+                self.restarts += 1
+                log.warning("rollout worker %d was restarted; bringing it up to date", i)
+
+    def _restarted(self) -> list[int]:
+        states = self._get([w.ready.remote() for w in self.cluster.workers], "the rollout workers")
+        return [i for i, (inc, _) in enumerate(states) if inc != self.incarnations[i]]
+
+    def _get(self, refs: list, what: str) -> list:
+        try:
+            return ray.get(refs, timeout=self.timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"waited {self.timeout:.0f} s for {what}") from None

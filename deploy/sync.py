@@ -4,11 +4,12 @@ by broadcast (gloo/NCCL, across nodes) or through shared memory (CPU, same node)
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 
 import ray
 
-from common.config import Config
+from common.config import Config, ConfigError
 from common.weight_sync import TensorSpec, plan_buckets
 from deploy.launch import Cluster
 
@@ -28,7 +29,7 @@ class WeightSync:
         self.cfg, self.cluster = cfg, cluster
         self.transport = choose_transport(cfg, cluster)
         if self.transport == "shm" and any(node != cluster.learner_node[0] for node, _ in cluster.worker_nodes):
-            raise ValueError("cluster.weight_sync shm needs every rollout worker on the learner's node")
+            raise ConfigError(["cluster.weight_sync shm needs every rollout worker on the learner's node"])
         self.timeout_s = cfg.cluster.call_timeout_s
         self.specs = ray.get(cluster.learner.weight_specs.remote(), timeout=self.timeout_s)
         typed = [TensorSpec(n, d, tuple(s)) for n, d, s in self.specs]
@@ -46,38 +47,47 @@ class WeightSync:
         tp = self.cfg.rollout.tensor_parallel_size
         world = 1 + tp * len(self.cluster.workers)
         learner = self.cluster.learner
-        port = ray.get(learner.open_weight_group.remote(host), timeout=self.timeout_s)
-        self._wait([learner.connect_weight_group.remote(world, self.timeout_s)] + [
-            w.join_weight_group.remote(host, port, 1 + i * tp, world, self.timeout_s)
+        secret = secrets.token_hex(16)  # only the members told it can meet in the group
+        port = ray.get(learner.open_weight_group.remote(host, self.cfg.cluster.weight_sync_port),
+                       timeout=self.timeout_s)
+        self._wait([learner.connect_weight_group.remote(world, self.timeout_s, secret)] + [
+            w.join_weight_group.remote(host, port, 1 + i * tp, world, self.timeout_s, secret)
             for i, w in enumerate(self.cluster.workers)
         ], "the weight-sync group to form")
 
-    def push(self, version: int, workers: list[int] | None = None) -> float:
-        """Send the learner's current weights (policy `version`) to the engines; seconds taken.
-        A broadcast always goes to every engine; shared memory can serve a subset."""
-        start = time.perf_counter()
-        learner, targets = self.cluster.learner, self.cluster.workers
+    def push(self, version: int, workers: list[int] | None = None) -> list[int]:
+        """Send the learner's current weights (policy `version`) to the engines: all of them, or
+        with shared memory just `workers`. Returns the workers that died on the way; any other
+        failure raises (a broadcast with a member missing fails on the learner's side too)."""
+        learner, chosen = self.cluster.learner, list(range(len(self.cluster.workers)))
         if self.transport == "broadcast":
-            self._wait([learner.broadcast_weights.remote(self.buckets)] + [
-                w.receive_broadcast.remote(self.specs, self.buckets, version) for w in targets
-            ], f"weights version {version} to be broadcast")
+            sent = learner.broadcast_weights.remote(self.buckets)
+            received = {i: self.cluster.workers[i].receive_broadcast.remote(self.specs, self.buckets, version)
+                        for i in chosen}
         else:
             self._wait([learner.write_shared.remote(self.path)], "the learner to write weights")
-            chosen = targets if workers is None else [targets[i] for i in workers]
-            self._wait([w.receive_shared.remote(self.path, self.specs, version) for w in chosen],
-                       f"engines to load weights version {version}")
-        return time.perf_counter() - start
+            chosen = chosen if workers is None else workers
+            received = {i: self.cluster.workers[i].receive_shared.remote(self.path, self.specs, version)
+                        for i in chosen}
+            sent = None
+        what = f"engines to load weights version {version}"
+        dead = [i for i, ref in received.items() if self._died(ref, what)]
+        if sent is not None:
+            self._wait([sent], f"the learner to broadcast weights version {version}")
+        return dead
 
-    def restore(self, workers: list[int], version: int) -> None:
-        """Bring restarted workers to the current policy version."""
-        if self.transport == "broadcast":
-            self.connect()
-            self.push(version)
-        else:
-            self.push(version, workers=workers)
+    def _died(self, ref, what: str) -> bool:
+        try:
+            self._wait([ref], what)
+            return False
+        except ray.exceptions.RayActorError:
+            return True
 
     def close(self) -> None:
-        self._wait([self.cluster.learner.close_weight_sync.remote()], "the weight sync to close")
+        try:
+            self._wait([self.cluster.learner.close_weight_sync.remote()], "the weight sync to close")
+        except ray.exceptions.RayActorError:
+            pass  # the learner is gone, and its shared-memory file with its node's /dev/shm
 
     def _wait(self, refs: list, what: str) -> list:
         try:

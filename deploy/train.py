@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 import time
 import uuid
@@ -92,9 +91,6 @@ def run(cfg: Config) -> dict:
     import ray
 
     from deploy.launch import init_ray, launch
-    from deploy.metrics import MetricsLog, plot_rewards, read_jsonl
-    from deploy.rollouts import Rollouts
-    from deploy.sync import WeightSync
 
     started = time.perf_counter()
     run_dir = prepare_run_dir(cfg)
@@ -102,80 +98,93 @@ def run(cfg: Config) -> dict:
     log.info("%d train prompts, %d eval prompts (%d over data.max_prompt_tokens, %s)",
              len(train_prompts), len(eval_prompts), overlong,
              "truncated" if cfg.data.overlong == "truncate" else "skipped")
-
     init_ray(cfg)
-    timeout = cfg.cluster.call_timeout_s
     log.info("starting %d rollout worker(s) and the learner (a vLLM engine takes ~25 s on a CPU)",
              cfg.rollout.num_workers)
-    cluster = launch(cfg, timeout)
-    learner = cluster.learner
-    sync = None
+    cluster = launch(cfg, cfg.cluster.call_timeout_s)
     try:
-        ray.get([w.ready.remote() for w in cluster.workers], timeout=timeout)
-        state = {"step": 0, "lost_groups": 0, "worker_restarts": 0, "eval_before": None}
-        if cfg.resume:
-            state = ray.get(learner.load_checkpoint.remote(cfg.run_dir), timeout=timeout)
-            log.info("resumed from step %d", state["step"])
-        step = state["step"]
-        sync = WeightSync(cfg, cluster, run_id=uuid.uuid4().hex[:12])
-        log.info("weight sync: %s (%.0f MB per update)", sync.transport, sync.nbytes / 1e6)
-        sync.push(step)  # every engine starts from the learner's exact weights
+        return train_loop(cfg, cluster, run_dir, train_prompts, eval_prompts,
+                          {"overlong_prompts": overlong}, started)
+    except ray.exceptions.RayActorError as e:
+        # Rollout workers are restarted and served in the loop; the learner and the buffer
+        # hold the run's state, which lives on in the last checkpoint.
+        who = {cluster.learner._actor_id.hex(): "the learner",
+               cluster.buffer._actor_id.hex(): "the rollout buffer"}.get(e.actor_id, "an actor")
+        raise RuntimeError(f"{who} died ({type(e).__name__}); continue from the last checkpoint "
+                           f"with --resume --run-dir {run_dir}") from None
+    finally:
+        ray.util.remove_placement_group(cluster.placement_group)
+        for actor in [*cluster.workers, cluster.learner, cluster.buffer]:
+            ray.kill(actor)
 
-        P = cfg.prompts_per_step
-        sampler = PromptSampler(train_prompts, cfg.seed, position=step * P)
-        rollouts = Rollouts(cfg, cluster, sampler)
+
+def train_loop(cfg: Config, cluster, run_dir: Path, train_prompts: list, eval_prompts: list,
+               constants: dict, started: float) -> dict:
+    import ray
+
+    from deploy.metrics import MetricsLog, plot_rewards, read_jsonl
+    from deploy.rollouts import Rollouts
+    from deploy.sync import WeightSync
+
+    timeout, learner, buffer = cfg.cluster.call_timeout_s, cluster.learner, cluster.buffer
+    state = {"step": 0, "lost_groups": 0, "worker_restarts": 0, "eval_before": None}
+    if cfg.resume:
+        state = ray.get(learner.load_checkpoint.remote(cfg.run_dir), timeout=timeout)
+        log.info("resumed from step %d", state["step"])
+    step, P = state["step"], cfg.prompts_per_step
+    sync = WeightSync(cfg, cluster, run_id=uuid.uuid4().hex[:12])
+    log.info("weight sync: %s (%.0f MB per update); learner on %s, workers on %s", sync.transport,
+             sync.nbytes / 1e6, cluster.learner_node[1], [ip for _, ip in cluster.worker_nodes])
+    try:
+        rollouts = Rollouts(cfg, cluster, sync, PromptSampler(train_prompts, cfg.seed, position=step * P))
         rollouts.lost_groups, rollouts.restarts = state["lost_groups"], state["worker_restarts"]
+        rollouts.push_weights(step)  # every engine starts from the learner's exact weights
         metrics_log = MetricsLog(cfg, run_dir, first_step=step)
         if state["eval_before"] is None:
             state["eval_before"] = rollouts.evaluate(eval_prompts)
             metrics_log.note(f"eval reward before training: {state['eval_before']:+.4f}")
 
-        def wait(ref, what: str, recover_now: bool):
+        def wait(ref, what: str, learner_idle: bool):
             """ray.get with a timeout that names what it waited for, watching the workers."""
             deadline = time.monotonic() + timeout
             while not ray.wait([ref], timeout=0.5)[0]:
                 rollouts.poll()
-                if recover_now:  # the learner is idle: a restarted worker can be synced now
-                    rollouts.recover(lambda dead: sync.restore(dead, learner_version))
+                if learner_idle:  # a dead worker can be revived (it needs the learner's weights)
+                    rollouts.recover(step)
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"waited {timeout:.0f} s for {what}")
             return ray.get(ref)
 
-        lag, stop = cfg.buffer.max_policy_lag, cfg.steps
-        if cfg.stop_after:
-            stop = min(stop, step + cfg.stop_after)
+        stop = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps
         next_round = step
         while step < stop:
             step_start = time.perf_counter()
-            learner_version = step
             # Keep generation `max_policy_lag` rounds ahead of training (0: strictly on-policy).
-            while next_round <= min(step + lag, cfg.steps - 1):
+            while next_round <= min(step + cfg.buffer.max_policy_lag, cfg.steps - 1):
                 rollouts.submit(next_round)
                 next_round += 1
-            batch = cluster.buffer.get.remote(P, step, cfg.buffer.timeout_s)
-            wait(batch, f"a batch of {P} groups for step {step + 1}", recover_now=True)
-            metrics = wait(learner.train.remote(batch), f"learner step {step + 1}", recover_now=False)
+            batch = buffer.get.remote(P, step, cfg.buffer.timeout_s)
+            wait(batch, f"a batch of {P} groups for step {step + 1}", learner_idle=True)
+            metrics = wait(learner.train.remote(batch), f"learner step {step + 1}", learner_idle=False)
             step += 1
-            learner_version = step
+            sync_start = time.perf_counter()
             rollouts.poll()
-            if rollouts.lost and sync.transport == "broadcast":
-                sync.connect()  # a restarted engine must rejoin: re-form the group, then push
-            sync_s = sync.push(step)
-            rollouts.recover(lambda dead: None)  # the push above brought them up to date
+            rollouts.push_weights(step)
+            rollouts.recover(step)
+            sync_s = time.perf_counter() - sync_start
 
             gen = rollouts.take_stats()
             gen_tokens, gen_s = sum(s.tokens for s in gen), sum(s.seconds for s in gen)
-            buffer = ray.get(cluster.buffer.stats.remote(), timeout=timeout)
+            held = ray.get(buffer.stats.remote(), timeout=timeout)
             metrics.update({
+                **constants,
                 "gen_tokens_per_s": gen_tokens / gen_s if gen_s else math.nan,
                 "sync_s": sync_s, "step_s": time.perf_counter() - step_start,
                 "elapsed_s": time.perf_counter() - started,
                 "lost_groups": rollouts.lost_groups, "worker_restarts": rollouts.restarts,
-                "buffer_size": buffer["size"], "dropped_stale": buffer["dropped_stale"],
+                **{f"buffer_{k}": v for k, v in held.items() if not k.startswith("lag")},
             })
-            if cfg.logging.eval_every and step % cfg.logging.eval_every == 0 and step < cfg.steps:
-                metrics["eval_reward"] = rollouts.evaluate(eval_prompts)
-            if step == cfg.steps:
+            if step == cfg.steps or (cfg.logging.eval_every and step % cfg.logging.eval_every == 0):
                 metrics["eval_reward"] = rollouts.evaluate(eval_prompts)
             metrics_log.log(metrics)
 
@@ -184,28 +193,24 @@ def run(cfg: Config) -> dict:
                 state = {"step": step, "lost_groups": rollouts.lost_groups,
                          "worker_restarts": rollouts.restarts, "eval_before": state["eval_before"]}
                 ray.get(learner.save_checkpoint.remote(cfg.run_dir, state), timeout=timeout)
-
         metrics_log.close()
-        if step < cfg.steps:
-            log.info("stopped after step %d of %d (stop_after); continue with --resume", step, cfg.steps)
-            return {"step": step}
-        history = read_jsonl(run_dir / "metrics.jsonl")
-        summary = summarize(history, state["eval_before"])
-        summary["wandb_url"] = metrics_log.wandb_url
-        final = ray.get(learner.export.remote(str(run_dir / "final"), summary), timeout=timeout)
-        plot_rewards(history, run_dir / "reward_curve.png",
-                     f"GRPO on {cfg.model.name}, reward {' + '.join(cfg.rollout.rewards)}",
-                     eval_before=state["eval_before"])
-        for key, value in summary["results"].items():
-            log.info("%s: %s", key, value)
-        log.info("final model: %s (load with transformers.pipeline('text-generation', model=...))", final)
-        return summary
     finally:
-        if sync is not None:
-            sync.close()
-        ray.util.remove_placement_group(cluster.placement_group)
-        for actor in [*cluster.workers, learner, cluster.buffer]:
-            ray.kill(actor)
+        sync.close()
+
+    if step < cfg.steps:
+        log.info("stopped after step %d of %d (stop_after); continue with --resume", step, cfg.steps)
+        return {"step": step}
+    history = read_jsonl(run_dir / "metrics.jsonl")
+    summary = summarize(history, state["eval_before"])
+    summary["wandb_url"] = metrics_log.wandb_url
+    final = ray.get(learner.export.remote(str(run_dir / "final"), summary), timeout=timeout)
+    plot_rewards(history, run_dir / "reward_curve.png",
+                 f"GRPO on {cfg.model.name}, reward {' + '.join(cfg.rollout.rewards)}",
+                 eval_before=state["eval_before"])
+    for key, value in summary["results"].items():
+        log.info("%s: %s", key, value)
+    log.info("final model: %s (load with transformers.pipeline('text-generation', model=...))", final)
+    return summary
 
 
 def summarize(history: list[dict], eval_before: float) -> dict:

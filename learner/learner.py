@@ -140,17 +140,18 @@ class Learner:
     def weight_specs(self) -> list[tuple]:
         return [(s.name, s.dtype, s.shape) for s in specs_of(self._named_weights())]
 
-    def open_weight_group(self, host: str) -> int:
-        """Bind the group's rendezvous port on `host` (this node's address) and return it."""
+    def open_weight_group(self, host: str, port: int = 0) -> int:
+        """Bind the group's rendezvous port (0: any free one) on `host`, this node's address,
+        and return it."""
         self.close_weight_group()
-        self._socket = listen_socket(host)
+        self._socket = listen_socket(host, port)
         return self._socket.getsockname()[1]
 
-    def connect_weight_group(self, world_size: int, timeout_s: float) -> None:
+    def connect_weight_group(self, world_size: int, timeout_s: float, secret: str) -> None:
         """Rank 0 of the weight group; returns once every engine has joined."""
         host, port = self._socket.getsockname()[:2]
         self._group = BroadcastGroup(host, port, 0, world_size, device=self.device,
-                                     timeout_s=timeout_s, sock=self._socket)
+                                     timeout_s=timeout_s, secret=secret, sock=self._socket)
         self._socket = None  # the group's store owns it now
 
     def close_weight_group(self) -> None:

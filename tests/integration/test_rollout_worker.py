@@ -34,8 +34,8 @@ def perturb(learner: Learner, seed: int) -> None:
 
 def broadcast(learner: Learner, worker) -> None:
     port = learner.open_weight_group("127.0.0.1")
-    joined = worker.join_weight_group.remote("127.0.0.1", port, 1, 2, 120.0)
-    learner.connect_weight_group(2, 120.0)
+    joined = worker.join_weight_group.remote("127.0.0.1", port, 1, 2, 120.0, "s3cret")
+    learner.connect_weight_group(2, 120.0, "s3cret")
     ray.get(joined, timeout=TIMEOUT)
     specs = learner.weight_specs()
     buckets = plan_buckets([TensorSpec(n, d, tuple(s)) for n, d, s in specs], 8 << 20)
@@ -139,4 +139,4 @@ def test_engine_loads_weights_from_a_safetensors_file(workers, learner, prompts,
     ray.get(workers[1].load_file.remote(str(tmp_path / "weights.safetensors"), learner.version), timeout=TIMEOUT)
     ids = prompts[1].token_ids
     assert engine_greedy(workers[1], ids, 12) == hf_greedy(learner, ids, 12)
-    assert ray.get(workers[1].ready.remote()) == learner.version
+    assert ray.get(workers[1].ready.remote())[1] == learner.version

@@ -58,7 +58,7 @@ def assert_learned(run_dir: Path, steps: int = STEPS) -> None:
 def test_sync_grpo_raises_the_reward(sync_run):
     assert_learned(sync_run)
     history = metrics(sync_run)
-    assert all(m["policy_lag"] == 0 and m["dropped_stale"] == 0 for m in history)
+    assert all(m["policy_lag"] == 0 and m["buffer_dropped_stale"] == 0 for m in history)
     assert all(m["lost_groups"] == 0 for m in history)
     for key in ("loss", "kl", "clip_fraction", "entropy", "grad_norm", "gen_tokens_per_s",
                 "train_tokens_per_s", "reward_std", "sync_s"):
@@ -86,8 +86,13 @@ def test_async_grpo_raises_the_reward(tmp_path):
     run_dir = tmp_path / "run"
     train(run_dir, "--buffer.max-policy-lag", "1", "--steps", str(ASYNC_STEPS))
     assert_learned(run_dir, ASYNC_STEPS)
-    lags = [m["policy_lag"] for m in metrics(run_dir)]
+    history = metrics(run_dir)
+    lags = [m["policy_lag"] for m in history]
     assert lags[0] == 0 and all(lag == 1 for lag in lags[1:])  # generation ran one step ahead
+    for m in history:  # every group accounted for, and the buffer never over its bound
+        assert m["buffer_produced"] == m["buffer_consumed"] + m["buffer_dropped_stale"] + m["buffer_size"]
+        assert m["buffer_size"] <= 2 * (32 // 8)  # (max_policy_lag + 1) batches of groups
+    assert history[-1]["buffer_consumed"] == ASYNC_STEPS * 4
 
 
 def test_resumed_run_matches_the_uninterrupted_one(sync_run, tmp_path):

@@ -185,10 +185,11 @@ def test_shared_weights_unlink_removes_the_file(tmp_path):
 # ----- BroadcastGroup: real gloo between two processes -----
 
 
-def _receiver(port: int, specs: list[tuple], buckets: list[list[int]], results) -> None:
+def _receiver(port: int, specs: list[tuple], buckets: list[list[int]], results,
+              secret: str = "s3cret", timeout_s: float = TIMEOUT_S) -> None:
     try:
         group = BroadcastGroup("127.0.0.1", port, rank=1, world_size=2, device="cpu",
-                               timeout_s=TIMEOUT_S)
+                               timeout_s=timeout_s, secret=secret)
         typed = [TensorSpec(n, d, tuple(s)) for n, d, s in specs]
         got = {name: (str(t.dtype), t.tolist()) for name, t in group.receive(typed, buckets)}
         group.close()
@@ -198,6 +199,8 @@ def _receiver(port: int, specs: list[tuple], buckets: list[list[int]], results) 
 
 
 def test_broadcast_send_receive_between_two_processes():
+    """Rank 0 sends two buckets to rank 1; a third process that claims rank 1 without the
+    group's secret is not admitted (it times out) and does not disturb the real group."""
     named = mixed()
     specs = [(s.name, s.dtype, s.shape) for s in specs_of(named)]
     buckets = plan_buckets(specs_of(named), 32)
@@ -207,20 +210,27 @@ def test_broadcast_send_receive_between_two_processes():
     results = ctx.Queue()
     sock = listen_socket("127.0.0.1")
     port = sock.getsockname()[1]
+    stranger_results = ctx.Queue()
+    stranger = ctx.Process(target=_receiver, args=(port, specs, buckets, stranger_results, "guess", 5.0),
+                           daemon=True)
+    stranger.start()
     child = ctx.Process(target=_receiver, args=(port, specs, buckets, results), daemon=True)
     child.start()
     try:
         group = BroadcastGroup("127.0.0.1", port, rank=0, world_size=2, device="cpu",
-                               timeout_s=TIMEOUT_S, sock=sock)
+                               timeout_s=TIMEOUT_S, secret="s3cret", sock=sock)
         group.send(named, buckets)
         got = results.get(timeout=TIMEOUT_S)
+        refused = stranger_results.get(timeout=TIMEOUT_S)
         group.close()
     except queue.Empty:
-        pytest.fail("the receiving process sent no result")
+        pytest.fail("a receiving process sent no result")
     finally:
-        child.join(TIMEOUT_S)
-        if child.is_alive():
-            child.kill()
+        for proc in (child, stranger):
+            proc.join(TIMEOUT_S)
+            if proc.is_alive():
+                proc.kill()
+    assert isinstance(refused, str) and "timeout" in refused.lower()
     assert got == {
         "w": ("torch.float32", [[0.0, 0.25, 0.5], [0.75, 1.0, 1.25]]),
         "h": ("torch.bfloat16", [0.5, -1.5, 2.0, 3.0]),
