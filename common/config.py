@@ -165,6 +165,9 @@ class ClusterConfig:
     """How new weights reach the engines: `broadcast` (torch.distributed, gloo on CPU, NCCL
     on GPU, works across nodes) or `shm` (shared memory, CPU engines on the learner's node).
     `auto` picks `shm` where it can."""
+    weight_sync_timeout_s: float = 120.0
+    """Longest a weight broadcast waits for a group member; then it fails, and the group is
+    formed again (a member that died mid-broadcast would otherwise stall every other)."""
     weight_sync_port: int = 0
     """Port of the broadcast group's rendezvous on the learner's node; 0 takes any free one.
     Set one where a firewall only opens known ports."""
@@ -346,6 +349,7 @@ def validate(cfg: Config) -> list[str]:
              f"rollout.num_gpus ({r.num_gpus}) must cover rollout.tensor_parallel_size ({r.tensor_parallel_size})")
         need(l.num_gpus >= 1, f"learner.num_gpus must be >= 1 on a GPU cluster (got {l.num_gpus})")
         need(c.weight_sync != "shm", "cluster.weight_sync shm is for CPU engines; use broadcast (NCCL) on GPU")
+    need(c.weight_sync_timeout_s > 0, f"cluster.weight_sync_timeout_s must be > 0 (got {c.weight_sync_timeout_s})")
     need(0 <= c.weight_sync_port <= 65535, f"cluster.weight_sync_port must be in 0..65535 (got {c.weight_sync_port})")
     need(c.sync_bucket_mb >= 1, f"cluster.sync_bucket_mb must be >= 1 (got {c.sync_bucket_mb})")
     need(c.call_timeout_s > 0, f"cluster.call_timeout_s must be > 0 (got {c.call_timeout_s})")

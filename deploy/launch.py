@@ -43,6 +43,16 @@ def plan(cfg: Config) -> ResourcePlan:
     return ResourcePlan(bundles=bundles, strategy=c.placement_strategy, learner=learner, worker=worker)
 
 
+def get(refs, timeout_s: float, what: str):
+    """`ray.get` with a timeout whose message names what was waited for."""
+    import ray
+
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise TimeoutError(f"waited {timeout_s:.0f} s for {what}") from None
+
+
 def init_ray(cfg: Config) -> None:
     """Join the configured cluster (or the one `ray job submit` runs us in), else start a local
     instance bound to loopback, with as many logical CPUs as the run's bundles need."""
@@ -53,7 +63,8 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     cpus = cfg.cluster.num_cpus or max(int(plan(cfg).total_cpus + 0.999), os.cpu_count() or 1)
-    ray.init(num_cpus=cpus, num_gpus=None if cfg.cluster.device == "gpu" else 0,
+    # address="local": without it, ray.init() joins any cluster `ray start` left on this machine.
+    ray.init(address="local", num_cpus=cpus, num_gpus=None if cfg.cluster.device == "gpu" else 0,
              include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
 
 
@@ -67,6 +78,17 @@ class Cluster:
     placement_group: object
     learner_node: tuple[str, str]                  # (node id, node ip)
     worker_nodes: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def single_node(self) -> bool:
+        return all(node == self.learner_node[0] for node, _ in self.worker_nodes)
+
+    @property
+    def sync_host(self) -> str:
+        """Where the weight-sync group listens: loopback when every actor is on the learner's
+        Ray node (Ray reports a routable address even for a local instance), else the
+        learner's node address from Ray."""
+        return "127.0.0.1" if self.single_node else self.learner_node[1]
 
 
 def launch(cfg: Config, timeout_s: float) -> Cluster:

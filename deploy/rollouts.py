@@ -6,6 +6,7 @@ generating is counted lost and generated again."""
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import ray
@@ -13,7 +14,7 @@ import ray
 from common.config import Config
 from common.data import PromptSampler
 from common.types import GenerationStats, Prompt
-from deploy.launch import Cluster
+from deploy.launch import Cluster, get
 from deploy.sync import WeightSync
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,14 @@ class Share:
     prompts: list[Prompt]
     stats: ray.ObjectRef
     stored: ray.ObjectRef  # the buffer's put of the groups
+
+
+def _discard(ref: ray.ObjectRef) -> None:
+    """Read a result known to hold the same error, so Ray does not also print it as unhandled."""
+    try:
+        ray.get(ref)
+    except ray.exceptions.RayError:
+        pass
 
 
 def split(items: list, parts: int) -> list[list]:
@@ -54,6 +63,7 @@ class Rollouts:
         self.finished: list[GenerationStats] = []
         self.lost_groups = 0
         self.restarts = 0
+        self.synced_version = -1  # the policy version every engine is known to hold
 
     # --- generation --------------------------------------------------------------------------
 
@@ -78,7 +88,10 @@ class Rollouts:
             try:
                 ray.get(share.stored)
                 self.finished.append(ray.get(share.stats))
-            except ray.exceptions.RayActorError as e:
+            except ray.exceptions.RayError as e:
+                _discard(share.stats)
+                if not isinstance(e, ray.exceptions.RayActorError):
+                    raise
                 log.warning("rollout worker %d died during round %d (%s); its %d groups are lost "
                             "and will be generated again", share.worker, share.round,
                             type(e).__name__, len(share.prompts))
@@ -93,16 +106,17 @@ class Rollouts:
         """Mean reward on `prompts` with the engines' current weights (G samples each)."""
         if not prompts:
             return float("nan")
-        refs = [self.cluster.workers[i].generate.options(num_returns=2).remote(share, EVAL_ROUND)[0]
+        refs = [self.cluster.workers[i].generate.remote(share, EVAL_ROUND)
                 for i, share in enumerate(split(prompts, len(self.cluster.workers))) if share]
-        rewards = [r for groups in self._get(refs, "the evaluation") for g in groups for r in g.rewards]
+        rewards = [r for groups, _ in self._get(refs, "the evaluation") for g in groups for r in g.rewards]
         return sum(rewards) / len(rewards)
 
     # --- weights and recovery: only while the learner is idle --------------------------------
 
     def push_weights(self, version: int) -> None:
         """Bring every engine to policy `version`, reviving any worker that died."""
-        self._sync(version, None)
+        if self.synced_version != version:
+            self._sync(version, None)
 
     def recover(self, version: int) -> None:
         """Revive the workers whose shares were lost, then generate those shares again."""
@@ -130,29 +144,37 @@ class Rollouts:
                 if targets is None:
                     raise
             if not targets:
+                if dead is None or self.sync.transport == "broadcast":
+                    self.synced_version = version  # every engine holds it now
                 return
         raise RuntimeError(f"the rollout workers kept dying while receiving weights version {version}")
 
     def _await_restart(self, workers: list[int]) -> None:
         for i in workers:
-            try:
-                incarnation, _ = self._get([self.cluster.workers[i].ready.remote()],
-                                           f"rollout worker {i} to restart")[0]
-            except ray.exceptions.RayActorError:
-                raise RuntimeError(
-                    f"rollout worker {i} died and Ray could not restart it "
-                    f"(cluster.max_worker_restarts={self.cfg.cluster.max_worker_restarts})") from None
+            incarnation = self._ready(i)
             if incarnation != self.incarnations[i]:
                 self.incarnations[i] = incarnation
                 self.restarts += 1
                 log.warning("rollout worker %d was restarted; bringing it up to date", i)
 
-    def _restarted(self) -> list[int]:
-        states = self._get([w.ready.remote() for w in self.cluster.workers], "the rollout workers")
-        return [i for i, (inc, _) in enumerate(states) if inc != self.incarnations[i]]
+    def _ready(self, i: int) -> str:
+        """The incarnation of worker `i` once it is up; while Ray restarts it, calls fail at
+        once as unavailable, so ask again until it answers or the timeout passes."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                return self._get(self.cluster.workers[i].ready.remote(), f"rollout worker {i} to restart")[0]
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"waited {self.timeout:.0f} s for rollout worker {i} to restart") from None
+                time.sleep(1.0)
+            except ray.exceptions.ActorDiedError:
+                raise RuntimeError(
+                    f"rollout worker {i} died and Ray could not restart it "
+                    f"(cluster.max_worker_restarts={self.cfg.cluster.max_worker_restarts})") from None
 
-    def _get(self, refs: list, what: str) -> list:
-        try:
-            return ray.get(refs, timeout=self.timeout)
-        except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(f"waited {self.timeout:.0f} s for {what}") from None
+    def _restarted(self) -> list[int]:
+        return [i for i in range(len(self.cluster.workers)) if self._ready(i) != self.incarnations[i]]
+
+    def _get(self, refs, what: str):
+        return get(refs, self.timeout, what)

@@ -11,7 +11,7 @@ import ray
 
 from common.config import Config, ConfigError
 from common.weight_sync import TensorSpec, plan_buckets
-from deploy.launch import Cluster
+from deploy.launch import Cluster, get
 
 log = logging.getLogger(__name__)
 
@@ -20,18 +20,17 @@ def choose_transport(cfg: Config, cluster: Cluster) -> str:
     """`shm` needs CPU engines on the learner's node; anything else broadcasts."""
     if cfg.cluster.weight_sync != "auto":
         return cfg.cluster.weight_sync
-    same_node = all(node == cluster.learner_node[0] for node, _ in cluster.worker_nodes)
-    return "shm" if cfg.cluster.device == "cpu" and same_node else "broadcast"
+    return "shm" if cfg.cluster.device == "cpu" and cluster.single_node else "broadcast"
 
 
 class WeightSync:
     def __init__(self, cfg: Config, cluster: Cluster, run_id: str):
         self.cfg, self.cluster = cfg, cluster
         self.transport = choose_transport(cfg, cluster)
-        if self.transport == "shm" and any(node != cluster.learner_node[0] for node, _ in cluster.worker_nodes):
+        if self.transport == "shm" and not cluster.single_node:
             raise ConfigError(["cluster.weight_sync shm needs every rollout worker on the learner's node"])
         self.timeout_s = cfg.cluster.call_timeout_s
-        self.specs = ray.get(cluster.learner.weight_specs.remote(), timeout=self.timeout_s)
+        self.specs = get(cluster.learner.weight_specs.remote(), self.timeout_s, "the learner to start")
         typed = [TensorSpec(n, d, tuple(s)) for n, d, s in self.specs]
         self.buckets = plan_buckets(typed, cfg.cluster.sync_bucket_mb << 20)
         self.nbytes = sum(s.nbytes for s in typed)
@@ -43,15 +42,16 @@ class WeightSync:
         """(Re)form the broadcast group: the learner is rank 0, then every tensor-parallel rank
         of every engine. Used at start and after a worker restarted (a group cannot be rejoined
         by one member alone)."""
-        host = self.cluster.learner_node[1]
+        host = self.cluster.sync_host
         tp = self.cfg.rollout.tensor_parallel_size
         world = 1 + tp * len(self.cluster.workers)
         learner = self.cluster.learner
         secret = secrets.token_hex(16)  # only the members told it can meet in the group
-        port = ray.get(learner.open_weight_group.remote(host, self.cfg.cluster.weight_sync_port),
-                       timeout=self.timeout_s)
-        self._wait([learner.connect_weight_group.remote(world, self.timeout_s, secret)] + [
-            w.join_weight_group.remote(host, port, 1 + i * tp, world, self.timeout_s, secret)
+        port = get(learner.open_weight_group.remote(host, self.cfg.cluster.weight_sync_port),
+                   self.timeout_s, "the learner to open the weight-sync port")
+        group_timeout = self.cfg.cluster.weight_sync_timeout_s
+        self._wait([learner.connect_weight_group.remote(world, group_timeout, secret)] + [
+            w.join_weight_group.remote(host, port, 1 + i * tp, world, group_timeout, secret)
             for i, w in enumerate(self.cluster.workers)
         ], "the weight-sync group to form")
 
@@ -70,18 +70,25 @@ class WeightSync:
             received = {i: self.cluster.workers[i].receive_shared.remote(self.path, self.specs, version)
                         for i in chosen}
             sent = None
-        what = f"engines to load weights version {version}"
-        dead = [i for i, ref in received.items() if self._died(ref, what)]
+        refs = [*received.values(), *([sent] if sent is not None else [])]
+        if len(ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)[0]) < len(refs):
+            raise TimeoutError(f"waited {self.timeout_s:.0f} s for weights version {version} to load")
+        dead, failures = [], []
+        for i, ref in received.items():
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError:
+                dead.append(i)
+            except ray.exceptions.RayTaskError as e:
+                failures.append(e)
         if sent is not None:
-            self._wait([sent], f"the learner to broadcast weights version {version}")
+            try:
+                ray.get(sent)
+            except ray.exceptions.RayTaskError as e:
+                failures.append(e)
+        if failures and not dead:  # no one died that we know of: the caller looks closer
+            raise failures[0]
         return dead
-
-    def _died(self, ref, what: str) -> bool:
-        try:
-            self._wait([ref], what)
-            return False
-        except ray.exceptions.RayActorError:
-            return True
 
     def close(self) -> None:
         try:
@@ -89,8 +96,5 @@ class WeightSync:
         except ray.exceptions.RayActorError:
             pass  # the learner is gone, and its shared-memory file with its node's /dev/shm
 
-    def _wait(self, refs: list, what: str) -> list:
-        try:
-            return ray.get(refs, timeout=self.timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(f"waited {self.timeout_s:.0f} s for {what}") from None
+    def _wait(self, refs, what: str):
+        return get(refs, self.timeout_s, what)

@@ -106,10 +106,14 @@ def run(cfg: Config) -> dict:
         return train_loop(cfg, cluster, run_dir, train_prompts, eval_prompts,
                           {"overlong_prompts": overlong}, started)
     except ray.exceptions.RayActorError as e:
+        names = {cluster.learner._actor_id.hex(): "the learner",
+                 cluster.buffer._actor_id.hex(): "the rollout buffer",
+                 **{w._actor_id.hex(): f"rollout worker {i}" for i, w in enumerate(cluster.workers)}}
+        who = names.get(e.actor_id, "an actor")
+        if e.actor_init_failed:  # its constructor raised: the cause is the message, not a crash
+            raise RuntimeError(f"{who} could not start: {_last_line(str(e))}") from None
         # Rollout workers are restarted and served in the loop; the learner and the buffer
         # hold the run's state, which lives on in the last checkpoint.
-        who = {cluster.learner._actor_id.hex(): "the learner",
-               cluster.buffer._actor_id.hex(): "the rollout buffer"}.get(e.actor_id, "an actor")
         raise RuntimeError(f"{who} died ({type(e).__name__}); continue from the last checkpoint "
                            f"with --resume --run-dir {run_dir}") from None
     finally:
@@ -122,6 +126,7 @@ def train_loop(cfg: Config, cluster, run_dir: Path, train_prompts: list, eval_pr
                constants: dict, started: float) -> dict:
     import ray
 
+    from deploy.launch import get
     from deploy.metrics import MetricsLog, plot_rewards, read_jsonl
     from deploy.rollouts import Rollouts
     from deploy.sync import WeightSync
@@ -129,12 +134,13 @@ def train_loop(cfg: Config, cluster, run_dir: Path, train_prompts: list, eval_pr
     timeout, learner, buffer = cfg.cluster.call_timeout_s, cluster.learner, cluster.buffer
     state = {"step": 0, "lost_groups": 0, "worker_restarts": 0, "eval_before": None}
     if cfg.resume:
-        state = ray.get(learner.load_checkpoint.remote(cfg.run_dir), timeout=timeout)
+        state = get(learner.load_checkpoint.remote(cfg.run_dir), timeout, "the learner to load the checkpoint")
         log.info("resumed from step %d", state["step"])
     step, P = state["step"], cfg.prompts_per_step
     sync = WeightSync(cfg, cluster, run_id=uuid.uuid4().hex[:12])
-    log.info("weight sync: %s (%.0f MB per update); learner on %s, workers on %s", sync.transport,
-             sync.nbytes / 1e6, cluster.learner_node[1], [ip for _, ip in cluster.worker_nodes])
+    log.info("weight sync: %s (%.0f MB per update, on %s); learner on node %s, workers on %s",
+             sync.transport, sync.nbytes / 1e6, cluster.sync_host, cluster.learner_node[0][:8],
+             [node[:8] for node, _ in cluster.worker_nodes])
     try:
         rollouts = Rollouts(cfg, cluster, sync, PromptSampler(train_prompts, cfg.seed, position=step * P))
         rollouts.lost_groups, rollouts.restarts = state["lost_groups"], state["worker_restarts"]
@@ -169,13 +175,13 @@ def train_loop(cfg: Config, cluster, run_dir: Path, train_prompts: list, eval_pr
             step += 1
             sync_start = time.perf_counter()
             rollouts.poll()
+            rollouts.recover(step)  # before the push: a broadcast needs every member alive
             rollouts.push_weights(step)
-            rollouts.recover(step)
             sync_s = time.perf_counter() - sync_start
 
             gen = rollouts.take_stats()
             gen_tokens, gen_s = sum(s.tokens for s in gen), sum(s.seconds for s in gen)
-            held = ray.get(buffer.stats.remote(), timeout=timeout)
+            held = get(buffer.stats.remote(), timeout, "the buffer's counts")
             metrics.update({
                 **constants,
                 "gen_tokens_per_s": gen_tokens / gen_s if gen_s else math.nan,
@@ -192,7 +198,7 @@ def train_loop(cfg: Config, cluster, run_dir: Path, train_prompts: list, eval_pr
             if (every and step % every == 0) or step in (stop, cfg.steps):
                 state = {"step": step, "lost_groups": rollouts.lost_groups,
                          "worker_restarts": rollouts.restarts, "eval_before": state["eval_before"]}
-                ray.get(learner.save_checkpoint.remote(cfg.run_dir, state), timeout=timeout)
+                get(learner.save_checkpoint.remote(cfg.run_dir, state), timeout, f"checkpoint {step} to be saved")
         metrics_log.close()
     finally:
         sync.close()
@@ -203,7 +209,7 @@ def train_loop(cfg: Config, cluster, run_dir: Path, train_prompts: list, eval_pr
     history = read_jsonl(run_dir / "metrics.jsonl")
     summary = summarize(history, state["eval_before"])
     summary["wandb_url"] = metrics_log.wandb_url
-    final = ray.get(learner.export.remote(str(run_dir / "final"), summary), timeout=timeout)
+    final = get(learner.export.remote(str(run_dir / "final"), summary), timeout, "the final model to be written")
     plot_rewards(history, run_dir / "reward_curve.png",
                  f"GRPO on {cfg.model.name}, reward {' + '.join(cfg.rollout.rewards)}",
                  eval_before=state["eval_before"])
@@ -211,6 +217,12 @@ def train_loop(cfg: Config, cluster, run_dir: Path, train_prompts: list, eval_pr
         log.info("%s: %s", key, value)
     log.info("final model: %s (load with transformers.pipeline('text-generation', model=...))", final)
     return summary
+
+
+def _last_line(text: str) -> str:
+    """The exception line at the end of a remote traceback."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else text
 
 
 def summarize(history: list[dict], eval_before: float) -> dict:

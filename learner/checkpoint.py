@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,7 +49,23 @@ def latest(run_dir: str | Path) -> Path:
     missing = [f for f in FILES if not (newest / f).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {newest} is damaged: missing {', '.join(missing)}")
+    check_readable(newest)
     return newest
+
+
+def check_readable(directory: Path) -> None:
+    """Cheap checks that catch a truncated or overwritten file before a cluster is started:
+    the safetensors header and its data length, the optimizer archive, the driver's JSON."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(directory / "model" / "model.safetensors", "pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"checkpoint {directory} is damaged: model.safetensors: {e}") from None
+    if not zipfile.is_zipfile(directory / "learner.pt"):
+        raise CheckpointError(f"checkpoint {directory} is damaged: learner.pt is not a torch archive")
+    read_json(directory / "driver.json")
 
 
 @contextmanager

@@ -3,6 +3,7 @@ every weight transfer. A plain class; `deploy/launch.py` makes it a Ray actor.""
 
 from __future__ import annotations
 
+import pickle
 import time
 from pathlib import Path
 
@@ -215,7 +216,7 @@ class Learner:
             state = torch.load(directory / "learner.pt", weights_only=True)  # never unpickle code
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
-        except (OSError, RuntimeError, KeyError, ValueError, SafetensorError) as e:
+        except (OSError, RuntimeError, KeyError, ValueError, SafetensorError, pickle.UnpicklingError) as e:
             raise checkpoint.CheckpointError(f"checkpoint {directory} is damaged: {e}") from None
         self.version = state["version"]
         torch.set_rng_state(state["rng"])

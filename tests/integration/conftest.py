@@ -38,7 +38,7 @@ def prompts(cfg):
 @pytest.fixture(scope="session")
 def ray_local():
     os.environ.update(ENV)
-    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, _node_ip_address="127.0.0.1",
+    ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": ENV})
     yield
     ray.shutdown()

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from learner import checkpoint
 from learner.checkpoint import CheckpointError, atomic_dir, complete, latest, path_for, prune, read_json
 
 
 def make(run_dir, step: int, files=checkpoint.FILES):
-    """A finished checkpoint directory holding `files` (empty files are enough here)."""
+    """A finished checkpoint directory holding `files`, each small but readable as its kind."""
     d = path_for(run_dir, step)
     for f in files:
         (d / f).parent.mkdir(parents=True, exist_ok=True)
-        (d / f).write_text("x")
+        if f.endswith(".safetensors"):
+            save_file({"w": torch.zeros(2)}, d / f)
+        elif f.endswith(".pt"):
+            torch.save({"version": step}, d / f)
+        else:
+            (d / f).write_text("{}")
     return d
 
 
@@ -84,6 +91,18 @@ def test_latest_returns_the_newest(tmp_path):
     make(tmp_path, 2)
     newest = make(tmp_path, 10)
     assert latest(tmp_path) == newest
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("model/model.safetensors", "model.safetensors"),
+    ("learner.pt", "learner.pt is not a torch archive"),
+    ("driver.json", "cannot read"),
+])
+def test_latest_refuses_a_truncated_file(tmp_path, damage, message):
+    path = make(tmp_path, 4) / damage
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=message):
+        latest(tmp_path)
 
 
 def test_latest_without_checkpoints_raises(tmp_path):

@@ -1,0 +1,224 @@
+"""What goes wrong on a cluster, done for real: a rollout worker's process killed mid-run, the
+learner killed, the driver killed; and bad input, each ending in one line and a non-zero exit
+(or a counted skip), never a hang or a traceback wall."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT = 900
+OVERLONG = 2
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory) -> Path:
+    """40 short prompts and two that are longer than data.max_prompt_tokens (skipped, counted)."""
+    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
+    rows = [{"question": f"What is the nicest thing about the number {i}?"} for i in range(40)]
+    rows += [{"question": "Tell me everything about " + "the sea and the sky " * 60}] * OVERLONG
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def args(run_dir: Path, prompts_file: Path, steps: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "deploy.train", "--run-dir", str(run_dir), "--steps", str(steps),
+            "--data.dataset", str(prompts_file), "--data.prompt-column", "question",
+            "--data.eval-split", "", "--grpo.group-size", "4", "--grpo.batch-size", "16",
+            "--learner.checkpoint-every", "2", "--rollout.kv-cache-gib", "0.5",
+            "--logging.progress", "lines", *extra]
+
+
+def start(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def steps_logged(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while max(steps_logged(run_dir), default=0) < step:
+        assert proc.poll() is None, f"the run ended early:\n{proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, f"no step {step} after {TIMEOUT} s"
+        time.sleep(0.5)
+
+
+def actor_processes(proc: subprocess.Popen, title: str) -> list[psutil.Process]:
+    """The run's Ray actor processes whose title starts with `title` (e.g. ray::Learner)."""
+    found = []
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if " ".join(child.cmdline()).startswith(title):
+                found.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str]:
+    try:
+        _, err = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the run hung")
+    return proc.returncode, err
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def one_line_error(stderr: str, code: str) -> str:
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith(code)]
+    assert lines, stderr[-3000:]
+    return lines[-1]
+
+
+@pytest.mark.parametrize("transport, workers", [("shm", 1), ("broadcast", 2)])
+def test_a_killed_rollout_worker_is_restarted_and_training_completes(tmp_path, prompts_file,
+                                                                     transport, workers):
+    run_dir = tmp_path / "run"
+    proc = start(args(run_dir, prompts_file, 8, "--cluster.weight-sync", transport,
+                      "--rollout.num-workers", str(workers), "--buffer.max-policy-lag", "1",
+                      "--cluster.weight-sync-timeout-s", "30"))
+    wait_for_step(proc, run_dir, 2)
+    assert len(actor_processes(proc, "ray::RolloutWorker")) == workers
+    deadline = time.monotonic() + TIMEOUT
+    while not (busy := actor_processes(proc, "ray::RolloutWorker.generate")):  # Ray titles the task
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    busy[0].kill()  # SIGKILL in the middle of generating a share of a batch
+    code, err = finish(proc)
+    assert code == 0, err[-3000:]
+    history = metrics(run_dir)
+    assert [m["step"] for m in history] == list(range(1, 9))
+    last = history[-1]
+    assert last["worker_restarts"] == 1
+    assert last["lost_groups"] >= 1  # counted, and generated again
+    assert last["buffer_consumed"] == 8 * 4
+    assert last["buffer_produced"] == last["buffer_consumed"] + last["buffer_dropped_stale"] + last["buffer_size"]
+    assert last["overlong_prompts"] == OVERLONG
+    assert (run_dir / "final" / "model.safetensors").is_file()
+
+
+def test_a_killed_learner_ends_the_run_with_one_line_and_resume_completes_it(tmp_path, prompts_file):
+    run_dir = tmp_path / "run"
+    proc = start(args(run_dir, prompts_file, 8))
+    wait_for_step(proc, run_dir, 3)
+    actor_processes(proc, "ray::Learner")[0].kill()
+    code, err = finish(proc)
+    assert code == 1
+    line = one_line_error(err, "error:")
+    assert "the learner died" in line and "--resume" in line
+
+    resumed = run(args(run_dir, prompts_file, 8, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert steps_logged(run_dir) == list(range(1, 9))  # no step lost, none repeated
+
+
+def test_a_killed_driver_takes_its_cluster_down_and_resume_completes_the_run(tmp_path, prompts_file):
+    run_dir = tmp_path / "run"
+    proc = start(args(run_dir, prompts_file, 8))
+    wait_for_step(proc, run_dir, 3)
+    cluster = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if p.name() in ("raylet", "gcs_server") or "ray::" in " ".join(p.cmdline())
+               and "Agent" not in " ".join(p.cmdline())]
+    proc.kill()
+    proc.wait()
+    _, alive = psutil.wait_procs(cluster, timeout=60)
+    assert not alive, f"left running after the driver died: {[p.name() for p in alive]}"
+
+    resumed = run(args(run_dir, prompts_file, 8, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert steps_logged(run_dir) == list(range(1, 9))
+    assert not list((run_dir / "checkpoints").glob("*.tmp"))
+
+
+def test_a_reward_that_raises_stops_the_run_with_one_line(tmp_path, prompts_file):
+    proc = run(args(tmp_path / "run", prompts_file, 4, "--rollout.rewards",
+                    "tests.integration.faulty_rewards:raises_on_third"))
+    assert proc.returncode == 1
+    line = one_line_error(proc.stderr, "error:")
+    assert "reward `tests.integration.faulty_rewards:raises_on_third`" in line and "sample" in line
+
+
+def test_a_reward_that_returns_nan_stops_the_run_with_one_line(tmp_path, prompts_file):
+    proc = run(args(tmp_path / "run", prompts_file, 4, "--rollout.rewards", "explicit_pos",
+                    "tests.integration.faulty_rewards:nan_on_second"))
+    assert proc.returncode == 1
+    line = one_line_error(proc.stderr, "error:")
+    assert "nan_on_second" in line and "sample 1" in line
+
+
+def test_a_busy_weight_sync_port_is_one_line(tmp_path, prompts_file):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = run(args(tmp_path / "run", prompts_file, 2, "--cluster.weight-sync", "broadcast",
+                        "--cluster.weight-sync-port", str(port)))
+    assert proc.returncode == 1
+    assert f"cluster.weight_sync_port {port} cannot be bound" in one_line_error(proc.stderr, "error:")
+
+
+def test_every_wait_has_a_timeout_that_names_what_it_waited_for(tmp_path, prompts_file):
+    proc = run(args(tmp_path / "run", prompts_file, 2, "--cluster.call-timeout-s", "3"))
+    assert proc.returncode == 1
+    assert "waited 3 s for" in one_line_error(proc.stderr, "error:")
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--grpo.group-size", "1"], "grpo.group_size must be >= 2"),
+    (["--grpo.batch-size", "18"], "grpo.batch_size (18) must be a multiple of grpo.group_size (4)"),
+    (["--learner.learning-rate", "-1"], "learner.learning_rate must be > 0"),
+    (["--rollout.rewards", "happiness"], "unknown reward `happiness`"),
+    (["--model.name", "no-such-model"], "unknown model `no-such-model`"),
+    (["--rollout.reward-weights", "1", "2"], "rollout.reward_weights has 2 weights for 1 reward functions"),
+])
+def test_bad_config_values_are_one_line_each(tmp_path, prompts_file, extra, expected):
+    proc = run(args(tmp_path / "run", prompts_file, 2, *extra))
+    assert proc.returncode == 2
+    assert expected in one_line_error(proc.stderr, "config error:")
+
+
+def test_bad_data_is_one_line(tmp_path, prompts_file):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    proc = run(args(tmp_path / "a", empty, 2))
+    assert proc.returncode == 1 and "is empty" in one_line_error(proc.stderr, "error:")
+
+    proc = run(args(tmp_path / "b", prompts_file, 2, "--data.prompt-column", "prompt"))
+    assert proc.returncode == 1
+    line = one_line_error(proc.stderr, "error:")
+    assert "`prompt`" in line and "question" in line  # names the columns there are
+
+
+def test_missing_or_damaged_checkpoints_are_one_line(tmp_path, prompts_file):
+    proc = run(args(tmp_path / "none", prompts_file, 2, "--resume"))
+    assert proc.returncode == 1 and "no checkpoint to resume from" in one_line_error(proc.stderr, "error:")
+
+    run_dir = tmp_path / "run"
+    first = run(args(run_dir, prompts_file, 4, "--stop-after", "2"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    weights = run_dir / "checkpoints" / "step_000002" / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a torn write
+    proc = run(args(run_dir, prompts_file, 4, "--resume"))
+    assert proc.returncode == 1
+    assert "step_000002 is damaged: model.safetensors" in one_line_error(proc.stderr, "error:")

@@ -1,0 +1,81 @@
+"""The learner on the tiny preset, without Ray: one GRPO step moves probability toward the
+completions with positive advantage; checkpoints round-trip and never unpickle code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.config import Config
+from common.types import Prompt, RolloutGroup
+from learner import checkpoint
+from learner.batch import collate
+from learner.learner import Learner
+
+
+@pytest.fixture()
+def learner() -> Learner:
+    cfg = Config()
+    cfg.grpo.group_size, cfg.grpo.batch_size = 2, 2
+    return Learner(cfg)
+
+
+def group(learner: Learner, good: list[int], bad: list[int]) -> RolloutGroup:
+    """One prompt, two completions: `good` rewarded 1, `bad` 0, with on-policy log-probs."""
+    prompt = Prompt(0, "User: Hi\nAssistant:", [12092, 27, 8894, 187, 15, 2])
+    seqs = [(prompt.token_ids, good, [0.0] * len(good)), (prompt.token_ids, bad, [0.0] * len(bad))]
+    logp = completion_logprobs(learner, seqs)
+    return RolloutGroup(prompt=prompt, completions=["good", "bad"], completion_ids=[good, bad],
+                        logprobs=[logp[0][: len(good)], logp[1][: len(bad)]],
+                        finish_reasons=["length", "length"], rewards=[1.0, 0.0],
+                        reward_parts={"r": [1.0, 0.0]}, advantages=[0.7, -0.7], policy_version=0)
+
+
+def completion_logprobs(learner: Learner, seqs) -> list[list[float]]:
+    mb = collate(seqs, torch.zeros(len(seqs)), slice(0, len(seqs)), learner.pad_id)
+    with torch.no_grad():
+        logp, _ = learner._logprobs(learner.model, mb)
+    return logp.tolist()
+
+
+def test_a_grpo_step_favours_the_rewarded_completion(learner):
+    good, bad = [1010, 2020, 3030], [4040, 5050, 6060]
+    batch = [group(learner, good, bad)]
+    before = [sum(lp) for lp in batch[0].logprobs]
+    metrics = learner.train(batch)
+    after = [sum(lp) for lp in completion_logprobs(learner, [(batch[0].prompt.token_ids, good, []),
+                                                             (batch[0].prompt.token_ids, bad, [])])]
+    assert after[0] > before[0] and after[1] < before[1]
+    assert learner.version == 1 and metrics["step"] == 1
+    assert metrics["reward"] == pytest.approx(0.5) and metrics["train_tokens"] == 6
+    assert metrics["is_weight"] == pytest.approx(1.0, abs=1e-4)  # behaviour == learner here
+    assert metrics["clip_fraction"] == 0.0 and metrics["grad_norm"] > 0
+
+
+def test_a_checkpoint_round_trips(learner, tmp_path):
+    batch = [group(learner, [1, 2], [3, 4])]
+    learner.train(batch)
+    saved = learner.save_checkpoint(str(tmp_path), {"step": 1})
+    weights = {k: v.clone() for k, v in learner.model.state_dict().items()}
+    learner.train(batch)
+    assert learner.load_checkpoint(str(tmp_path)) == {"step": 1}
+    assert learner.version == 1 and Path(saved).name == "step_000001"
+    for key, value in learner.model.state_dict().items():
+        assert torch.equal(value, weights[key]), key
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (Path.touch, (Path("/tmp/grpo-ray-pwned"),))
+
+
+def test_a_checkpoint_never_unpickles_code(learner, tmp_path):
+    learner.train([group(learner, [1, 2], [3, 4])])
+    directory = Path(learner.save_checkpoint(str(tmp_path), {"step": 1}))
+    torch.save({"optimizer": _Exploit()}, directory / "learner.pt")
+    Path("/tmp/grpo-ray-pwned").unlink(missing_ok=True)
+    with pytest.raises(checkpoint.CheckpointError, match="damaged"):
+        learner.load_checkpoint(str(tmp_path))
+    assert not Path("/tmp/grpo-ray-pwned").exists()
