@@ -6,12 +6,16 @@ are reached with `llm.collective_rpc(name, args=...)`; arguments are plain data.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+import torch
+
 from common.weight_sync import BroadcastGroup, SharedWeights, TensorSpec
 
 
 class WeightSyncExtension:
-    """Receives weights by broadcast, from shared memory or from a safetensors file, and reloads
-    them in place (vLLM re-packs them for its kernels)."""
+    """Receives weights by broadcast, from shared memory or from a safetensors file, and loads
+    them into the running engine."""
 
     def join_weight_group(self, host: str, port: int, rank_offset: int, world_size: int,
                           timeout_s: float, secret: str) -> None:
@@ -32,16 +36,76 @@ class WeightSyncExtension:
         group = getattr(self, "_weight_group", None)
         if group is None:
             raise RuntimeError("receive_broadcast before join_weight_group")
-        self.reload_weights(weights_iterator=group.receive(_specs(specs), buckets))
+        typed = _specs(specs)
+        self._load(typed, group.receive(typed, buckets))
 
     def receive_shared(self, path: str, specs: list[tuple], version: int) -> None:
-        shared = SharedWeights(path, _specs(specs))
-        self.reload_weights(weights_iterator=shared.read(version))
+        typed = _specs(specs)
+        self._load(typed, SharedWeights(path, typed).read(version))
 
     def load_file(self, path: str) -> None:
         from safetensors.torch import load_file
 
         self.reload_weights(weights_iterator=iter(load_file(path).items()))
+
+    def _load(self, specs: list[TensorSpec], weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy into the engine's own parameters where each one is known, then let vLLM re-pack
+        just the layers whose kernels hold packed copies. vLLM's general `reload_weights`
+        re-allocates every tensor first, which costs more than the copy itself on a CPU; it
+        remains the path for anything this one does not recognise, and for GPUs."""
+        targets = self._targets(specs) if self.device.type == "cpu" else None
+        if targets is None:
+            self.reload_weights(weights_iterator=weights)
+            return
+        repack = {}
+        for (module, attr), (_, tensor) in zip(targets, weights, strict=True):
+            current = getattr(module, attr)
+            if current.shape == tensor.shape:
+                current.data.copy_(tensor)
+            else:  # its weight lives only in the packed kernel: hand it the new one to pack
+                setattr(module, attr, torch.nn.Parameter(tensor, requires_grad=False))
+            if _has_packed_kernel(module):
+                repack[id(module)] = module
+        for module in repack.values():
+            module.quant_method.process_weights_after_loading(module)
+
+    def _targets(self, specs: list[TensorSpec]) -> list[tuple[torch.nn.Module, str]] | None:
+        """Where each sent tensor goes: (module, parameter name), in the order they arrive; None
+        unless every sent tensor has a place and every parameter of the model gets one."""
+        names = tuple(s.name for s in specs)
+        if getattr(self, "_targets_for", (None,))[0] == names:
+            return self._targets_for[1]
+        model = self.get_model()
+        mapper = getattr(model, "hf_to_vllm_mapper", None)
+        targets, covered = [], set()
+        for spec in specs:
+            name = mapper.map_name(spec.name) if mapper is not None else spec.name
+            module_name, _, attr = (name or "").rpartition(".")
+            try:
+                module = model.get_submodule(module_name)
+                current = getattr(module, attr)
+            except AttributeError:
+                targets = None
+                break
+            packed = current.numel() == 0 and hasattr(module, "quant_method")
+            if not isinstance(current, torch.nn.Parameter) or not (tuple(current.shape) == spec.shape or packed):
+                targets = None
+                break
+            targets.append((module, attr))
+            covered.add(name)
+        if targets is not None and covered != {n for n, _ in model.named_parameters()}:
+            targets = None
+        self._targets_for = (names, targets)
+        return targets
+
+
+def _has_packed_kernel(module: torch.nn.Module) -> bool:
+    """Whether vLLM keeps a packed copy of this layer's weight for its CPU GEMM. An input
+    embedding has one too, used only when it doubles as the output head; an untied model
+    (Pythia) has its head as a layer of its own, re-packed on its own."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    return getattr(module, "quant_method", None) is not None and type(module) is not VocabParallelEmbedding
 
 
 def _specs(specs: list[tuple]) -> list[TensorSpec]:
