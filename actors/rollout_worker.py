@@ -14,7 +14,7 @@ import zlib
 import torch
 
 from common import models
-from common.config import Config
+from common.config import Config, cpu_threads
 from common.rewards import Scorer
 from common.types import GenerationStats, Prompt, RolloutGroup
 from learner.grpo import group_advantages
@@ -49,10 +49,6 @@ def engine_args(cfg: Config, model_path: str, index: int) -> dict:
     return args
 
 
-def cpu_threads(cfg: Config) -> int:
-    return cfg.rollout.threads or max(1, int(cfg.rollout.num_cpus))
-
-
 def request_seed(run_seed: int, round_: int, position: int) -> int:
     """A distinct, reproducible sampling seed per request: a fixed seed for every request would
     replay one random stream, and none at all would make a resumed run sample differently."""
@@ -68,11 +64,12 @@ class RolloutWorker:
         model_path = str(models.resolve(cfg.model.name, cfg.model.cache_dir))
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # not a line per weight reload
         if cfg.cluster.device == "cpu":
-            # The engine runs in this process (faster start, dies with the actor) with as many
-            # threads as the worker has CPUs, so workers sharing a machine do not fight over cores.
+            # The engine runs in this process (faster start, dies with the actor), with the
+            # threads `cpu_threads` allots, so actors sharing a machine do not fight over cores.
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-            os.environ["OMP_NUM_THREADS"] = str(cpu_threads(cfg))
-            torch.set_num_threads(cpu_threads(cfg))
+            threads = cpu_threads(cfg, "rollout", len(os.sched_getaffinity(0)))
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+            torch.set_num_threads(threads)
         from vllm import LLM
 
         # Every reload warns that the rotary embedding got no weights: it has none to get (its

@@ -80,7 +80,7 @@ class RolloutConfig:
     num_gpus: float = 0
     """Ray GPUs per worker on a GPU cluster; set it to `tensor_parallel_size`."""
     threads: int = 0
-    """CPU only: OpenMP/torch threads per engine; 0 means `num_cpus`."""
+    """CPU only: OpenMP/torch threads per engine; 0 chooses (see `cpu_threads`)."""
     tensor_parallel_size: int = 1
     """GPU only: GPUs one engine shards the model over."""
     gpu_memory_utilization: float = 0.85
@@ -151,7 +151,7 @@ class LearnerConfig:
     num_gpus: float = 0
     """Ray GPUs for the learner on a GPU cluster."""
     threads: int = 0
-    """CPU only: torch threads for the learner; 0 means `num_cpus`."""
+    """CPU only: torch threads for the learner; 0 chooses (see `cpu_threads`)."""
 
 
 @dataclass
@@ -227,6 +227,19 @@ class Config:
     @property
     def prompts_per_step(self) -> int:
         return self.grpo.batch_size // self.grpo.group_size
+
+
+def cpu_threads(cfg: Config, role: Literal["rollout", "learner"], cores: int) -> int:
+    """Threads for a CPU actor of `role` on a node with `cores` cores, when `threads` is 0. In a
+    synchronous run generation and training take turns, so each uses the node's cores (the
+    rollout workers share them); when they overlap, each keeps to its Ray CPUs, so that
+    actors on one machine do not fight over cores."""
+    section = cfg.rollout if role == "rollout" else cfg.learner
+    if section.threads:
+        return section.threads
+    if cfg.buffer.max_policy_lag == 0:
+        return max(1, cores // (cfg.rollout.num_workers if role == "rollout" else 1))
+    return max(1, int(section.num_cpus))
 
 
 def from_dict(data: dict) -> Config:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from actors.rollout_worker import EXTENSION, cpu_threads, engine_args, request_seed
+from actors.rollout_worker import EXTENSION, engine_args, request_seed
 from common.config import Config
 
 
@@ -77,14 +77,3 @@ def test_request_seed_is_deterministic_distinct_and_in_range():
 def test_request_seed_value_is_pinned():
     # crc32(b"0:1:2") & 0x7FFFFFFF; a change here would make resumed runs sample differently
     assert request_seed(0, 1, 2) == 809654016
-
-
-def test_cpu_threads():
-    cfg = Config()
-    assert cpu_threads(cfg) == 1
-    cfg.rollout.num_cpus = 3.5
-    assert cpu_threads(cfg) == 3
-    cfg.rollout.num_cpus = 0.5
-    assert cpu_threads(cfg) == 1  # never zero threads
-    cfg.rollout.threads = 6
-    assert cpu_threads(cfg) == 6

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.config import Config, ConfigError, from_dict, load, parse, validate
+from common.config import Config, ConfigError, cpu_threads, from_dict, load, parse, validate
 
 
 def problems_after(**changes) -> list[str]:
@@ -177,3 +177,22 @@ def test_prompts_per_step():
     cfg = Config()
     cfg.grpo.batch_size, cfg.grpo.group_size = 12, 3
     assert cfg.prompts_per_step == 4
+
+
+def test_cpu_threads_take_the_node_in_turns_when_synchronous():
+    cfg = Config()  # max_policy_lag 0: generation and training alternate
+    assert cpu_threads(cfg, "learner", cores=8) == 8
+    cfg.rollout.num_workers = 3
+    assert cpu_threads(cfg, "rollout", cores=8) == 2  # the workers generate at the same time
+    cfg.rollout.num_workers = 16
+    assert cpu_threads(cfg, "rollout", cores=8) == 1  # never zero
+
+
+def test_cpu_threads_keep_to_ray_cpus_when_overlapping():
+    cfg = Config()
+    cfg.buffer.max_policy_lag = 1
+    cfg.rollout.num_cpus, cfg.learner.num_cpus = 3.5, 0.5
+    assert cpu_threads(cfg, "rollout", cores=8) == 3
+    assert cpu_threads(cfg, "learner", cores=8) == 1
+    cfg.rollout.threads = 6  # an explicit number always wins
+    assert cpu_threads(cfg, "rollout", cores=8) == 6
