@@ -33,6 +33,7 @@ ONE_LINE_ERRORS = (ConfigError, ModelError, DataError, RewardError, CheckpointEr
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    cfg = None
     try:
         cfg = config_lib.parse(sys.argv[1:] if argv is None else argv, description=__doc__)
         problems = config_lib.validate(cfg)
@@ -44,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         for line in e.problems:
             print(f"config error: {line}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        where = f" --run-dir {cfg.run_dir}" if cfg is not None and cfg.run_dir else ""
+        print(f"interrupted: continue from the last checkpoint with --resume{where}", file=sys.stderr)
+        return 130
     except Exception as e:  # a failure inside an actor arrives wrapped: report its cause
         cause = _cause(e)
         if not isinstance(cause, ONE_LINE_ERRORS + (RuntimeError,)):
@@ -132,10 +137,11 @@ def train_loop(cfg: Config, cluster, run_dir: Path, train_prompts: list, eval_pr
     from deploy.sync import WeightSync
 
     timeout, learner, buffer = cfg.cluster.call_timeout_s, cluster.learner, cluster.buffer
-    state = {"step": 0, "lost_groups": 0, "worker_restarts": 0, "eval_before": None}
+    state = {"step": 0, "lost_groups": 0, "worker_restarts": 0, "eval_before": None, "elapsed_s": 0.0}
     if cfg.resume:
         state = get(learner.load_checkpoint.remote(cfg.run_dir), timeout, "the learner to load the checkpoint")
         log.info("resumed from step %d", state["step"])
+        started -= state["elapsed_s"]  # wall-clock counts the interrupted invocations too
     step, P = state["step"], cfg.prompts_per_step
     sync = WeightSync(cfg, cluster, run_id=uuid.uuid4().hex[:12])
     log.info("weight sync: %s (%.0f MB per update, on %s); learner on node %s, workers on %s",
@@ -197,7 +203,8 @@ def train_loop(cfg: Config, cluster, run_dir: Path, train_prompts: list, eval_pr
             every = cfg.learner.checkpoint_every
             if (every and step % every == 0) or step in (stop, cfg.steps):
                 state = {"step": step, "lost_groups": rollouts.lost_groups,
-                         "worker_restarts": rollouts.restarts, "eval_before": state["eval_before"]}
+                         "worker_restarts": rollouts.restarts, "eval_before": state["eval_before"],
+                         "elapsed_s": time.perf_counter() - started}
                 get(learner.save_checkpoint.remote(cfg.run_dir, state), timeout, f"checkpoint {step} to be saved")
         metrics_log.close()
     finally:
