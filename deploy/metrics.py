@@ -86,7 +86,7 @@ def plot_rewards(metrics: list[dict], out: Path, title: str, eval_before: float 
     evals = [(m["step"], m["eval_reward"]) for m in [{"step": 0, "eval_reward": eval_before}, *metrics]
              if not math.isnan(m.get("eval_reward", math.nan))]
     if evals:
-        ax.plot(*zip(*evals), "o--", label="eval split")
+        ax.plot(*zip(*evals), "o", label="eval split")
     ax.set(xlabel="step", ylabel="reward", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
