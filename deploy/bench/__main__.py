@@ -66,7 +66,7 @@ class Bench:
     e2e_warmup: int = 2
     """First steps left out of the steady-state throughput (ours and TRL's)."""
     trl_steps: int = 4
-    """Steps of TRL's end-to-end run (about 90 s each on pythia-70m-shape on a 2-core CPU); the
+    """Steps of TRL's end-to-end run (8 to 12 s each on pythia-70m-shape on a 2-core CPU); the
     first e2e_warmup are left out as ours are."""
     sync_presets: tuple[str, ...] = ("tiny", "pythia-70m-shape", "pythia-410m-shape")
     """Models of the weight-sync section."""
