@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import time
 
 import ray
 
@@ -30,7 +29,7 @@ class WeightSync:
         if self.transport == "shm" and not cluster.single_node:
             raise ConfigError(["cluster.weight_sync shm needs every rollout worker on the learner's node"])
         self.timeout_s = cfg.cluster.call_timeout_s
-        self.specs = get(cluster.learner.weight_specs.remote(), self.timeout_s, "the learner to start")
+        self.specs = self._wait(cluster.learner.weight_specs.remote(), "the learner to start")
         typed = [TensorSpec(n, d, tuple(s)) for n, d, s in self.specs]
         self.buckets = plan_buckets(typed, cfg.cluster.sync_bucket_mb << 20)
         self.nbytes = sum(s.nbytes for s in typed)
@@ -47,8 +46,8 @@ class WeightSync:
         world = 1 + tp * len(self.cluster.workers)
         learner = self.cluster.learner
         secret = secrets.token_hex(16)  # only the members told it can meet in the group
-        port = get(learner.open_weight_group.remote(host, self.cfg.cluster.weight_sync_port),
-                   self.timeout_s, "the learner to open the weight-sync port")
+        port = self._wait(learner.open_weight_group.remote(host, self.cfg.cluster.weight_sync_port),
+                          "the learner to open the weight-sync port")
         group_timeout = self.cfg.cluster.weight_sync_timeout_s
         self._wait([learner.connect_weight_group.remote(world, group_timeout, secret)] + [
             w.join_weight_group.remote(host, port, 1 + i * tp, world, group_timeout, secret)

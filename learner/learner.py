@@ -16,7 +16,7 @@ from trl.trainer.utils import entropy_from_logits
 from common import models
 from common.config import Config, cpu_threads
 from common.types import RolloutGroup
-from common.weight_sync import BroadcastGroup, SharedWeights, TensorSpec, listen_socket, specs_of
+from common.weight_sync import BroadcastGroup, SharedWeights, listen_socket, specs_of
 from learner import checkpoint
 from learner.batch import MicroBatch, micro_batches
 from learner.grpo import grpo_loss, masked_mean
