@@ -228,6 +228,13 @@ class Config:
     def prompts_per_step(self) -> int:
         return self.grpo.batch_size // self.grpo.group_size
 
+    @property
+    def learning_rate(self) -> float:
+        """`learner.learning_rate`, or the model's own default when it is None."""
+        from common import models  # torch is heavier than this module
+
+        return self.learner.learning_rate or models.default_learning_rate(self.model.name)
+
 
 def cpu_threads(cfg: Config, role: Literal["rollout", "learner"], cores: int) -> int:
     """Threads for a CPU actor of `role` on a node with `cores` cores, when `threads` is 0. In a
@@ -372,6 +379,16 @@ def validate(cfg: Config) -> list[str]:
     if problem:
         p.append(f"model.name: {problem}")
     return p
+
+
+def from_args(argv: list[str], description: str | None = None) -> Config:
+    """`parse`, then `validate`: a Config the run can start with, or ConfigError with every
+    problem."""
+    cfg = parse(argv, description)
+    problems = validate(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
 
 
 def parse(argv: list[str], description: str | None = None) -> Config:

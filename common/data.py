@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +162,28 @@ def prepare(ds: datasets.Dataset, cfg: DataConfig, tokenizer: Any) -> tuple[list
 
 def _is_empty(raw: Any) -> bool:
     return raw is None or (isinstance(raw, str) and not raw.strip()) or raw == []
+
+
+@dataclass
+class PromptSplits:
+    """A run's prompts: the train split, the eval split (maybe empty), and how many of either
+    were over `data.max_prompt_tokens`."""
+
+    train: list[Prompt]
+    eval: list[Prompt]
+    overlong: int
+
+
+def load_prompts(cfg: DataConfig, tokenizer: Any) -> PromptSplits:
+    """The train and eval splits of `cfg.dataset`, rendered and tokenized as a run uses them;
+    the eval split cut to `cfg.eval_prompts` (0: all of it)."""
+    train, overlong = prepare(load_split(cfg, cfg.train_split), cfg, tokenizer)
+    evals: list[Prompt] = []
+    if cfg.eval_split:
+        evals, skipped = prepare(load_split(cfg, cfg.eval_split), cfg, tokenizer)
+        overlong += skipped
+        evals = evals[: cfg.eval_prompts or None]
+    return PromptSplits(train, evals, overlong)
 
 
 # --- sampling -----------------------------------------------------------------------------

@@ -70,6 +70,7 @@ HUB_TIMEOUT_S = 10.0
 HUB_EXAMPLE = "EleutherAI/pythia-410m-deduped"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+_TOKENIZER_FILES = ["*.json", "*.txt", "*.model", "*.jinja"]  # config and tokenizer, no weights
 
 
 def check_name(name: str) -> str | None:
@@ -109,6 +110,16 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     return _with_defaults(AutoTokenizer.from_pretrained(str(path)))
+
+
+def tokenizer_for(name: str, cache_dir: str = "") -> PreTrainedTokenizerBase:
+    """The tokenizer of model `name` (as `load_tokenizer` gives it), for a process that needs no
+    weights, such as the driver: of a hub model only the tokenizer's files are fetched."""
+    problem = check_name(name)
+    if problem:
+        raise ModelError(problem)
+    on_hub = name not in PRESETS and not Path(name).expanduser().is_dir()
+    return load_tokenizer(_download(name, _TOKENIZER_FILES) if on_hub else resolve(name, cache_dir))
 
 
 def default_learning_rate(name: str) -> float:
@@ -227,12 +238,12 @@ def _pythia_tokenizer():
     return Tokenizer.from_str(json.dumps(spec))
 
 
-def _download(repo_id: str) -> Path:
+def _download(repo_id: str, patterns: list[str] = _HUB_FILES) -> Path:
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES, local_files_only=True))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
     except LocalEntryNotFoundError:
         pass  # not in the local HF cache: go online
     unreachable = (
@@ -254,8 +265,8 @@ def _download(repo_id: str) -> Path:
         ) from e
     except Exception as e:  # offline mode, DNS failure, refused or timed-out connection, 5xx
         raise ModelError(unreachable.format(why="")) from e
-    path = Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES, etag_timeout=HUB_TIMEOUT_S))
-    if not any(path.glob("*.safetensors")):  # pickled weights would run code from outside the run
+    path = Path(snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=HUB_TIMEOUT_S))
+    if "*.safetensors" in patterns and not any(path.glob("*.safetensors")):  # pickled weights would run code from outside the run
         raise ModelError(f"`{repo_id}` has no safetensors weights; convert it and pass its directory")
     return path
 

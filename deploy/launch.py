@@ -91,6 +91,15 @@ class Cluster:
         return "127.0.0.1" if self.single_node else self.learner_node[1]
 
 
+def shutdown(cluster: Cluster) -> None:
+    """Kill the run's actors and give their resources back."""
+    import ray
+
+    for actor in [*cluster.workers, cluster.learner, cluster.buffer]:
+        ray.kill(actor)
+    ray.util.remove_placement_group(cluster.placement_group)
+
+
 def launch(cfg: Config, timeout_s: float) -> Cluster:
     import ray
     from ray.util.placement_group import placement_group, placement_group_table

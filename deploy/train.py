@@ -35,10 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     cfg = None
     try:
-        cfg = config_lib.parse(sys.argv[1:] if argv is None else argv, description=__doc__)
-        problems = config_lib.validate(cfg)
-        if problems:
-            raise ConfigError(problems)
+        cfg = config_lib.from_args(sys.argv[1:] if argv is None else argv, description=__doc__)
         run(cfg)
         return 0
     except ConfigError as e:
@@ -80,26 +77,16 @@ def prepare_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def load_prompts(cfg: Config) -> tuple[list, list, int]:
-    tokenizer = models.load_tokenizer(models.resolve(cfg.model.name, cfg.model.cache_dir))
-    train, overlong = data.prepare(data.load_split(cfg.data, cfg.data.train_split), cfg.data, tokenizer)
-    evals: list = []
-    if cfg.data.eval_split:
-        evals, skipped = data.prepare(data.load_split(cfg.data, cfg.data.eval_split), cfg.data, tokenizer)
-        overlong += skipped
-        evals = evals[: cfg.data.eval_prompts or None]
-    return train, evals, overlong
-
-
 def run(cfg: Config) -> dict:
     """Train; returns the run's summary. Everything it writes goes under cfg.run_dir."""
     import ray
 
-    from deploy.launch import init_ray, launch
+    from deploy.launch import init_ray, launch, shutdown
 
     started = time.perf_counter()
     run_dir = prepare_run_dir(cfg)
-    train_prompts, eval_prompts, overlong = load_prompts(cfg)
+    prompts = data.load_prompts(cfg.data, models.tokenizer_for(cfg.model.name, cfg.model.cache_dir))
+    train_prompts, eval_prompts, overlong = prompts.train, prompts.eval, prompts.overlong
     log.info("%d train prompts, %d eval prompts (%d over data.max_prompt_tokens, %s)",
              len(train_prompts), len(eval_prompts), overlong,
              "truncated" if cfg.data.overlong == "truncate" else "skipped")
@@ -122,9 +109,7 @@ def run(cfg: Config) -> dict:
         raise RuntimeError(f"{who} died ({type(e).__name__}); continue from the last checkpoint "
                            f"with --resume --run-dir {run_dir}") from None
     finally:
-        ray.util.remove_placement_group(cluster.placement_group)
-        for actor in [*cluster.workers, cluster.learner, cluster.buffer]:
-            ray.kill(actor)
+        shutdown(cluster)
 
 
 def train_loop(cfg: Config, cluster, run_dir: Path, train_prompts: list, eval_prompts: list,

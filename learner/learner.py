@@ -42,8 +42,7 @@ class Learner:
             self.ref_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device)
             self.ref_model.eval().requires_grad_(False)
         self.pad_id = models.load_tokenizer(model_path).pad_token_id
-        self.learning_rate = cfg.learner.learning_rate or models.default_learning_rate(cfg.model.name)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.learning_rate,
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate,
                                            weight_decay=cfg.learner.weight_decay, fused=True)
         self.scheduler = get_scheduler(SCHEDULES[cfg.learner.lr_schedule], self.optimizer,
                                        num_warmup_steps=cfg.learner.warmup_steps * cfg.grpo.num_iterations,
@@ -246,6 +245,6 @@ class Learner:
         directory = Path(directory)
         self.model.save_pretrained(directory)
         models.load_tokenizer(self.model_path).save_pretrained(directory)
-        card = model_card.render(self.cfg, directory, {"learning_rate": self.learning_rate, **summary})
+        card = model_card.render(self.cfg, directory, summary)
         (directory / "README.md").write_text(card)
         return str(directory)

@@ -66,7 +66,7 @@ def render(cfg: Config, directory: str | Path, summary: dict) -> str:
         "epsilon_high": g.epsilon_high if g.epsilon_high is not None else g.epsilon,
         "beta (KL)": g.beta, "iterations per batch": g.num_iterations,
         "importance-sampling cap": g.importance_sampling_cap,
-        "max policy lag": cfg.buffer.max_policy_lag, "learning rate": summary.get("learning_rate"),
+        "max policy lag": cfg.buffer.max_policy_lag, "learning rate": cfg.learning_rate,
         "rollout workers": r.num_workers, "seed": cfg.seed,
     }
     rows = "\n".join(f"| {k} | {v} |" for k, v in settings.items())

@@ -266,12 +266,11 @@ class Benchmark:
 
 
 def _run_config(cfg) -> dict:
-    from common import models
     from deploy.bench.end_to_end import total_threads
 
     g, l, r = cfg.grpo, cfg.learner, cfg.rollout
     return {"batch": g.batch_size, "G": g.group_size, "completion tokens": cfg.rollout.max_tokens,
-            "lr": l.learning_rate or models.default_learning_rate(cfg.model.name), "beta": g.beta,
+            "lr": cfg.learning_rate, "beta": g.beta,
             "loss": g.loss_type, "micro batch": min(l.micro_batch_size, g.batch_size),
             "ours: learner / worker CPUs": f"{l.num_cpus:g} / {r.num_cpus:g} x {r.num_workers}",
             "TRL threads": total_threads(cfg)}

@@ -61,14 +61,11 @@ class ClusterPool:
         return self.current
 
     def stop(self) -> None:
-        import ray
+        from deploy.launch import shutdown
 
         if self.current is None:
             return
-        c = self.current.cluster
-        for actor in [*c.workers, c.learner, c.buffer]:
-            ray.kill(actor)
-        ray.util.remove_placement_group(c.placement_group)
+        shutdown(self.current.cluster)
         self.current = None
 
     def shutdown(self) -> None:

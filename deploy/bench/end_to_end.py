@@ -23,7 +23,7 @@ from pathlib import Path
 
 from common import config as config_lib
 from common import models
-from common.config import Config, ConfigError
+from common.config import Config
 from deploy.bench import flops, prompts
 
 log = logging.getLogger(__name__)
@@ -40,11 +40,7 @@ def our_config(model: str, group_size: int, batch_size: int, max_tokens: int,
             "--learner.checkpoint-every", "0", "--logging.progress", "lines", *extra]
     if learning_rate is not None:
         argv += ["--learner.learning-rate", str(learning_rate)]
-    cfg = config_lib.parse(argv)
-    problems = config_lib.validate(cfg)
-    if problems:
-        raise ConfigError(problems)
-    return cfg
+    return config_lib.from_args(argv)
 
 
 def total_threads(cfg: Config) -> int:
@@ -68,7 +64,7 @@ def spec_for(cfg: Config, threads: int, output_dir: str, stop_at: float | None) 
         "batch_size": g.batch_size, "micro_batch_size": min(micro, g.batch_size),
         "group_size": g.group_size, "max_tokens": r.max_tokens, "temperature": r.temperature,
         "top_p": r.top_p, "rewards": list(r.rewards), "reward_weights": list(r.reward_weights),
-        "learning_rate": l.learning_rate or models.default_learning_rate(cfg.model.name),
+        "learning_rate": cfg.learning_rate,
         "weight_decay": l.weight_decay, "max_grad_norm": l.max_grad_norm, "beta": g.beta,
         "loss_type": g.loss_type, "epsilon": g.epsilon, "epsilon_high": g.epsilon_high,
         "scale_rewards": g.scale_rewards, "num_iterations": g.num_iterations,

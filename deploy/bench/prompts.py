@@ -9,9 +9,7 @@ from common.types import Prompt
 
 
 def train_prompts(cfg: Config) -> list[Prompt]:
-    tokenizer = models.load_tokenizer(models.resolve(cfg.model.name, cfg.model.cache_dir))
-    prompts, _ = data.prepare(data.load_split(cfg.data, cfg.data.train_split), cfg.data, tokenizer)
-    return prompts
+    return data.load_prompts(cfg.data, models.tokenizer_for(cfg.model.name, cfg.model.cache_dir)).train
 
 
 def first(cfg: Config, count: int) -> list[Prompt]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.config import Config, ConfigError, cpu_threads, from_dict, load, parse, validate
+from common.config import Config, ConfigError, cpu_threads, from_args, from_dict, load, parse, validate
 
 
 def problems_after(**changes) -> list[str]:
@@ -167,6 +167,23 @@ def test_parse_without_file_overrides_defaults():
     cfg = parse(["--rollout.max-tokens", "7"])
     assert cfg.rollout.max_tokens == 7
     assert cfg.grpo.epsilon == 0.2
+
+
+def test_from_args_returns_a_valid_config_or_every_problem():
+    assert from_args(["--steps", "3"]).steps == 3
+    with pytest.raises(ConfigError) as e:
+        from_args(["--grpo.group-size", "1", "--steps", "0"])
+    assert e.value.problems == ["steps must be >= 1 (got 0)",
+                                "grpo.group_size must be >= 2 for group-relative advantages (got 1)"]
+
+
+def test_learning_rate_falls_back_to_the_models_default():
+    cfg = Config()
+    assert cfg.learning_rate == 3e-2  # the tiny preset's
+    cfg.model.name = "pythia-70m-shape"
+    assert cfg.learning_rate == 1e-6
+    cfg.learner.learning_rate = 5e-4
+    assert cfg.learning_rate == 5e-4
 
 
 # ----- prompts_per_step -----

@@ -12,7 +12,7 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from common.config import DataConfig
-from common.data import BUNDLED, DataError, PromptSampler, load_split, prepare, render
+from common.data import BUNDLED, DataError, PromptSampler, load_prompts, load_split, prepare, render
 from common.types import Prompt
 
 TOKENIZER_FILE = Path(__file__).parents[3] / "common" / "assets" / "gpt-neox-20b-tokenizer.json"
@@ -231,6 +231,23 @@ def test_prepare_bundled_end_to_end(tokenizer):
     prompts, overlong = prepare(load_split(cfg, "train"), cfg, tokenizer)
     assert overlong == 0 and len(prompts) >= 260
     assert all(p.columns == {} for p in prompts)
+
+
+def test_load_prompts_gives_both_splits_and_cuts_the_eval_split(tokenizer):
+    splits = load_prompts(DataConfig(eval_prompts=5), tokenizer)
+    assert len(splits.train) >= 260 and len(splits.eval) == 5 and splits.overlong == 0
+    assert {p.text for p in splits.train}.isdisjoint(p.text for p in splits.eval)
+    assert load_prompts(DataConfig(eval_split=""), tokenizer).eval == []
+    assert len(load_prompts(DataConfig(eval_prompts=0), tokenizer).eval) >= 50  # 0 is all
+
+
+def test_load_prompts_counts_overlong_prompts_of_both_splits(tokenizer):
+    every = load_prompts(DataConfig(max_prompt_tokens=1000, eval_prompts=0), tokenizer)
+    limit = sorted(len(p.token_ids) for p in every.train + every.eval)[-3]  # three are longer
+    splits = load_prompts(DataConfig(max_prompt_tokens=limit, eval_prompts=0), tokenizer)
+    over = sum(len(p.token_ids) > limit for p in every.train + every.eval)
+    assert splits.overlong == over >= 1
+    assert len(splits.train) + len(splits.eval) == len(every.train) + len(every.eval) - over
 
 
 # --- the sampler ----------------------------------------------------------------------------

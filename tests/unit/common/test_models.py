@@ -195,6 +195,29 @@ def test_unknown_hub_id_fails_fast_online() -> None:
     assert time.monotonic() - start < 30
 
 
+def test_tokenizer_for_a_hub_model_fetches_no_weights(tiny_dir: Path, monkeypatch) -> None:
+    asked = []
+
+    def download(repo_id, patterns=models._HUB_FILES):
+        asked.append((repo_id, patterns))
+        return tiny_dir
+
+    monkeypatch.setattr(models, "_download", download)
+    tok = models.tokenizer_for("EleutherAI/pythia-410m-deduped")
+    assert tok.eos_token == "<|endoftext|>"
+    [(repo, patterns)] = asked
+    assert repo == "EleutherAI/pythia-410m-deduped" and "*.json" in patterns
+    assert not [p for p in patterns if "safetensors" in p or "bin" in p]
+    models.resolve("EleutherAI/pythia-410m-deduped")  # the weights' side asks for everything
+    assert "*.safetensors" in asked[1][1]
+
+
+def test_tokenizer_for_a_preset_or_directory_is_its_own(tiny_dir: Path) -> None:
+    assert models.tokenizer_for(str(tiny_dir)).get_vocab() == models.load_tokenizer(tiny_dir).get_vocab()
+    with pytest.raises(ModelError, match="unknown model `nonsense`"):
+        models.tokenizer_for("nonsense")
+
+
 def test_presets_match_pythia_architectures() -> None:
     assert PRESETS["pythia-70m-shape"] == models.Preset(512, 6, 8, 2048, 1e-6)
     assert PRESETS["pythia-410m-shape"] == models.Preset(1024, 24, 16, 4096, 1e-6)

@@ -12,7 +12,7 @@ from learner.model_card import render
 
 
 def card() -> str:
-    return render(Config(), "/tmp/x/final", {"learning_rate": 0.03, "results": {"a": 1}})
+    return render(Config(), "/tmp/x/final", {"results": {"a": 1}})
 
 
 def test_front_matter():
