@@ -25,6 +25,33 @@ class ConfigError(ValueError):
         super().__init__("\n".join(problems))
 
 
+class Rules:
+    """Collects one line per broken rule of a config section: `rules.at_least("steps", 1)`
+    reads as the rule it checks and words the line the same way for every field."""
+
+    def __init__(self, section: object, prefix: str = ""):
+        self.section, self.prefix, self.lines = section, prefix, []
+
+    def require(self, ok: bool, line: str) -> None:
+        if not ok:
+            self.lines.append(line)
+
+    def check(self, name: str, ok, rule: str, why: str = "") -> None:
+        """`name` must satisfy `ok`, worded as "must be {rule}{why}"; None means unset."""
+        value = getattr(self.section, name)
+        if value is not None and not ok(value):
+            self.require(False, f"{self.prefix}{name} must be {rule}{why} (got {value})")
+
+    def at_least(self, name: str, low: float, why: str = "") -> None:
+        self.check(name, lambda v: v >= low, f">= {low}", why)
+
+    def above(self, name: str, low: float, why: str = "") -> None:
+        self.check(name, lambda v: v > low, f"> {low}", why)
+
+    def within(self, name: str, low: float, high: float, why: str = "") -> None:
+        self.check(name, lambda v: low <= v <= high, f"in {low}..{high}", why)
+
+
 @dataclass
 class ModelConfig:
     name: str = "tiny"
@@ -38,6 +65,14 @@ class ModelConfig:
     """Where presets are built once and kept; empty means `$GRPO_RAY_CACHE` or
     `~/.cache/grpo-ray`."""
 
+    def problems(self) -> list[str]:
+        from common import models  # torch is heavier than this module
+
+        rules = Rules(self, "model.")
+        rules.at_least("max_model_len", 1)
+        problem = models.check_name(self.name)
+        rules.require(problem is None, f"model.name: {problem}")
+        return rules.lines
 
 @dataclass
 class DataConfig:
@@ -60,6 +95,11 @@ class DataConfig:
     chat_template: bool = True
     """Wrap each prompt as a user message and render it with the tokenizer's chat template."""
 
+    def problems(self) -> list[str]:
+        rules = Rules(self, "data.")
+        rules.at_least("max_prompt_tokens", 1)
+        rules.at_least("eval_prompts", 0)
+        return rules.lines
 
 @dataclass
 class RolloutConfig:
@@ -88,6 +128,30 @@ class RolloutConfig:
     kv_cache_gib: float = 1.0
     """CPU only: KV-cache space per engine in GiB (vLLM's default would be half the RAM)."""
 
+    def problems(self) -> list[str]:
+        from common import rewards  # the reward plug-ins may import much
+
+        rules = Rules(self, "rollout.")
+        rules.at_least("num_workers", 1)
+        rules.at_least("max_tokens", 1)
+        rules.above("temperature", 0)
+        rules.check("top_p", lambda v: 0 < v <= 1, "in (0, 1]")
+        rules.require(len(self.rewards) >= 1, "rollout.rewards must name at least one reward function")
+        rules.require(not self.reward_weights or len(self.reward_weights) == len(self.rewards),
+                      f"rollout.reward_weights has {len(self.reward_weights)} weights for "
+                      f"{len(self.rewards)} reward functions")
+        for name in self.rewards:
+            try:
+                rewards.resolve(name)
+            except rewards.RewardError as e:
+                rules.require(False, f"rollout.rewards: {e}")
+        rules.above("num_cpus", 0)
+        rules.at_least("num_gpus", 0)
+        rules.at_least("threads", 0)
+        rules.above("kv_cache_gib", 0)
+        rules.at_least("tensor_parallel_size", 1)
+        rules.check("gpu_memory_utilization", lambda v: 0 < v <= 1, "in (0, 1]")
+        return rules.lines
 
 @dataclass
 class GRPOConfig:
@@ -113,6 +177,20 @@ class GRPOConfig:
     min(exp(logp_old - logp_behaviour), cap), correcting for stale or mismatched rollouts;
     0 turns the correction off."""
 
+    def problems(self) -> list[str]:
+        rules = Rules(self, "grpo.")
+        rules.at_least("group_size", 2, " for group-relative advantages")
+        rules.at_least("batch_size", 1)
+        if self.group_size >= 1 and self.batch_size >= 1:
+            rules.require(self.batch_size % self.group_size == 0,
+                          f"grpo.batch_size ({self.batch_size}) must be a multiple of "
+                          f"grpo.group_size ({self.group_size})")
+        rules.above("epsilon", 0)
+        rules.above("epsilon_high", 0)
+        rules.at_least("beta", 0)
+        rules.at_least("num_iterations", 1)
+        rules.check("importance_sampling_cap", lambda v: v == 0 or v >= 1, "0 (off) or >= 1")
+        return rules.lines
 
 @dataclass
 class BufferConfig:
@@ -125,6 +203,12 @@ class BufferConfig:
     timeout_s: float = 600.0
     """Longest wait for a batch (learner) or for room (workers) before the run fails."""
 
+    def problems(self) -> list[str]:
+        rules = Rules(self, "buffer.")
+        rules.at_least("max_policy_lag", 0)
+        rules.at_least("capacity", 0)
+        rules.above("timeout_s", 0)
+        return rules.lines
 
 @dataclass
 class LearnerConfig:
@@ -153,6 +237,19 @@ class LearnerConfig:
     threads: int = 0
     """CPU only: torch threads for the learner; 0 chooses (see `cpu_threads`)."""
 
+    def problems(self) -> list[str]:
+        rules = Rules(self, "learner.")
+        rules.above("learning_rate", 0)
+        rules.at_least("warmup_steps", 0)
+        rules.at_least("weight_decay", 0)
+        rules.at_least("max_grad_norm", 0)
+        rules.at_least("micro_batch_size", 1)
+        rules.at_least("checkpoint_every", 0)
+        rules.at_least("keep_checkpoints", 1)
+        rules.above("num_cpus", 0)
+        rules.at_least("num_gpus", 0)
+        rules.at_least("threads", 0)
+        return rules.lines
 
 @dataclass
 class ClusterConfig:
@@ -187,6 +284,15 @@ class ClusterConfig:
     """Times Ray restarts a rollout worker that died; its lost groups are counted and
     generated again."""
 
+    def problems(self) -> list[str]:
+        rules = Rules(self, "cluster.")
+        rules.above("weight_sync_timeout_s", 0)
+        rules.within("weight_sync_port", 0, 65535)
+        rules.at_least("sync_bucket_mb", 1)
+        rules.at_least("num_cpus", 0)
+        rules.above("call_timeout_s", 0)
+        rules.at_least("max_worker_restarts", 0)
+        return rules.lines
 
 @dataclass
 class LoggingConfig:
@@ -199,6 +305,10 @@ class LoggingConfig:
     eval_every: int = 0
     """Score the eval split every this many steps; 0 only before and after training."""
 
+    def problems(self) -> list[str]:
+        rules = Rules(self, "logging.")
+        rules.at_least("eval_every", 0)
+        return rules.lines
 
 @dataclass
 class Config:
@@ -216,13 +326,54 @@ class Config:
     """Seeds the prompt order, the sampling and the learner."""
     run_dir: str = ""
     """Run directory: config, metrics, checkpoints, final model; empty means a new
-    `runs/<date>-<time>`. Under `ray job submit` give an absolute path (on shared storage for
-    a multi-node cluster): the job's working directory is temporary."""
+    `runs/<date>-<time>`, or under `ray job submit` (whose working directory is deleted with
+    the job) `$GRPO_RAY_RUNS/<date>-<time>-<job id>`, default `~/grpo-ray/runs`. On a
+    multi-node cluster give a directory on storage the head and the learner's node share."""
     resume: bool = False
     """Continue from the last checkpoint in `run_dir`."""
     stop_after: int = 0
     """Stop (with a checkpoint) after this many steps of this invocation, as if interrupted;
     0 runs to `steps`."""
+
+    def problems(self) -> list[str]:
+        """Every problem that would stop or spoil the run, one line each: each section's own,
+        then the rules that tie sections together."""
+        rules = Rules(self)
+        rules.at_least("steps", 1)
+        rules.require(bool(self.run_dir) or not self.resume, "resume needs --run-dir: the run to continue")
+        rules.at_least("stop_after", 0)
+        for section in (self.grpo, self.rollout, self.learner, self.buffer, self.data, self.cluster,
+                        self.logging):
+            rules.lines += section.problems()
+        grpo, rollout, buffer = self.grpo, self.rollout, self.buffer
+        if buffer.capacity and grpo.group_size >= 1 and grpo.batch_size >= grpo.group_size:
+            rules.require(buffer.capacity >= self.prompts_per_step,
+                          f"buffer.capacity ({buffer.capacity} groups) cannot hold one batch "
+                          f"({self.prompts_per_step} groups)")
+        rules.require(self.data.max_prompt_tokens + rollout.max_tokens <= self.model.max_model_len,
+                      f"data.max_prompt_tokens ({self.data.max_prompt_tokens}) + rollout.max_tokens "
+                      f"({rollout.max_tokens}) exceeds model.max_model_len ({self.model.max_model_len})")
+        rules.lines += self._device_problems()
+        rules.lines += self.model.problems()
+        return rules.lines
+
+    def _device_problems(self) -> list[str]:
+        rollout, learner, cluster = self.rollout, self.learner, self.cluster
+        rules = Rules(self)
+        if cluster.device == "cpu":
+            rules.require(rollout.num_gpus == 0 and learner.num_gpus == 0,
+                          "cluster.device is cpu but rollout.num_gpus or learner.num_gpus is set")
+            rules.require(rollout.tensor_parallel_size == 1,
+                          "rollout.tensor_parallel_size > 1 needs cluster.device gpu")
+        else:
+            rules.require(rollout.num_gpus >= rollout.tensor_parallel_size,
+                          f"rollout.num_gpus ({rollout.num_gpus}) must cover "
+                          f"rollout.tensor_parallel_size ({rollout.tensor_parallel_size})")
+            rules.require(learner.num_gpus >= 1,
+                          f"learner.num_gpus must be >= 1 on a GPU cluster (got {learner.num_gpus})")
+            rules.require(cluster.weight_sync != "shm",
+                          "cluster.weight_sync shm is for CPU engines; use broadcast (NCCL) on GPU")
+        return rules.lines
 
     @property
     def prompts_per_step(self) -> int:
@@ -263,6 +414,10 @@ def from_dict(data: dict) -> Config:
 
 def load(path: str | Path) -> Config:
     """Read a YAML run file into a Config (fields it leaves out keep their defaults)."""
+    return from_dict(_read(path))
+
+
+def _read(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"config file not found: {path}"])
@@ -272,7 +427,7 @@ def load(path: str | Path) -> Config:
         raise ConfigError([f"{path}: not valid YAML ({e})"]) from None
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: expected a mapping of sections, got {type(data).__name__}"])
-    return from_dict(data)
+    return data
 
 
 def to_dict(cfg: Config) -> dict:
@@ -294,108 +449,66 @@ def _check_keys(cls: type, data: dict, prefix: str, problems: list[str]) -> None
 
 def validate(cfg: Config) -> list[str]:
     """Every problem with `cfg` that would stop or spoil the run, one line each."""
-    from common import models, rewards  # imported here: both are heavier than this module
+    return cfg.problems()
 
-    p: list[str] = []
-    g, r, l, b, d = cfg.grpo, cfg.rollout, cfg.learner, cfg.buffer, cfg.data
 
-    def need(ok: bool, line: str) -> None:
-        if not ok:
-            p.append(line)
-
-    need(cfg.steps >= 1, f"steps must be >= 1 (got {cfg.steps})")
-    need(bool(cfg.run_dir) or not cfg.resume, "resume needs --run-dir: the run to continue")
-    need(cfg.stop_after >= 0, f"stop_after must be >= 0 (got {cfg.stop_after})")
-    need(g.group_size >= 2, f"grpo.group_size must be >= 2 for group-relative advantages (got {g.group_size})")
-    need(g.batch_size >= 1, f"grpo.batch_size must be >= 1 (got {g.batch_size})")
-    if g.group_size >= 1 and g.batch_size >= 1:
-        need(g.batch_size % g.group_size == 0,
-             f"grpo.batch_size ({g.batch_size}) must be a multiple of grpo.group_size ({g.group_size})")
-    need(g.epsilon > 0, f"grpo.epsilon must be > 0 (got {g.epsilon})")
-    need(g.epsilon_high is None or g.epsilon_high > 0, f"grpo.epsilon_high must be > 0 (got {g.epsilon_high})")
-    need(g.beta >= 0, f"grpo.beta must be >= 0 (got {g.beta})")
-    need(g.num_iterations >= 1, f"grpo.num_iterations must be >= 1 (got {g.num_iterations})")
-    need(g.importance_sampling_cap == 0 or g.importance_sampling_cap >= 1,
-         f"grpo.importance_sampling_cap must be 0 (off) or >= 1 (got {g.importance_sampling_cap})")
-
-    need(r.num_workers >= 1, f"rollout.num_workers must be >= 1 (got {r.num_workers})")
-    need(r.max_tokens >= 1, f"rollout.max_tokens must be >= 1 (got {r.max_tokens})")
-    need(r.temperature > 0, f"rollout.temperature must be > 0 (got {r.temperature})")
-    need(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1] (got {r.top_p})")
-    need(len(r.rewards) >= 1, "rollout.rewards must name at least one reward function")
-    need(not r.reward_weights or len(r.reward_weights) == len(r.rewards),
-         f"rollout.reward_weights has {len(r.reward_weights)} weights for {len(r.rewards)} reward functions")
-    for name in r.rewards:
-        try:
-            rewards.resolve(name)
-        except rewards.RewardError as e:
-            p.append(f"rollout.rewards: {e}")
-    need(r.num_cpus > 0, f"rollout.num_cpus must be > 0 (got {r.num_cpus})")
-    need(r.threads >= 0, f"rollout.threads must be >= 0 (got {r.threads})")
-    need(r.kv_cache_gib > 0, f"rollout.kv_cache_gib must be > 0 (got {r.kv_cache_gib})")
-    need(r.tensor_parallel_size >= 1, f"rollout.tensor_parallel_size must be >= 1 (got {r.tensor_parallel_size})")
-    need(0 < r.gpu_memory_utilization <= 1,
-         f"rollout.gpu_memory_utilization must be in (0, 1] (got {r.gpu_memory_utilization})")
-
-    need(l.learning_rate is None or l.learning_rate > 0,
-         f"learner.learning_rate must be > 0 (got {l.learning_rate})")
-    need(l.warmup_steps >= 0, f"learner.warmup_steps must be >= 0 (got {l.warmup_steps})")
-    need(l.max_grad_norm >= 0, f"learner.max_grad_norm must be >= 0 (got {l.max_grad_norm})")
-    need(l.micro_batch_size >= 1, f"learner.micro_batch_size must be >= 1 (got {l.micro_batch_size})")
-    need(l.checkpoint_every >= 0, f"learner.checkpoint_every must be >= 0 (got {l.checkpoint_every})")
-    need(l.keep_checkpoints >= 1, f"learner.keep_checkpoints must be >= 1 (got {l.keep_checkpoints})")
-    need(l.num_cpus > 0, f"learner.num_cpus must be > 0 (got {l.num_cpus})")
-
-    need(b.max_policy_lag >= 0, f"buffer.max_policy_lag must be >= 0 (got {b.max_policy_lag})")
-    need(b.capacity >= 0, f"buffer.capacity must be >= 0 (got {b.capacity})")
-    if b.capacity and g.group_size >= 1 and g.batch_size >= g.group_size:
-        need(b.capacity >= cfg.prompts_per_step,
-             f"buffer.capacity ({b.capacity} groups) cannot hold one batch ({cfg.prompts_per_step} groups)")
-    need(b.timeout_s > 0, f"buffer.timeout_s must be > 0 (got {b.timeout_s})")
-
-    need(d.max_prompt_tokens >= 1, f"data.max_prompt_tokens must be >= 1 (got {d.max_prompt_tokens})")
-    need(d.eval_prompts >= 0, f"data.eval_prompts must be >= 0 (got {d.eval_prompts})")
-    need(d.max_prompt_tokens + r.max_tokens <= cfg.model.max_model_len,
-         f"data.max_prompt_tokens ({d.max_prompt_tokens}) + rollout.max_tokens ({r.max_tokens}) "
-         f"exceeds model.max_model_len ({cfg.model.max_model_len})")
-
-    c = cfg.cluster
-    if c.device == "cpu":
-        need(r.num_gpus == 0 and l.num_gpus == 0,
-             "cluster.device is cpu but rollout.num_gpus or learner.num_gpus is set")
-        need(r.tensor_parallel_size == 1, "rollout.tensor_parallel_size > 1 needs cluster.device gpu")
-    else:
-        need(r.num_gpus >= r.tensor_parallel_size,
-             f"rollout.num_gpus ({r.num_gpus}) must cover rollout.tensor_parallel_size ({r.tensor_parallel_size})")
-        need(l.num_gpus >= 1, f"learner.num_gpus must be >= 1 on a GPU cluster (got {l.num_gpus})")
-        need(c.weight_sync != "shm", "cluster.weight_sync shm is for CPU engines; use broadcast (NCCL) on GPU")
-    need(c.weight_sync_timeout_s > 0, f"cluster.weight_sync_timeout_s must be > 0 (got {c.weight_sync_timeout_s})")
-    need(0 <= c.weight_sync_port <= 65535, f"cluster.weight_sync_port must be in 0..65535 (got {c.weight_sync_port})")
-    need(c.sync_bucket_mb >= 1, f"cluster.sync_bucket_mb must be >= 1 (got {c.sync_bucket_mb})")
-    need(c.call_timeout_s > 0, f"cluster.call_timeout_s must be > 0 (got {c.call_timeout_s})")
-    need(c.max_worker_restarts >= 0, f"cluster.max_worker_restarts must be >= 0 (got {c.max_worker_restarts})")
-
-    problem = models.check_name(cfg.model.name)
-    if problem:
-        p.append(f"model.name: {problem}")
-    return p
+# What a resumed run may change on the command line: how long it runs and how it reports and
+# waits. Anything else would make the rest of the run a different run than the one checkpointed.
+CHANGEABLE_ON_RESUME = ("steps", "stop_after", "resume", "run_dir", "logging.", "cluster.address",
+                        "buffer.timeout_s", "cluster.call_timeout_s", "cluster.weight_sync_timeout_s")
+SAVED_CONFIG = "config.yaml"
 
 
 def from_args(argv: list[str], description: str | None = None) -> Config:
-    """`parse`, then `validate`: a Config the run can start with, or ConfigError with every
-    problem."""
+    """The run's Config from the command line, checked: `--resume` continues from the run
+    directory's own config, where the command line may change only CHANGEABLE_ON_RESUME.
+    Raises ConfigError with every problem."""
     cfg = parse(argv, description)
+    saved = Path(cfg.run_dir) / SAVED_CONFIG
+    if cfg.resume and cfg.run_dir and saved.is_file():
+        original = load(saved)
+        cfg = parse(argv, description, base=original)
+        changed = resume_changes(original, cfg)
+        if changed:
+            raise ConfigError(changed)
     problems = validate(cfg)
     if problems:
         raise ConfigError(problems)
     return cfg
 
 
-def parse(argv: list[str], description: str | None = None) -> Config:
-    """`[run.yaml] [--section.field value ...]`: a run file, then command-line overrides."""
+def resume_changes(original: Config, resumed: Config) -> list[str]:
+    """A line for every field `resumed` changes that a resumed run may not change."""
+    before, after = _flat(to_dict(original)), _flat(to_dict(resumed))
+    return [f"cannot change {key} when resuming: the run has {before[key]!r}, the command line "
+            f"says {after[key]!r} (only steps, stop_after, logging.* and timeouts may change)"
+            for key in before if before[key] != after[key] and not key.startswith(CHANGEABLE_ON_RESUME)]
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def parse(argv: list[str], description: str | None = None, base: Config | None = None) -> Config:
+    """`[run.yaml] [--section.field value ...]`: a run file, then command-line overrides, on top
+    of `base` (default: the defaults)."""
     import tyro
 
-    base = Config()
+    base = base or Config()
     if argv and not argv[0].startswith("-"):
-        base, argv = load(argv[0]), argv[1:]
+        base, argv = from_dict(_merge(to_dict(base), _read(argv[0]))), argv[1:]
     return tyro.cli(Config, default=base, args=argv, description=description)
+
+
+def _merge(data: dict, overrides: dict) -> dict:
+    """`data` with the (nested) values of `overrides` put in."""
+    out = dict(data)
+    for key, value in overrides.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out

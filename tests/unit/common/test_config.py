@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from common.config import Config, ConfigError, cpu_threads, from_args, from_dict, load, parse, validate
@@ -184,6 +186,58 @@ def test_learning_rate_falls_back_to_the_models_default():
     assert cfg.learning_rate == 1e-6
     cfg.learner.learning_rate = 5e-4
     assert cfg.learning_rate == 5e-4
+
+
+# ----- resume -----
+
+
+def started_run(tmp_path, *argv: str) -> str:
+    """A run directory holding the config.yaml that `deploy.train` writes for `argv`."""
+    import yaml
+
+    from common.config import to_dict
+
+    run_dir = str(tmp_path / "run")
+    cfg = from_args([*argv, "--run-dir", run_dir])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return run_dir
+
+
+def test_resume_continues_the_run_that_was_started(tmp_path):
+    run_dir = started_run(tmp_path, "--steps", "30", "--grpo.epsilon", "0.1")
+    cfg = from_args(["--run-dir", run_dir, "--resume"])
+    assert (cfg.steps, cfg.grpo.epsilon, cfg.resume) == (30, 0.1, True)  # not the defaults 40, 0.2
+
+
+def test_resume_may_run_longer_and_report_differently(tmp_path):
+    run_dir = started_run(tmp_path, "--steps", "30")
+    cfg = from_args(["--run-dir", run_dir, "--resume", "--steps", "50", "--logging.progress",
+                     "lines", "--cluster.call-timeout-s", "60"])
+    assert (cfg.steps, cfg.logging.progress, cfg.cluster.call_timeout_s) == (50, "lines", 60)
+
+
+def test_resume_refuses_any_other_change_in_one_line_naming_both_values(tmp_path):
+    run_dir = started_run(tmp_path, "--steps", "30")
+    with pytest.raises(ConfigError) as e:
+        from_args(["--run-dir", run_dir, "--resume", "--model.name", "pythia-70m-shape",
+                   "--rollout.rewards", "length"])
+    assert e.value.problems == [
+        "cannot change model.name when resuming: the run has 'tiny', the command line says "
+        "'pythia-70m-shape' (only steps, stop_after, logging.* and timeouts may change)",
+        "cannot change rollout.rewards when resuming: the run has ('explicit_pos',), the command "
+        "line says ('length',) (only steps, stop_after, logging.* and timeouts may change)"]
+
+
+def test_resume_with_the_run_file_it_started_from(tmp_path):
+    run_file = str(Path(__file__).parents[3] / "deploy" / "configs" / "tiny.yaml")
+    run_dir = started_run(tmp_path, run_file, "--steps", "12", "--grpo.epsilon", "0.1")
+    assert from_args(["--run-dir", run_dir, "--resume"]).steps == 12
+    # A run file given again is part of the command line: its values are asked for explicitly.
+    cfg = from_args([run_file, "--run-dir", run_dir, "--resume"])
+    assert (cfg.steps, cfg.grpo.epsilon) == (40, 0.1)  # the file's steps; epsilon it leaves alone
+    with pytest.raises(ConfigError, match="cannot change rollout.max_tokens"):
+        from_args([run_file, "--run-dir", run_dir, "--resume", "--rollout.max-tokens", "8"])
 
 
 # ----- prompts_per_step -----
