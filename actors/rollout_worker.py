@@ -17,7 +17,7 @@ from common import models
 from common.config import Config, cpu_threads
 from common.rewards import Scorer
 from common.types import GenerationStats, Prompt, RolloutGroup
-from learner.grpo import group_advantages
+from common.weight_sync import TensorSpec
 
 EXTENSION = "actors.vllm_extension.WeightSyncExtension"
 
@@ -88,13 +88,13 @@ class RolloutWorker:
 
     def generate(self, prompts: list[Prompt], round_: int = 0, n: int | None = None,
                  ) -> tuple[list[RolloutGroup], GenerationStats]:
-        """G completions per prompt, scored, with behaviour log-probs and advantages."""
+        """G completions per prompt, scored, with their behaviour log-probs."""
         from vllm import SamplingParams
 
-        r, n = self.cfg.rollout, n or self.cfg.grpo.group_size
+        rollout, n = self.cfg.rollout, n or self.cfg.grpo.group_size
         params = [
-            SamplingParams(n=n, max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p,
-                           logprobs=0, seed=request_seed(self.cfg.seed, round_, i))
+            SamplingParams(n=n, max_tokens=rollout.max_tokens, temperature=rollout.temperature,
+                           top_p=rollout.top_p, logprobs=0, seed=request_seed(self.cfg.seed, round_, i))
             for i in range(len(prompts))
         ]
         start = time.perf_counter()
@@ -107,8 +107,6 @@ class RolloutWorker:
         columns = {k: [p.columns[k] for p in prompts for _ in range(n)] for k in prompts[0].columns} \
             if prompts else {}
         totals, parts = self.scorer([p.text for p in prompts for _ in range(n)], texts, columns)
-        advantages = group_advantages(torch.tensor(totals).view(len(prompts), n),
-                                      self.cfg.grpo.scale_rewards)
 
         groups = []
         for i, (prompt, group) in enumerate(zip(prompts, completions)):
@@ -121,7 +119,6 @@ class RolloutWorker:
                 finish_reasons=[c.finish_reason for c in group],
                 rewards=totals[span],
                 reward_parts={name: scores[span] for name, scores in parts.items()},
-                advantages=advantages[i].tolist(),
                 policy_version=self.version,
                 worker=self.index,
             ))
@@ -135,22 +132,18 @@ class RolloutWorker:
     # --- weights -----------------------------------------------------------------------------
 
     def join_weight_group(self, host: str, port: int, rank_offset: int, world_size: int,
-                          timeout_s: float, secret: str) -> None:
-        self.llm.collective_rpc("join_weight_group",
-                                args=(host, port, rank_offset, world_size, timeout_s, secret))
+                          specs: list[TensorSpec], buckets: list[list[int]], timeout_s: float,
+                          secret: str) -> None:
+        self.llm.collective_rpc("join_weight_group", args=(host, port, rank_offset, world_size,
+                                                           specs, buckets, timeout_s, secret))
 
-    def receive_broadcast(self, specs: list[tuple], buckets: list[list[int]], version: int) -> float:
-        return self._reload("receive_broadcast", (specs, buckets), version)
+    def open_shared_weights(self, path: str, specs: list[TensorSpec]) -> None:
+        self.llm.collective_rpc("open_shared_weights", args=(path, specs))
 
-    def receive_shared(self, path: str, specs: list[tuple], version: int) -> float:
-        return self._reload("receive_shared", (path, specs, version), version)
-
-    def load_file(self, path: str, version: int) -> float:
-        return self._reload("load_file", (path,), version)
-
-    def _reload(self, method: str, args: tuple, version: int) -> float:
+    def receive_weights(self, version: int) -> float:
+        """Load policy `version` from the weight transport; returns the seconds it took."""
         start = time.perf_counter()
-        self.llm.collective_rpc(method, args=args)
+        self.llm.collective_rpc("receive_weights", args=(version,))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
         self.version = version
         return time.perf_counter() - start

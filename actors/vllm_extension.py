@@ -1,52 +1,59 @@
 """Methods mixed into vLLM's worker (`worker_extension_cls`) so new weights can be loaded in place.
 
-They run where the model lives (the engine's worker process, one per tensor-parallel rank) and
-are reached with `llm.collective_rpc(name, args=...)`; arguments are plain data.
+They run where the model lives (the engine's worker, one per tensor-parallel rank) and are
+reached with `llm.collective_rpc(name, args=...)`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 
-from common.weight_sync import BroadcastGroup, SharedWeights, TensorSpec
+from common.weight_sync import (
+    BroadcastChannel,
+    SharedMemoryChannel,
+    TensorSpec,
+    WeightChannel,
+    WeightSyncError,
+)
+
+if TYPE_CHECKING:
+    # The class this one is mixed into (vLLM's CPUWorker subclasses it): its `rank`, `device`,
+    # `get_model` and `reload_weights` are what the methods below use.
+    from vllm.v1.worker.gpu_worker import Worker as _VllmWorker
+else:
+    _VllmWorker = object
 
 
-class WeightSyncExtension:
-    """Receives weights by broadcast, from shared memory or from a safetensors file, and loads
-    them into the running engine."""
+class WeightSyncExtension(_VllmWorker):
+    """Receives weights on one channel (a broadcast group or a shared-memory file) and loads them
+    into the running engine, in place."""
+
+    _channel: WeightChannel | None = None
 
     def join_weight_group(self, host: str, port: int, rank_offset: int, world_size: int,
-                          timeout_s: float, secret: str) -> None:
-        self.leave_weight_group()
+                          specs: list[TensorSpec], buckets: list[list[int]], timeout_s: float,
+                          secret: str) -> None:
         # One group member per tensor-parallel rank: every rank loads the full tensors and
         # keeps its own shard.
-        self._weight_group = BroadcastGroup(host, port, rank_offset + self.rank, world_size,
-                                            device="cpu" if self.device.type == "cpu" else "cuda",
-                                            timeout_s=timeout_s, secret=secret)
+        self._open(BroadcastChannel(host, port, rank_offset + self.rank, world_size, specs, buckets,
+                                    device="cpu" if self.device.type == "cpu" else "cuda",
+                                    timeout_s=timeout_s, secret=secret))
 
-    def leave_weight_group(self) -> None:
-        group = getattr(self, "_weight_group", None)
-        if group is not None:
-            group.close()
-        self._weight_group = None
+    def open_shared_weights(self, path: str, specs: list[TensorSpec]) -> None:
+        self._open(SharedMemoryChannel(path, specs))
 
-    def receive_broadcast(self, specs: list[tuple], buckets: list[list[int]]) -> None:
-        group = getattr(self, "_weight_group", None)
-        if group is None:
-            raise RuntimeError("receive_broadcast before join_weight_group")
-        typed = _specs(specs)
-        self._load(typed, group.receive(typed, buckets))
+    def _open(self, channel: WeightChannel) -> None:
+        if self._channel is not None:
+            self._channel.close()
+        self._channel = channel
 
-    def receive_shared(self, path: str, specs: list[tuple], version: int) -> None:
-        typed = _specs(specs)
-        self._load(typed, SharedWeights(path, typed).read(version))
-
-    def load_file(self, path: str) -> None:
-        from safetensors.torch import load_file
-
-        self.reload_weights(weights_iterator=iter(load_file(path).items()))
+    def receive_weights(self, version: int) -> None:
+        if self._channel is None:
+            raise WeightSyncError("weights were sent before this engine joined a weight transport")
+        self._load(self._channel.specs, self._channel.receive(version))
 
     def _load(self, specs: list[TensorSpec], weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy into the engine's own parameters where each one is known, then let vLLM re-pack
@@ -106,8 +113,3 @@ def _has_packed_kernel(module: torch.nn.Module) -> bool:
     from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
     return getattr(module, "quant_method", None) is not None and type(module) is not VocabParallelEmbedding
-
-
-def _specs(specs: list[tuple]) -> list[TensorSpec]:
-    # collective_rpc carries plain tuples; rebuild the typed specs on arrival.
-    return [TensorSpec(name, dtype, tuple(shape)) for name, dtype, shape in specs]

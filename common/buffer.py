@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
+from common.errors import WaitTimeout
 from common.types import RolloutGroup
 
 
@@ -18,7 +19,6 @@ class RolloutBuffer:
         self._groups: deque[RolloutGroup] = deque()
         self._changed: asyncio.Condition | None = None
         self.produced = self.consumed = self.dropped_stale = 0
-        self.lags: list[int] = []  # policy lag of the groups handed out by the last get
 
     @property
     def _cond(self) -> asyncio.Condition:
@@ -57,7 +57,6 @@ class RolloutBuffer:
                              "rollout workers alive?)")
             batch = [self._groups.popleft() for _ in range(n)]
             self.consumed += n
-            self.lags = [current_version - g.policy_version for g in batch]
             self._cond.notify_all()
             return batch
 
@@ -66,7 +65,7 @@ class RolloutBuffer:
         try:
             await asyncio.wait_for(self._cond.wait_for(predicate), timeout_s)
         except (asyncio.TimeoutError, TimeoutError):
-            raise TimeoutError(f"waited {timeout_s:.0f} s for {what()}") from None
+            raise WaitTimeout(f"waited {timeout_s:.0f} s for {what()}") from None
 
     def stats(self) -> dict:
         return {
@@ -74,6 +73,4 @@ class RolloutBuffer:
             "produced": self.produced,
             "consumed": self.consumed,
             "dropped_stale": self.dropped_stale,
-            "lag_mean": sum(self.lags) / len(self.lags) if self.lags else 0.0,
-            "lag_max": max(self.lags, default=0),
         }

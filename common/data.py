@@ -12,10 +12,11 @@ import datasets
 from datasets.exceptions import DatasetNotFoundError
 
 from common.config import DataConfig
+from common.errors import RunError
 from common.types import Prompt
 
 
-class DataError(ValueError):
+class DataError(RunError, ValueError):
     """Prompt data the run cannot use; the message is one line saying what and where."""
 
 

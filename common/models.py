@@ -17,13 +17,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from common.errors import RunError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
 
-class ModelError(ValueError):
+class ModelError(RunError, ValueError):
     """A model name that cannot be turned into a local Hugging Face model directory."""
 
 

@@ -14,12 +14,14 @@ import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from common.errors import RunError
+
 RewardFn = Callable[..., list[float]]
 
 _REGISTRY: dict[str, RewardFn] = {}
 
 
-class RewardError(ValueError):
+class RewardError(RunError, ValueError):
     """A reward function that cannot be found, or that misbehaved; the message is one line."""
 
 

@@ -33,8 +33,6 @@ class RolloutGroup:
     """Weighted sum of the reward functions, per completion."""
     reward_parts: dict[str, list[float]]
     """Each reward function's own score, per completion."""
-    advantages: list[float]
-    """Group-relative advantages of `rewards` (scaled as grpo.scale_rewards says)."""
     policy_version: int
     """Learner step whose weights generated this group."""
     worker: int = 0
@@ -64,3 +62,32 @@ class GenerationStats:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class RunState:
+    """The driver's state saved with every checkpoint, so a resumed run carries on exactly."""
+
+    step: int = 0
+    """Learner steps done."""
+    lost_groups: int = 0
+    """Groups lost with a rollout worker that died (and generated again)."""
+    worker_restarts: int = 0
+    """Rollout workers Ray restarted."""
+    eval_before: float | None = None
+    """Eval-split reward before training; None until measured."""
+    elapsed_s: float = 0.0
+    """Wall-clock seconds of every invocation so far."""
+
+
+@dataclass
+class RunSummary:
+    """How a run went: what `deploy.train.run` returns and what the model card reports."""
+
+    steps: int
+    """Steps done when this invocation stopped."""
+    complete: bool
+    """Whether the run reached its last step (else `stop_after` stopped it early)."""
+    results: dict[str, float] = field(default_factory=dict)
+    """Readable figures (rewards before and after, wall-clock); empty until complete."""
+    wandb_url: str | None = None

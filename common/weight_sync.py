@@ -1,4 +1,6 @@
-"""Moving weights from the learner to the rollout engines, with one interface for both sides.
+"""Moving weights from the learner to the rollout engines: the wire format both sides agree on, and
+one channel class per transport with the same two verbs, `send` (the learner) and `receive` (each
+engine).
 
 Two transports: a broadcast group (torch.distributed; gloo on CPU, NCCL on GPU; works across
 nodes), and a shared-memory file that CPU engines on the learner's node read directly.
@@ -10,11 +12,20 @@ from __future__ import annotations
 import os
 import socket
 import struct
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
+
+from common.errors import RunError
+
+NamedTensors = Iterable[tuple[str, torch.Tensor]]
+
+
+class WeightSyncError(RunError):
+    """Weights that cannot be sent or received as asked; one line."""
 
 
 @dataclass(frozen=True)
@@ -82,10 +93,30 @@ def unflatten(flat: torch.Tensor, specs: list[TensorSpec]) -> Iterator[tuple[str
         offset += _padded(spec.nbytes)
 
 
+class WeightChannel(ABC):
+    """One end of a weight transport: the learner sends the policy on it, every engine receives."""
+
+    specs: list[TensorSpec]
+    """The tensors, in the order they travel."""
+
+    @abstractmethod
+    def send(self, named_tensors: NamedTensors, version: int) -> None:
+        """Send the tensors (in the order of the channel's specs) as policy `version`."""
+
+    @abstractmethod
+    def receive(self, version: int) -> Iterator[tuple[str, torch.Tensor]]:
+        """The tensors of policy `version` as they arrive; each is valid until the next one is
+        asked for, so the caller loads it first. Fails if another version arrives."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Leave the transport (the sender also removes what it made)."""
+
+
 # --- broadcast group -------------------------------------------------------------------------
 
 
-class PortInUse(RuntimeError):
+class PortInUse(RunError):
     """The configured weight-sync port is taken; one line."""
 
 
@@ -104,7 +135,7 @@ def listen_socket(host: str, port: int = 0) -> socket.socket:
     return sock
 
 
-class BroadcastGroup:
+class BroadcastChannel(WeightChannel):
     """One member of a process group that exists only to broadcast weights from rank 0 (the
     learner) to the engines. It lives beside vLLM's own groups without touching global state.
 
@@ -112,9 +143,11 @@ class BroadcastGroup:
     `secret` that the driver hands to each member, and on CPU the gloo connections bind the
     node's address `host` (loopback on a single machine), not every interface."""
 
-    def __init__(self, host: str, port: int, rank: int, world_size: int, device: str,
-                 timeout_s: float, secret: str, sock: socket.socket | None = None):
+    def __init__(self, host: str, port: int, rank: int, world_size: int, specs: list[TensorSpec],
+                 buckets: list[list[int]], device: str, timeout_s: float, secret: str,
+                 sock: socket.socket | None = None):
         self.rank, self.world_size, self.device = rank, world_size, device
+        self.specs, self.buckets = specs, buckets
         timeout = timedelta(seconds=timeout_s)
         if device == "cpu":
             from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore
@@ -137,7 +170,7 @@ class BroadcastGroup:
                                                store_timeout=int(timeout_s), listen_socket=sock)
             self._nccl = PyNcclCommunicator(spg, device=torch.cuda.current_device())
 
-    def broadcast(self, tensor: torch.Tensor) -> None:
+    def _broadcast(self, tensor: torch.Tensor) -> None:
         if self._nccl is None:
             opts = torch.distributed.BroadcastOptions()
             opts.rootRank = 0
@@ -146,21 +179,29 @@ class BroadcastGroup:
             self._nccl.broadcast(tensor, src=0, stream=torch.cuda.current_stream())
             torch.cuda.current_stream().synchronize()
 
-    def send(self, named_tensors: list[tuple[str, torch.Tensor]], buckets: list[list[int]]) -> None:
-        for bucket in buckets:
-            self.broadcast(flatten([named_tensors[i][1] for i in bucket]))
+    def _device(self) -> str | int:
+        return "cpu" if self._nccl is None else torch.cuda.current_device()
 
-    def receive(self, specs: list[TensorSpec], buckets: list[list[int]]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yields the tensors as their buckets arrive; the caller loads each before the next."""
-        device = "cpu" if self._nccl is None else torch.cuda.current_device()
-        for bucket in buckets:
-            bucket_specs = [specs[i] for i in bucket]
-            flat = torch.empty(packed_size(bucket_specs), dtype=torch.uint8, device=device)
-            self.broadcast(flat)
+    def send(self, named_tensors: NamedTensors, version: int) -> None:
+        tensors = [t for _, t in named_tensors]
+        self._broadcast(torch.tensor([version], dtype=torch.int64, device=self._device()))
+        for bucket in self.buckets:
+            self._broadcast(flatten([tensors[i] for i in bucket]))
+
+    def receive(self, version: int) -> Iterator[tuple[str, torch.Tensor]]:
+        sent = torch.empty(1, dtype=torch.int64, device=self._device())
+        self._broadcast(sent)
+        if int(sent) != version:
+            raise WeightSyncError(f"the learner broadcast weights version {int(sent)}, "
+                                  f"this engine expected version {version}")
+        for bucket in self.buckets:
+            bucket_specs = [self.specs[i] for i in bucket]
+            flat = torch.empty(packed_size(bucket_specs), dtype=torch.uint8, device=self._device())
+            self._broadcast(flat)
             yield from unflatten(flat, bucket_specs)
 
     def close(self) -> None:
-        if self._nccl is None:
+        if self._nccl is None and self._pg is not None:
             self._pg.shutdown()
         self._pg = self._store = self._nccl = None
 
@@ -171,34 +212,34 @@ _HEADER = struct.Struct("<8sqq")  # magic, version, payload bytes
 _MAGIC = b"GRPOWTS1"
 
 
-class SharedWeights:
+class SharedMemoryChannel(WeightChannel):
     """One copy of the weights in a file in shared memory (/dev/shm): the learner writes it, every
     engine on the same node reloads from it directly. The header holds the version written last,
     so a reader can tell a stale or half-written file from the one it was told to load."""
 
     BEING_WRITTEN = -1
 
-    def __init__(self, path: str, specs: list[TensorSpec]):
-        self.path, self.specs = path, specs
+    def __init__(self, path: str, specs: list[TensorSpec], owner: bool = False):
+        self.path, self.specs, self.owner = path, specs, owner
         self.payload = packed_size(specs)
         os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))  # the weights are this user's only
         self._mem = torch.from_file(path, shared=True, size=_HEADER.size + self.payload,
                                     dtype=torch.uint8)
 
-    def write(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+    def send(self, named_tensors: NamedTensors, version: int) -> None:
         self._set_header(self.BEING_WRITTEN)
         for (_, tensor), (_, view) in zip(named_tensors, self._views(), strict=True):
             view.copy_(tensor.detach())
         self._set_header(version)
 
-    def read(self, version: int) -> Iterator[tuple[str, torch.Tensor]]:
+    def receive(self, version: int) -> Iterator[tuple[str, torch.Tensor]]:
         magic, found, payload = _HEADER.unpack(self._mem[: _HEADER.size].numpy().tobytes())
         if magic != _MAGIC or payload != self.payload:
-            raise RuntimeError(f"{self.path} holds no weights of this model (never written, or "
-                               "written for other tensors)")
+            raise WeightSyncError(f"{self.path} holds no weights of this model (never written, or "
+                                  "written for other tensors)")
         if found != version:
             state = "is being written" if found == self.BEING_WRITTEN else f"holds version {found}"
-            raise RuntimeError(f"shared weights at {self.path} {state}, expected version {version}")
+            raise WeightSyncError(f"shared weights at {self.path} {state}, expected version {version}")
         return self._views()
 
     def _views(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -208,6 +249,8 @@ class SharedWeights:
         header = _HEADER.pack(_MAGIC, version, self.payload)
         self._mem[: _HEADER.size].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
 
-    def unlink(self) -> None:
-        if os.path.exists(self.path):
+    def close(self) -> None:
+        """Unmap the file; the sender (its owner) also removes it."""
+        self._mem = None
+        if self.owner and os.path.exists(self.path):
             os.unlink(self.path)

@@ -5,8 +5,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from common.config import Config
+from common.errors import RunError, WaitTimeout
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
+    from ray.util.placement_group import PlacementGroup
 
 LEARNER_BUNDLE = 0  # bundle 0 is the learner's (the buffer shares it); workers follow
 
@@ -26,10 +32,10 @@ class ResourcePlan:
 
 
 def plan(cfg: Config) -> ResourcePlan:
-    r, l, c = cfg.rollout, cfg.learner, cfg.cluster
-    learner = {"num_cpus": l.num_cpus, "num_gpus": l.num_gpus}
-    worker = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}
-    custom = {c.rollout_resource: 1.0} if c.rollout_resource else {}
+    rollout, cluster = cfg.rollout, cfg.cluster
+    learner = {"num_cpus": cfg.learner.num_cpus, "num_gpus": cfg.learner.num_gpus}
+    worker = {"num_cpus": rollout.num_cpus, "num_gpus": rollout.num_gpus}
+    custom = {cluster.rollout_resource: 1.0} if cluster.rollout_resource else {}
     if custom:
         worker["resources"] = custom
 
@@ -39,18 +45,40 @@ def plan(cfg: Config) -> ResourcePlan:
             b["GPU"] = float(opts["num_gpus"])
         return b
 
-    bundles = [bundle(learner, {})] + [bundle(worker, custom) for _ in range(r.num_workers)]
-    return ResourcePlan(bundles=bundles, strategy=c.placement_strategy, learner=learner, worker=worker)
+    bundles = [bundle(learner, {})] + [bundle(worker, custom) for _ in range(rollout.num_workers)]
+    return ResourcePlan(bundles=bundles, strategy=cluster.placement_strategy, learner=learner,
+                        worker=worker)
 
 
-def get(refs, timeout_s: float, what: str):
-    """`ray.get` with a timeout whose message names what was waited for."""
+class ActorDied(RunError):
+    """An actor the run cannot go on without died, or could not start (`at_start`)."""
+
+    def __init__(self, message: str, at_start: bool):
+        super().__init__(message)
+        self.at_start = at_start
+
+
+def get(refs, timeout_s: float, what: str, actor: str = ""):
+    """`ray.get` with a timeout whose message names what was waited for; if `actor` names the
+    actor behind `refs`, its death is an `ActorDied` that says which it was."""
     import ray
 
     try:
         return ray.get(refs, timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
-        raise TimeoutError(f"waited {timeout_s:.0f} s for {what}") from None
+        raise WaitTimeout(f"waited {timeout_s:.0f} s for {what}") from None
+    except ray.exceptions.RayActorError as e:
+        if not actor:
+            raise
+        if e.actor_init_failed:  # its constructor raised: the cause is the message, not a crash
+            raise ActorDied(f"{actor} could not start: {_last_line(str(e))}", at_start=True) from None
+        raise ActorDied(f"{actor} died ({type(e).__name__})", at_start=False) from None
+
+
+def _last_line(text: str) -> str:
+    """The exception line at the end of a remote traceback."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else text
 
 
 def init_ray(cfg: Config) -> None:
@@ -72,10 +100,10 @@ def init_ray(cfg: Config) -> None:
 class Cluster:
     """The run's actors and where Ray put them."""
 
-    buffer: object
-    learner: object
-    workers: list
-    placement_group: object
+    buffer: ActorHandle                            # a RolloutBuffer
+    learner: ActorHandle                           # a Learner
+    workers: list[ActorHandle]                     # RolloutWorkers
+    placement_group: PlacementGroup
     learner_node: tuple[str, str]                  # (node id, node ip)
     worker_nodes: list[tuple[str, str]] = field(default_factory=list)
 
@@ -113,7 +141,7 @@ def launch(cfg: Config, timeout_s: float) -> Cluster:
     pg = placement_group(p.bundles, strategy=p.strategy, name="grpo-ray")
     if not pg.wait(timeout_seconds=timeout_s):
         ray.util.remove_placement_group(pg)
-        raise TimeoutError(f"waited {timeout_s:.0f} s for the cluster to offer {p.bundles} "
+        raise WaitTimeout(f"waited {timeout_s:.0f} s for the cluster to offer {p.bundles} "
                            f"({p.strategy}); it has {ray.cluster_resources()}")
 
     def at(index: int) -> PlacementGroupSchedulingStrategy:

@@ -1,44 +1,27 @@
-"""Driver side of the rollout workers: hands each round's prompts to them, routes their groups
-straight into the buffer (never through the driver), keeps their weights current, and survives
-a worker that dies: Ray restarts it, it gets the current weights, and the share it was
-generating is counted lost and generated again."""
+"""Rounds of generation, and engines kept at the learner's version through worker deaths.
+
+Each round's prompts are split over the rollout workers, whose groups go straight into the
+buffer. When a worker dies Ray restarts it; its share of the round is counted lost and, once
+the learner is idle (the restarted engine needs its weights), the worker is revived and the
+share generated again with the same prompts and seeds. The Ray calls live in
+`deploy/workers.py` and the transports in `deploy/weight_push.py`; this module only decides."""
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-
-import ray
 
 from common.config import Config
 from common.data import PromptSampler
+from common.errors import RunError, WaitTimeout
 from common.types import GenerationStats, Prompt
-from deploy.launch import Cluster, get
-from deploy.sync import WeightSync
+from deploy.weight_push import WeightPush
+from deploy.workers import RolloutWorkers, Share, WorkersDied
 
 log = logging.getLogger(__name__)
 
 EVAL_ROUND = -1  # every evaluation samples with the same seeds, so before/after compare fairly
-
-
-@dataclass
-class Share:
-    """One worker's part of one round, in flight."""
-
-    round: int
-    worker: int
-    prompts: list[Prompt]
-    stats: ray.ObjectRef
-    stored: ray.ObjectRef  # the buffer's put of the groups
-
-
-def _discard(ref: ray.ObjectRef) -> None:
-    """Read a result known to hold the same error, so Ray does not also print it as unhandled."""
-    try:
-        ray.get(ref)
-    except ray.exceptions.RayError:
-        pass
+POLL_S = 0.5
 
 
 def split(items: list, parts: int) -> list[list]:
@@ -53,128 +36,99 @@ def split(items: list, parts: int) -> list[list]:
 
 
 class Rollouts:
-    def __init__(self, cfg: Config, cluster: Cluster, sync: WeightSync, sampler: PromptSampler):
-        self.cfg, self.cluster, self.sync, self.sampler = cfg, cluster, sync, sampler
-        self.timeout = cfg.cluster.call_timeout_s
-        self.incarnations = [inc for inc, _ in self._get([w.ready.remote() for w in cluster.workers],
-                                                         "the rollout workers' engines to start")]
+    def __init__(self, cfg: Config, workers: RolloutWorkers, weights: WeightPush,
+                 sampler: PromptSampler, next_round: int = 0):
+        self.cfg, self.workers, self.weights, self.sampler = cfg, workers, weights, sampler
+        self.next_round = next_round
         self.pending: list[Share] = []
-        self.lost: list[Share] = []        # shares whose worker died, to generate again
-        self.finished: list[GenerationStats] = []
+        self.lost: list[Share] = []         # shares whose worker died, to generate again
+        self.stats: list[GenerationStats] = []
         self.lost_groups = 0
-        self.restarts = 0
-        self.synced_version = -1  # the policy version every engine is known to hold
+        self.synced_version = -1            # the policy version every engine holds
+        # Every worker may die max_worker_restarts times, each costing one more attempt.
+        self.attempts = 1 + cfg.cluster.max_worker_restarts * len(workers)
 
-    # --- generation --------------------------------------------------------------------------
+    # --- generation ----------------------------------------------------------------------------
 
-    def submit(self, round_: int) -> None:
-        prompts = self.sampler.take(self.cfg.prompts_per_step)
-        for worker, share in enumerate(split(prompts, len(self.cluster.workers))):
-            if share:
-                self._launch(round_, worker, share)
-
-    def _launch(self, round_: int, worker: int, prompts: list[Prompt]) -> None:
-        groups, stats = self.cluster.workers[worker].generate.options(num_returns=2).remote(prompts, round_)
-        stored = self.cluster.buffer.put.remote(groups, self.cfg.buffer.timeout_s)
-        self.pending.append(Share(round_, worker, prompts, stats, stored))
+    def generate_ahead(self, step: int) -> None:
+        """Start every round up to `buffer.max_policy_lag` ahead of training step `step`."""
+        last = min(step + self.cfg.buffer.max_policy_lag, self.cfg.steps - 1)
+        while self.next_round <= last:
+            prompts = self.sampler.take(self.cfg.prompts_per_step)
+            for worker, share in enumerate(split(prompts, len(self.workers))):
+                if share:
+                    self.pending.append(self.workers.generate(worker, share, self.next_round))
+            self.next_round += 1
 
     def poll(self) -> None:
-        """Collect the shares that finished; move those whose worker died to `lost`."""
-        if not self.pending:
-            return
-        done, _ = ray.wait([s.stored for s in self.pending], num_returns=len(self.pending), timeout=0)
-        for share in [s for s in self.pending if s.stored in done]:
+        """Collect the shares that finished; those whose worker died are lost, for now."""
+        stored, lost = self.workers.finished(self.pending)
+        for share, stats in stored:
             self.pending.remove(share)
-            try:
-                ray.get(share.stored)
-                self.finished.append(ray.get(share.stats))
-            except ray.exceptions.RayError as e:
-                _discard(share.stats)
-                if not isinstance(e, ray.exceptions.RayActorError):
-                    raise
-                log.warning("rollout worker %d died during round %d (%s); its %d groups are lost "
-                            "and will be generated again", share.worker, share.round,
-                            type(e).__name__, len(share.prompts))
-                self.lost_groups += len(share.prompts)
-                self.lost.append(share)
+            self.stats.append(stats)
+        for share in lost:
+            self.pending.remove(share)
+            log.warning("rollout worker %d died during round %d; its %d groups are lost and will "
+                        "be generated again", share.worker, share.round, len(share.prompts))
+            self.lost_groups += len(share.prompts)
+            self.lost.append(share)
+
+    def wait(self, ref, what: str, actor: str, learner_idle: bool):
+        """The result of `ref` (a call to `actor`), watching the workers meanwhile; while the
+        learner is idle, a dead worker is revived at once (it needs the learner's weights)."""
+        deadline = time.monotonic() + self.cfg.cluster.call_timeout_s
+        while not self.workers.is_done(ref, POLL_S):
+            self.poll()
+            if learner_idle:
+                self.recover()
+            if time.monotonic() > deadline:
+                raise WaitTimeout(f"waited {self.cfg.cluster.call_timeout_s:.0f} s for {what}")
+        return self.workers.get(ref, what, actor)
 
     def take_stats(self) -> list[GenerationStats]:
-        stats, self.finished = self.finished, []
+        stats, self.stats = self.stats, []
         return stats
 
     def evaluate(self, prompts: list[Prompt]) -> float:
         """Mean reward on `prompts` with the engines' current weights (G samples each)."""
         if not prompts:
             return float("nan")
-        refs = [self.cluster.workers[i].generate.remote(share, EVAL_ROUND)
-                for i, share in enumerate(split(prompts, len(self.cluster.workers))) if share]
-        rewards = [r for groups, _ in self._get(refs, "the evaluation") for g in groups for r in g.rewards]
+        groups = self.workers.generate_now(split(prompts, len(self.workers)), EVAL_ROUND)
+        rewards = [r for g in groups for r in g.rewards]
         return sum(rewards) / len(rewards)
 
-    # --- weights and recovery: only while the learner is idle --------------------------------
+    # --- weights and recovery: only while the learner is idle ----------------------------------
 
     def push_weights(self, version: int) -> None:
-        """Bring every engine to policy `version`, reviving any worker that died."""
-        if self.synced_version != version:
-            self._sync(version, None)
+        """Bring every engine to policy `version`, reviving workers that died."""
+        self.poll()
+        self._sync(version)
+        self._relaunch_lost()
 
-    def recover(self, version: int) -> None:
+    def recover(self) -> None:
         """Revive the workers whose shares were lost, then generate those shares again."""
-        if not self.lost:
-            return
-        self._sync(version, sorted({s.worker for s in self.lost}))
+        if self.lost:
+            self._sync(self.synced_version, dead=sorted({s.worker for s in self.lost}))
+            self._relaunch_lost()
+
+    def _sync(self, version: int, dead: list[int] | None = None) -> None:
+        """Push `version` to every engine, or revive `dead` ones; whoever dies on the way is
+        waited for and revived in turn."""
+        for _ in range(self.attempts):
+            try:
+                if dead:
+                    self.workers.await_restart(dead)
+                    self.weights.revive(dead, version)
+                else:
+                    self.weights.push(version)
+                self.synced_version = version
+                return
+            except WorkersDied as e:
+                dead = e.workers
+        raise RunError(f"the rollout workers kept dying while receiving weights version {version} "
+                       f"({self.attempts} attempts)")
+
+    def _relaunch_lost(self) -> None:
         lost, self.lost = self.lost, []
         for share in lost:
-            self._launch(share.round, share.worker, share.prompts)
-
-    def _sync(self, version: int, dead: list[int] | None) -> None:
-        """Push weights to all engines (dead is None) or revive `dead` ones and serve them."""
-        targets = dead
-        for _ in range(1 + self.cfg.cluster.max_worker_restarts * len(self.cluster.workers)):
-            if targets:
-                self._await_restart(targets)
-                if self.sync.transport == "broadcast":
-                    self.sync.connect()  # a group is re-formed by all members, never rejoined
-                    targets = None
-            try:
-                targets = self.sync.push(version, targets)
-            except ray.exceptions.RayTaskError:
-                # A broadcast fails on every side when one member is gone or new: find who.
-                targets = self._restarted() or None
-                if targets is None:
-                    raise
-            if not targets:
-                if dead is None or self.sync.transport == "broadcast":
-                    self.synced_version = version  # every engine holds it now
-                return
-        raise RuntimeError(f"the rollout workers kept dying while receiving weights version {version}")
-
-    def _await_restart(self, workers: list[int]) -> None:
-        for i in workers:
-            incarnation = self._ready(i)
-            if incarnation != self.incarnations[i]:
-                self.incarnations[i] = incarnation
-                self.restarts += 1
-                log.warning("rollout worker %d was restarted; bringing it up to date", i)
-
-    def _ready(self, i: int) -> str:
-        """The incarnation of worker `i` once it is up; while Ray restarts it, calls fail at
-        once as unavailable, so ask again until it answers or the timeout passes."""
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                return self._get(self.cluster.workers[i].ready.remote(), f"rollout worker {i} to restart")[0]
-            except ray.exceptions.ActorUnavailableError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"waited {self.timeout:.0f} s for rollout worker {i} to restart") from None
-                time.sleep(1.0)
-            except ray.exceptions.ActorDiedError:
-                raise RuntimeError(
-                    f"rollout worker {i} died and Ray could not restart it "
-                    f"(cluster.max_worker_restarts={self.cfg.cluster.max_worker_restarts})") from None
-
-    def _restarted(self) -> list[int]:
-        return [i for i in range(len(self.cluster.workers)) if self._ready(i) != self.incarnations[i]]
-
-    def _get(self, refs, what: str):
-        return get(refs, self.timeout, what)
+            self.pending.append(self.workers.generate(share.worker, share.prompts, share.round))

@@ -22,13 +22,12 @@ import yaml
 from common import config as config_lib
 from common import data, models
 from common.config import Config, ConfigError
-from common.data import DataError, PromptSampler
-from common.models import ModelError
-from common.rewards import RewardError
-from learner.checkpoint import CheckpointError
+from common.data import PromptSampler, PromptSplits
+from common.errors import RunError
+from common.types import RunState, RunSummary
+from deploy.launch import ActorDied, Cluster
 
 log = logging.getLogger("grpo-ray")
-ONE_LINE_ERRORS = (ConfigError, ModelError, DataError, RewardError, CheckpointError, TimeoutError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:  # a failure inside an actor arrives wrapped: report its cause
         cause = _cause(e)
-        if not isinstance(cause, ONE_LINE_ERRORS + (RuntimeError,)):
-            raise
+        if not isinstance(cause, RunError):
+            raise  # a bug, here or in a library: its traceback is what to read
         print(f"error: {cause}", file=sys.stderr)
         return 1
 
@@ -73,163 +72,164 @@ def prepare_run_dir(cfg: Config) -> Path:
         raise ConfigError([f"{run_dir} already holds a run: pass --resume to continue it, or "
                            "choose another --run-dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
+    (run_dir / config_lib.SAVED_CONFIG).write_text(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
     return run_dir
 
 
-def run(cfg: Config) -> dict:
-    """Train; returns the run's summary. Everything it writes goes under cfg.run_dir."""
-    import ray
-
+def run(cfg: Config) -> RunSummary:
+    """Train; everything the run writes goes under cfg.run_dir."""
     from deploy.launch import init_ray, launch, shutdown
 
     started = time.perf_counter()
     run_dir = prepare_run_dir(cfg)
     prompts = data.load_prompts(cfg.data, models.tokenizer_for(cfg.model.name, cfg.model.cache_dir))
-    train_prompts, eval_prompts, overlong = prompts.train, prompts.eval, prompts.overlong
     log.info("%d train prompts, %d eval prompts (%d over data.max_prompt_tokens, %s)",
-             len(train_prompts), len(eval_prompts), overlong,
+             len(prompts.train), len(prompts.eval), prompts.overlong,
              "truncated" if cfg.data.overlong == "truncate" else "skipped")
     init_ray(cfg)
     log.info("starting %d rollout worker(s) and the learner (a vLLM engine takes ~25 s on a CPU)",
              cfg.rollout.num_workers)
     cluster = launch(cfg, cfg.cluster.call_timeout_s)
     try:
-        return train_loop(cfg, cluster, run_dir, train_prompts, eval_prompts,
-                          {"overlong_prompts": overlong}, started)
-    except ray.exceptions.RayActorError as e:
-        names = {cluster.learner._actor_id.hex(): "the learner",
-                 cluster.buffer._actor_id.hex(): "the rollout buffer",
-                 **{w._actor_id.hex(): f"rollout worker {i}" for i, w in enumerate(cluster.workers)}}
-        who = names.get(e.actor_id, "an actor")
-        if e.actor_init_failed:  # its constructor raised: the cause is the message, not a crash
-            raise RuntimeError(f"{who} could not start: {_last_line(str(e))}") from None
+        return Training(cfg, cluster, run_dir, prompts, started).run()
+    except ActorDied as e:
+        if e.at_start:
+            raise
         # Rollout workers are restarted and served in the loop; the learner and the buffer
         # hold the run's state, which lives on in the last checkpoint.
-        raise RuntimeError(f"{who} died ({type(e).__name__}); continue from the last checkpoint "
-                           f"with --resume --run-dir {run_dir}") from None
+        raise RunError(f"{e}; continue from the last checkpoint with --resume --run-dir {run_dir}") from None
     finally:
         shutdown(cluster)
 
 
-def train_loop(cfg: Config, cluster, run_dir: Path, train_prompts: list, eval_prompts: list,
-               constants: dict, started: float) -> dict:
-    import ray
+class Training:
+    """The driver's loop: one learner step at a time, with generation kept ahead of it, metrics,
+    evaluation and checkpoints on their schedule, and the final model at the end."""
 
-    from deploy.launch import get
-    from deploy.metrics import MetricsLog, plot_rewards, read_jsonl
-    from deploy.rollouts import Rollouts
-    from deploy.sync import WeightSync
+    def __init__(self, cfg: Config, cluster: Cluster, run_dir: Path, prompts: PromptSplits,
+                 started: float):
+        from deploy.metrics import MetricsLog
+        from deploy.rollouts import Rollouts
+        from deploy.weight_push import weight_push
+        from deploy.workers import RolloutWorkers
 
-    timeout, learner, buffer = cfg.cluster.call_timeout_s, cluster.learner, cluster.buffer
-    state = {"step": 0, "lost_groups": 0, "worker_restarts": 0, "eval_before": None, "elapsed_s": 0.0}
-    if cfg.resume:
-        state = get(learner.load_checkpoint.remote(cfg.run_dir), timeout, "the learner to load the checkpoint")
-        log.info("resumed from step %d", state["step"])
-        started -= state["elapsed_s"]  # wall-clock counts the interrupted invocations too
-    step, P = state["step"], cfg.prompts_per_step
-    sync = WeightSync(cfg, cluster, run_id=uuid.uuid4().hex[:12])
-    log.info("weight sync: %s (%.0f MB per update, on %s); learner on node %s, workers on %s",
-             sync.transport, sync.nbytes / 1e6, cluster.sync_host, cluster.learner_node[0][:8],
-             [node[:8] for node, _ in cluster.worker_nodes])
-    try:
-        rollouts = Rollouts(cfg, cluster, sync, PromptSampler(train_prompts, cfg.seed, position=step * P))
-        rollouts.lost_groups, rollouts.restarts = state["lost_groups"], state["worker_restarts"]
-        rollouts.push_weights(step)  # every engine starts from the learner's exact weights
-        metrics_log = MetricsLog(cfg, run_dir, first_step=step)
-        if state["eval_before"] is None:
-            state["eval_before"] = rollouts.evaluate(eval_prompts)
-            metrics_log.note(f"eval reward before training: {state['eval_before']:+.4f}")
+        self.cfg, self.run_dir, self.eval_prompts = cfg, run_dir, prompts.eval
+        self.learner, self.buffer = cluster.learner, cluster.buffer
+        self.workers = RolloutWorkers(cluster.workers, cluster.buffer, cfg)
+        self.state = RunState()
+        if cfg.resume:
+            self.state = self.workers.get(self.learner.load_checkpoint.remote(cfg.run_dir),
+                                          "the learner to load the checkpoint", actor="the learner")
+            log.info("resumed from step %d", self.state.step)
+        self.started = started - self.state.elapsed_s  # wall-clock counts earlier invocations too
+        self.stop = min(cfg.steps, self.state.step + cfg.stop_after) if cfg.stop_after else cfg.steps
+        self.constants = {"overlong_prompts": prompts.overlong}
 
-        def wait(ref, what: str, learner_idle: bool):
-            """ray.get with a timeout that names what it waited for, watching the workers."""
-            deadline = time.monotonic() + timeout
-            while not ray.wait([ref], timeout=0.5)[0]:
-                rollouts.poll()
-                if learner_idle:  # a dead worker can be revived (it needs the learner's weights)
-                    rollouts.recover(step)
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"waited {timeout:.0f} s for {what}")
-            return ray.get(ref)
+        self.workers.start()  # the weight transport forms only once every engine is up
+        self.weights = weight_push(cfg, cluster, self.workers, run_id=uuid.uuid4().hex[:12])
+        log.info("weight sync: %s (%.0f MB per update, on %s); learner on node %s, workers on %s",
+                 self.weights.name, self.weights.nbytes / 1e6, cluster.sync_host,
+                 cluster.learner_node[0][:8], [node[:8] for node, _ in cluster.worker_nodes])
+        sampler = PromptSampler(prompts.train, cfg.seed, position=self.state.step * cfg.prompts_per_step)
+        self.rollouts = Rollouts(cfg, self.workers, self.weights, sampler, next_round=self.state.step)
+        self.rollouts.lost_groups = self.state.lost_groups
+        self.workers.restarts = self.state.worker_restarts
+        self.metrics = MetricsLog(cfg, run_dir, first_step=self.state.step)
 
-        stop = min(cfg.steps, step + cfg.stop_after) if cfg.stop_after else cfg.steps
-        next_round = step
-        while step < stop:
-            step_start = time.perf_counter()
-            # Keep generation `max_policy_lag` rounds ahead of training (0: strictly on-policy).
-            while next_round <= min(step + cfg.buffer.max_policy_lag, cfg.steps - 1):
-                rollouts.submit(next_round)
-                next_round += 1
-            batch = buffer.get.remote(P, step, cfg.buffer.timeout_s)
-            wait(batch, f"a batch of {P} groups for step {step + 1}", learner_idle=True)
-            metrics = wait(learner.train.remote(batch), f"learner step {step + 1}", learner_idle=False)
-            step += 1
-            sync_start = time.perf_counter()
-            rollouts.poll()
-            rollouts.recover(step)  # before the push: a broadcast needs every member alive
-            rollouts.push_weights(step)
-            sync_s = time.perf_counter() - sync_start
+    def run(self) -> RunSummary:
+        try:
+            self.start()
+            while self.state.step < self.stop:
+                metrics = self.step()
+                self.maybe_eval(metrics)
+                self.metrics.log(metrics)
+                self.maybe_checkpoint()
+            self.metrics.close()
+        finally:
+            self.weights.close()
+        return self.finish()
 
-            gen = rollouts.take_stats()
-            gen_tokens, gen_s = sum(s.tokens for s in gen), sum(s.seconds for s in gen)
-            held = get(buffer.stats.remote(), timeout, "the buffer's counts")
-            metrics.update({
-                **constants,
-                "gen_tokens_per_s": gen_tokens / gen_s if gen_s else math.nan,
-                "sync_s": sync_s, "step_s": time.perf_counter() - step_start,
-                "elapsed_s": time.perf_counter() - started,
-                "lost_groups": rollouts.lost_groups, "worker_restarts": rollouts.restarts,
-                **{f"buffer_{k}": v for k, v in held.items() if not k.startswith("lag")},
-            })
-            if step == cfg.steps or (cfg.logging.eval_every and step % cfg.logging.eval_every == 0):
-                metrics["eval_reward"] = rollouts.evaluate(eval_prompts)
-            metrics_log.log(metrics)
+    def start(self) -> None:
+        """Every engine starts from the learner's exact weights; the eval split is scored once."""
+        self.rollouts.push_weights(self.state.step)
+        if self.state.eval_before is None:
+            self.state.eval_before = self.rollouts.evaluate(self.eval_prompts)
+            self.metrics.note(f"eval reward before training: {self.state.eval_before:+.4f}")
 
-            every = cfg.learner.checkpoint_every
-            if (every and step % every == 0) or step in (stop, cfg.steps):
-                state = {"step": step, "lost_groups": rollouts.lost_groups,
-                         "worker_restarts": rollouts.restarts, "eval_before": state["eval_before"],
-                         "elapsed_s": time.perf_counter() - started}
-                get(learner.save_checkpoint.remote(cfg.run_dir, state), timeout, f"checkpoint {step} to be saved")
-        metrics_log.close()
-    finally:
-        sync.close()
+    def step(self) -> dict:
+        """One learner step on a batch from the buffer, then the new weights to every engine."""
+        cfg, step = self.cfg, self.state.step
+        start = time.perf_counter()
+        self.rollouts.generate_ahead(step)
+        batch = self.buffer.get.remote(cfg.prompts_per_step, step, cfg.buffer.timeout_s)
+        self.rollouts.wait(batch, f"a batch of {cfg.prompts_per_step} groups for step {step + 1}",
+                           "the rollout buffer", learner_idle=True)
+        metrics = self.rollouts.wait(self.learner.train.remote(batch), f"learner step {step + 1}",
+                                     "the learner", learner_idle=False)
+        self.state.step += 1
+        sync_start = time.perf_counter()
+        self.rollouts.push_weights(self.state.step)
+        sync_s = time.perf_counter() - sync_start
 
-    if step < cfg.steps:
-        log.info("stopped after step %d of %d (stop_after); continue with --resume", step, cfg.steps)
-        return {"step": step}
-    history = read_jsonl(run_dir / "metrics.jsonl")
-    summary = summarize(history, state["eval_before"])
-    summary["wandb_url"] = metrics_log.wandb_url
-    final = get(learner.export.remote(str(run_dir / "final"), summary), timeout, "the final model to be written")
-    plot_rewards(history, run_dir / "reward_curve.png",
-                 f"GRPO on {cfg.model.name}, reward {' + '.join(cfg.rollout.rewards)}",
-                 eval_before=state["eval_before"])
-    for key, value in summary["results"].items():
-        log.info("%s: %s", key, value)
-    log.info("final model: %s (load with transformers.pipeline('text-generation', model=...))", final)
-    return summary
+        gen = self.rollouts.take_stats()
+        gen_tokens, gen_s = sum(s.tokens for s in gen), sum(s.seconds for s in gen)
+        held = self.workers.get(self.buffer.stats.remote(), "the buffer's counts", "the rollout buffer")
+        self.state.lost_groups, self.state.worker_restarts = self.rollouts.lost_groups, self.workers.restarts
+        self.state.elapsed_s = time.perf_counter() - self.started
+        return {
+            **metrics, **self.constants,
+            "gen_tokens_per_s": gen_tokens / gen_s if gen_s else math.nan,
+            "sync_s": sync_s, "step_s": time.perf_counter() - start, "elapsed_s": self.state.elapsed_s,
+            "lost_groups": self.state.lost_groups, "worker_restarts": self.state.worker_restarts,
+            **{f"buffer_{k}": v for k, v in held.items()},
+        }
+
+    def maybe_eval(self, metrics: dict) -> None:
+        every, step = self.cfg.logging.eval_every, self.state.step
+        if step == self.cfg.steps or (every and step % every == 0):
+            metrics["eval_reward"] = self.rollouts.evaluate(self.eval_prompts)
+
+    def maybe_checkpoint(self) -> None:
+        every, step = self.cfg.learner.checkpoint_every, self.state.step
+        if (every and step % every == 0) or step == self.stop:
+            self.workers.get(self.learner.save_checkpoint.remote(self.cfg.run_dir, self.state),
+                             f"checkpoint {step} to be saved", actor="the learner")
+
+    def finish(self) -> RunSummary:
+        """At the last step: the final model with its card, the reward curve, the results."""
+        from deploy.metrics import plot_rewards, read_jsonl
+
+        cfg, step = self.cfg, self.state.step
+        if step < cfg.steps:
+            log.info("stopped after step %d of %d (stop_after); continue with --resume", step, cfg.steps)
+            return RunSummary(steps=step, complete=False)
+        history = read_jsonl(self.run_dir / "metrics.jsonl")
+        summary = RunSummary(steps=step, complete=True, wandb_url=self.metrics.wandb_url,
+                             results=summarize(history, self.state.eval_before))
+        final = self.workers.get(self.learner.export.remote(str(self.run_dir / "final"), summary),
+                                 "the final model to be written", actor="the learner")
+        plot_rewards(history, self.run_dir / "reward_curve.png",
+                     f"GRPO on {cfg.model.name}, reward {' + '.join(cfg.rollout.rewards)}",
+                     eval_before=self.state.eval_before)
+        for key, value in summary.results.items():
+            log.info("%s: %s", key, value)
+        log.info("final model: %s (load with transformers.pipeline('text-generation', model=...))", final)
+        return summary
 
 
-def _last_line(text: str) -> str:
-    """The exception line at the end of a remote traceback."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else text
-
-
-def summarize(history: list[dict], eval_before: float) -> dict:
+def summarize(history: list[dict], eval_before: float) -> dict[str, float]:
+    """The figures a run reports: reward over the first and last fifth of its steps, the eval
+    split before and after, the steps and the wall-clock time."""
     rewards = [m["reward"] for m in history]
     fifth = max(1, len(rewards) // 5)
-    first, last = sum(rewards[:fifth]) / fifth, sum(rewards[-fifth:]) / fifth
-    eval_after = history[-1].get("eval_reward", math.nan)
-    return {"results": {
-        "mean reward, first fifth of steps": round(first, 4),
-        "mean reward, last fifth of steps": round(last, 4),
+    return {
+        "mean reward, first fifth of steps": round(sum(rewards[:fifth]) / fifth, 4),
+        "mean reward, last fifth of steps": round(sum(rewards[-fifth:]) / fifth, 4),
         "eval-split reward before training": round(eval_before, 4),
-        "eval-split reward after training": round(eval_after, 4),
+        "eval-split reward after training": round(history[-1].get("eval_reward", math.nan), 4),
         "steps": len(history),
         "wall-clock seconds": round(history[-1]["elapsed_s"], 1),
-    }, "first_fifth": first, "last_fifth": last, "eval_before": eval_before, "eval_after": eval_after}
+    }
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ class MicroBatch:
     completion_mask: torch.Tensor  # [B, C] bool
     behaviour_logp: torch.Tensor   # [B, C], the engine's log-probs of the sampled tokens
     advantages: torch.Tensor       # [B]
-    rows: slice                    # where these sequences sit in the whole batch
 
     def to(self, device: str | torch.device) -> MicroBatch:
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
@@ -49,13 +48,12 @@ def micro_batches(groups: list[RolloutGroup], size: int, scale: str, pad_id: int
                   ) -> list[MicroBatch]:
     seqs = flat_sequences(groups)
     advantages = advantages_of(groups, scale)
-    return [collate(seqs[i : i + size], advantages[i : i + size], slice(i, i + len(seqs[i : i + size])),
-                    pad_id)
+    return [collate(seqs[i : i + size], advantages[i : i + size], pad_id)
             for i in range(0, len(seqs), size)]
 
 
 def collate(seqs: list[tuple[list[int], list[int], list[float]]], advantages: torch.Tensor,
-            rows: slice, pad_id: int) -> MicroBatch:
+            pad_id: int) -> MicroBatch:
     p_len = max(len(p) for p, _, _ in seqs)
     c_len = max(max(len(c) for _, c, _ in seqs), 1)
     n = len(seqs)
@@ -76,5 +74,4 @@ def collate(seqs: list[tuple[list[int], list[int], list[float]]], advantages: to
         completion_mask=completion_mask,
         behaviour_logp=behaviour,
         advantages=advantages,
-        rows=rows,
     )

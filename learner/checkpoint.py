@@ -1,12 +1,13 @@
 """Checkpoint directories: written whole or not at all, found again on resume, pruned.
 
 A checkpoint is `run_dir/checkpoints/step_NNNNNN/` holding the model, the optimizer and
-scheduler state (`learner.pt`) and the driver's state (`driver.json`). It is written under a
+scheduler state (`learner.pt`) and the driver's state (`driver.json`, a `RunState`). It is written under a
 temporary name and renamed into place, so a crash mid-save never damages the last good one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -16,11 +17,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from common.errors import RunError
+from common.types import RunState
+
 _NAME = re.compile(r"step_(\d{6,})")
 FILES = ("model/model.safetensors", "model/config.json", "learner.pt", "driver.json")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RunError):
     """A checkpoint that is missing or cannot be read; one line."""
 
 
@@ -65,7 +69,7 @@ def check_readable(directory: Path) -> None:
         raise CheckpointError(f"checkpoint {directory} is damaged: model.safetensors: {e}") from None
     if not zipfile.is_zipfile(directory / "learner.pt"):
         raise CheckpointError(f"checkpoint {directory} is damaged: learner.pt is not a torch archive")
-    read_json(directory / "driver.json")
+    read_state(directory / "driver.json")
 
 
 @contextmanager
@@ -90,14 +94,14 @@ def prune(run_dir: str | Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2))
+def write_state(path: Path, state: RunState) -> None:
+    path.write_text(json.dumps(dataclasses.asdict(state), indent=2))
 
 
-def read_json(path: Path) -> dict:
+def read_state(path: Path) -> RunState:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        return RunState(**json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError, TypeError) as e:  # TypeError: fields that do not fit
         raise CheckpointError(f"cannot read {path}: {e}") from None
 
 

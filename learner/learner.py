@@ -15,8 +15,15 @@ from trl.trainer.utils import entropy_from_logits
 
 from common import models
 from common.config import Config, cpu_threads
-from common.types import RolloutGroup
-from common.weight_sync import BroadcastGroup, SharedWeights, listen_socket, specs_of
+from common.types import RolloutGroup, RunState, RunSummary
+from common.weight_sync import (
+    BroadcastChannel,
+    SharedMemoryChannel,
+    TensorSpec,
+    WeightChannel,
+    listen_socket,
+    specs_of,
+)
 from learner import checkpoint
 from learner.batch import MicroBatch, micro_batches
 from learner.grpo import grpo_loss, masked_mean
@@ -48,18 +55,17 @@ class Learner:
                                        num_warmup_steps=cfg.learner.warmup_steps * cfg.grpo.num_iterations,
                                        num_training_steps=cfg.steps * cfg.grpo.num_iterations)
         self.version = 0
-        self._group: BroadcastGroup | None = None
-        self._socket = None
-        self._shared: SharedWeights | None = None
+        self._channel: WeightChannel | None = None
+        self._socket = None  # the broadcast group's port, bound before the group forms
 
     # --- the GRPO update -----------------------------------------------------------------------
 
     def train(self, groups: list[RolloutGroup]) -> dict:
         """One GRPO step on a batch of groups: `num_iterations` optimizer steps over it."""
         start = time.perf_counter()
-        g, l = self.cfg.grpo, self.cfg.learner
+        grpo = self.cfg.grpo
         batches = [mb.to(self.device) for mb in
-                   micro_batches(groups, l.micro_batch_size, g.scale_rewards, self.pad_id)]
+                   micro_batches(groups, self.cfg.learner.micro_batch_size, grpo.scale_rewards, self.pad_id)]
         num_sequences = sum(mb.input_ids.shape[0] for mb in batches)
         num_tokens = int(sum(mb.completion_mask.sum() for mb in batches))
         old_logps: list[torch.Tensor | None] = [None] * len(batches)
@@ -67,7 +73,7 @@ class Learner:
         sums = dict(loss=0.0, clip_fraction=0.0, kl=0.0, is_weight=0.0)
         grad_norms = []
 
-        for iteration in range(g.num_iterations):
+        for iteration in range(grpo.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             for i, mb in enumerate(batches):
                 # Entropy is only logged: its pass over the vocabulary costs as much as the
@@ -75,9 +81,9 @@ class Learner:
                 logp, entropy = self._logprobs(self.model, mb, entropy=iteration == 0 and i == 0)
                 out = grpo_loss(
                     logp, old_logps[i], mb.behaviour_logp, ref_logps[i], mb.advantages,
-                    mb.completion_mask, loss_type=g.loss_type, epsilon=g.epsilon,
-                    epsilon_high=g.epsilon_high, beta=g.beta,
-                    importance_sampling_cap=g.importance_sampling_cap,
+                    mb.completion_mask, loss_type=grpo.loss_type, epsilon=grpo.epsilon,
+                    epsilon_high=grpo.epsilon_high, beta=grpo.beta,
+                    importance_sampling_cap=grpo.importance_sampling_cap,
                     num_sequences=num_sequences, num_tokens=num_tokens,
                     max_completion_length=self.cfg.rollout.max_tokens,
                 )
@@ -93,7 +99,7 @@ class Learner:
                         sums[key] += float(value) * tokens / max(num_tokens, 1)
                     if entropy is not None:
                         sums["entropy"] = float(masked_mean(entropy, mb.completion_mask))
-            max_norm = l.max_grad_norm or float("inf")
+            max_norm = self.cfg.learner.max_grad_norm or float("inf")
             grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)))
             self.optimizer.step()
             self.scheduler.step()
@@ -117,7 +123,7 @@ class Learner:
             "policy_lag_max": max(lags),
             "train_tokens": num_tokens,
             "train_s": seconds,
-            "train_tokens_per_s": num_tokens * g.num_iterations / seconds,
+            "train_tokens_per_s": num_tokens * grpo.num_iterations / seconds,
         }
         for name in groups[0].reward_parts:
             metrics[f"reward/{name}"] = sum(sum(grp.reward_parts[name]) for grp in groups) / len(lengths)
@@ -153,60 +159,52 @@ class Learner:
     def _named_weights(self) -> list[tuple[str, torch.Tensor]]:
         return list(self.model.state_dict().items())
 
-    def weight_specs(self) -> list[tuple]:
-        return [(s.name, s.dtype, s.shape) for s in specs_of(self._named_weights())]
+    def weight_specs(self) -> list[TensorSpec]:
+        return specs_of(self._named_weights())
+
+    def open_shared_weights(self, path: str) -> None:
+        """Send weights through a file in shared memory at `path` (engines on this node)."""
+        self._open(SharedMemoryChannel(path, self.weight_specs(), owner=True))
 
     def open_weight_group(self, host: str, port: int = 0) -> int:
-        """Bind the group's rendezvous port (0: any free one) on `host`, this node's address,
-        and return it."""
-        self.close_weight_group()
+        """Bind the broadcast group's rendezvous port (0: any free one) on `host`, this node's
+        address, and return it; `connect_weight_group` then forms the group."""
+        self.close_weight_sync()
         self._socket = listen_socket(host, port)
         return self._socket.getsockname()[1]
 
-    def connect_weight_group(self, world_size: int, timeout_s: float, secret: str) -> None:
+    def connect_weight_group(self, world_size: int, buckets: list[list[int]], timeout_s: float,
+                             secret: str) -> None:
         """Rank 0 of the weight group; returns once every engine has joined."""
         host, port = self._socket.getsockname()[:2]
-        self._group = BroadcastGroup(host, port, 0, world_size, device=self.device,
-                                     timeout_s=timeout_s, secret=secret, sock=self._socket)
-        self._socket = None  # the group's store owns it now
+        sock, self._socket = self._socket, None  # the group's store owns it now
+        self._open(BroadcastChannel(host, port, 0, world_size, self.weight_specs(), buckets,
+                                    device=self.device, timeout_s=timeout_s, secret=secret,
+                                    sock=sock))
 
-    def close_weight_group(self) -> None:
-        if self._group is not None:
-            self._group.close()
-        if self._socket is not None:
-            self._socket.close()
-        self._group = self._socket = None
+    def _open(self, channel: WeightChannel) -> None:
+        if self._channel is not None:
+            self._channel.close()
+        self._channel = channel
 
-    def close_weight_sync(self) -> None:
-        """Leave the broadcast group and remove the shared-memory file, if any."""
-        self.close_weight_group()
-        if self._shared is not None:
-            self._shared.unlink()
-            self._shared = None
-
-    def broadcast_weights(self, buckets: list[list[int]]) -> float:
+    def send_weights(self) -> float:
+        """Send the current weights as policy `self.version`; returns the seconds it took."""
         start = time.perf_counter()
         with torch.no_grad():
-            self._group.send(self._named_weights(), buckets)
+            self._channel.send(self._named_weights(), self.version)
         return time.perf_counter() - start
 
-    def write_shared(self, path: str) -> float:
-        start = time.perf_counter()
-        named = self._named_weights()
-        if self._shared is None or self._shared.path != path:
-            self._shared = SharedWeights(path, specs_of(named))
-        self._shared.write(named, self.version)
-        return time.perf_counter() - start
-
-    def save_weights(self, path: str) -> None:
-        """The current weights as one safetensors file (for an engine that restarted)."""
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in self._named_weights()}, path)
+    def close_weight_sync(self) -> None:
+        """Leave the weight transport (removing the shared-memory file, if any)."""
+        if self._channel is not None:
+            self._channel.close()
+        if self._socket is not None:
+            self._socket.close()
+        self._channel = self._socket = None
 
     # --- checkpoints and export ----------------------------------------------------------------
 
-    def save_checkpoint(self, run_dir: str, driver_state: dict) -> str:
+    def save_checkpoint(self, run_dir: str, state: RunState) -> str:
         """Model, optimizer, scheduler and RNG, plus the driver's state, as one atomic checkpoint."""
         final = checkpoint.path_for(run_dir, self.version)
         with checkpoint.atomic_dir(final) as tmp:
@@ -214,11 +212,11 @@ class Learner:
             torch.save({"optimizer": self.optimizer.state_dict(),
                         "scheduler": self.scheduler.state_dict(),
                         "version": self.version, "rng": torch.get_rng_state()}, tmp / "learner.pt")
-            checkpoint.write_json(tmp / "driver.json", driver_state)
+            checkpoint.write_state(tmp / "driver.json", state)
         checkpoint.prune(run_dir, self.cfg.learner.keep_checkpoints)
         return str(final)
 
-    def load_checkpoint(self, run_dir: str) -> dict:
+    def load_checkpoint(self, run_dir: str) -> RunState:
         """Restore the newest checkpoint in `run_dir`; returns the driver's state saved with it."""
         from safetensors import SafetensorError
 
@@ -235,9 +233,9 @@ class Learner:
             raise checkpoint.CheckpointError(f"checkpoint {directory} is damaged: {e}") from None
         self.version = state["version"]
         torch.set_rng_state(state["rng"])
-        return checkpoint.read_json(directory / "driver.json")
+        return checkpoint.read_state(directory / "driver.json")
 
-    def export(self, directory: str, summary: dict) -> str:
+    def export(self, directory: str, summary: RunSummary) -> str:
         """The final model as a Hugging Face directory (weights, tokenizer with its chat
         template, generation config) with a model card; loads with `transformers.pipeline`."""
         from learner import model_card

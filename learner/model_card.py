@@ -10,6 +10,7 @@ from trl.trainer.utils import generate_model_card
 
 from common import models
 from common.config import Config
+from common.types import RunSummary
 
 GRPO_PAPER = {
     "paper_title": "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models",
@@ -34,17 +35,17 @@ def _version(*distributions: str) -> str:
     return "not installed"
 
 
-def render(cfg: Config, directory: str | Path, summary: dict) -> str:
+def render(cfg: Config, directory: str | Path, summary: RunSummary) -> str:
     """Markdown of the card: front matter (base_model, library_name, tags), quick start, the
     reward, the GRPO settings, what the run measured, framework versions, citations."""
-    g, r = cfg.grpo, cfg.rollout
+    grpo, rollout = cfg.grpo, cfg.rollout
     card = generate_model_card(
         base_model=cfg.model.name,
         model_name=Path(directory).name,
         hub_model_id=str(directory),
         dataset_name=None if cfg.data.dataset == "bundled" else cfg.data.dataset,
-        tags=["trl", "grpo", "grpo-ray", *r.rewards],
-        wandb_url=summary.get("wandb_url"),
+        tags=["trl", "grpo", "grpo-ray", *rollout.rewards],
+        wandb_url=summary.wandb_url,
         trackio_url=None,
         trainer_name="GRPO",
         **GRPO_PAPER,
@@ -57,20 +58,20 @@ def render(cfg: Config, directory: str | Path, summary: dict) -> str:
     if cfg.model.name in models.PRESETS:  # not a hub model: no link to make
         text = text.replace(f"[{cfg.model.name}](https://huggingface.co/{cfg.model.name})",
                             f"grpo-ray's `{cfg.model.name}` preset (Pythia architecture, random init)")
-    weights = r.reward_weights or (1.0,) * len(r.rewards)
-    rewards = ", ".join(f"`{n}` x {w:g}" for n, w in zip(r.rewards, weights))
+    weights = rollout.reward_weights or (1.0,) * len(rollout.rewards)
+    rewards = ", ".join(f"`{n}` x {w:g}" for n, w in zip(rollout.rewards, weights))
     settings = {
-        "steps": cfg.steps, "group size (G)": g.group_size, "completions per step": g.batch_size,
-        "max completion tokens": r.max_tokens, "temperature": r.temperature,
-        "loss type": g.loss_type, "reward scaling": g.scale_rewards, "epsilon": g.epsilon,
-        "epsilon_high": g.epsilon_high if g.epsilon_high is not None else g.epsilon,
-        "beta (KL)": g.beta, "iterations per batch": g.num_iterations,
-        "importance-sampling cap": g.importance_sampling_cap,
+        "steps": cfg.steps, "group size (G)": grpo.group_size, "completions per step": grpo.batch_size,
+        "max completion tokens": rollout.max_tokens, "temperature": rollout.temperature,
+        "loss type": grpo.loss_type, "reward scaling": grpo.scale_rewards, "epsilon": grpo.epsilon,
+        "epsilon_high": grpo.epsilon_high if grpo.epsilon_high is not None else grpo.epsilon,
+        "beta (KL)": grpo.beta, "iterations per batch": grpo.num_iterations,
+        "importance-sampling cap": grpo.importance_sampling_cap,
         "max policy lag": cfg.buffer.max_policy_lag, "learning rate": cfg.learning_rate,
-        "rollout workers": r.num_workers, "seed": cfg.seed,
+        "rollout workers": rollout.num_workers, "seed": cfg.seed,
     }
     rows = "\n".join(f"| {k} | {v} |" for k, v in settings.items())
-    results = "\n".join(f"- {k}: {v}" for k, v in summary.get("results", {}).items())
+    results = "\n".join(f"- {k}: {v}" for k, v in summary.results.items())
     extra = f"""
 ## Reward
 

@@ -32,27 +32,24 @@ def memcpy_seconds(nbytes: int, threads: int, repeats: int) -> float:
     return best
 
 
-def _timed_push(sync) -> float:
+def _timed_push(push) -> float:
     start = time.perf_counter()
-    dead = sync.push(0)
-    if dead:
-        raise RuntimeError(f"rollout worker(s) {dead} died during a weight push")
+    push.push(0)
     return time.perf_counter() - start
 
 
-def _parts(sync, running, transport: str, repeats: int) -> dict:
+def _parts(push, running, repeats: int) -> dict:
     """Learner-side and engine-side seconds of one transfer, as each actor reports them."""
     import ray
 
     learner, worker = running.cluster.learner, running.cluster.workers[0]
     best: dict[str, float] = {}
     for _ in range(repeats):
-        if transport == "shm":
-            send = ray.get(learner.write_shared.remote(sync.path))
-            receive = ray.get(worker.receive_shared.remote(sync.path, sync.specs, 0))
-        else:
-            send, receive = ray.get([learner.broadcast_weights.remote(sync.buckets),
-                                     worker.receive_broadcast.remote(sync.specs, sync.buckets, 0)])
+        if push.name == "shm":  # the engine reads what the learner has written
+            send = ray.get(learner.send_weights.remote())
+            receive = ray.get(worker.receive_weights.remote(0))
+        else:  # both sides of a broadcast run at once
+            send, receive = ray.get([learner.send_weights.remote(), worker.receive_weights.remote(0)])
         best = {"learner_s": min(send, best.get("learner_s", send)),
                 "engine_s": min(receive, best.get("engine_s", receive))}
     return best
@@ -64,25 +61,29 @@ VARIANTS = (("shm", "shm", 256), ("broadcast", "broadcast", 256), ("per_tensor",
 
 def run(running, threads: int, repeats: int) -> dict:
     """Each variant from the learner to the cluster's first engine, best of `repeats` pushes
-    each (after a warm-up push), through the training job's own `WeightSync`."""
-    from deploy.sync import WeightSync
+    each (after a warm-up push), through the training job's own transports."""
+    from deploy.weight_push import BroadcastPush, weight_push
+    from deploy.workers import RolloutWorkers
 
     one = running.first_worker()
     out: dict = {}
     for variant, transport, bucket_mb in VARIANTS:
         cfg = copy.deepcopy(running.cfg)
         cfg.cluster.weight_sync, cfg.cluster.sync_bucket_mb = transport, bucket_mb
-        sync = WeightSync(cfg, one, run_id=f"bench-{uuid.uuid4().hex[:8]}")
+        workers = RolloutWorkers(one.workers, one.buffer, cfg)
+        workers.start()
+        push = weight_push(cfg, one, workers, run_id=f"bench-{uuid.uuid4().hex[:8]}")
         try:
-            sync.push(0)
-            seconds = min(_timed_push(sync) for _ in range(repeats))
-            out[variant] = {"seconds": seconds, "collectives": len(sync.buckets),
-                            **_parts(sync, running, transport, repeats)}
+            push.push(0)
+            seconds = min(_timed_push(push) for _ in range(repeats))
+            collectives = len(push.buckets) if isinstance(push, BroadcastPush) else 0
+            out[variant] = {"seconds": seconds, "collectives": collectives,
+                            **_parts(push, running, repeats)}
         finally:
-            sync.close()
-        out["bytes"] = sync.nbytes
+            push.close()
+        out["bytes"] = push.nbytes
         log.info("weight sync %s, %s: %.3f s for %.0f MB", running.cfg.model.name, variant,
-                 seconds, sync.nbytes / 1e6)
+                 seconds, push.nbytes / 1e6)
     out["memcpy_s"] = memcpy_seconds(out["bytes"], threads, repeats)
     out["memcpy_threads"] = threads
     for variant, _, _ in VARIANTS:

@@ -36,10 +36,18 @@ def test_engine_args_cpu_batched_tokens_cover_a_long_model():
     assert engine_args(cfg, "m", 0)["max_num_batched_tokens"] == 8192
 
 
-def test_extension_class_path_is_importable():
+def test_the_extension_has_every_method_the_worker_calls_in_the_engine():
+    import inspect
+    import re
+
+    from actors import rollout_worker
+
     module, _, name = EXTENSION.rpartition(".")
     cls = getattr(importlib.import_module(module), name)
-    assert callable(getattr(cls, "receive_broadcast"))
+    called = set(re.findall(r'collective_rpc\("(\w+)"', inspect.getsource(rollout_worker)))
+    assert called == {"join_weight_group", "open_shared_weights", "receive_weights"}
+    for method in called:
+        assert callable(getattr(cls, method)), method
 
 
 def test_engine_args_gpu_single_device():

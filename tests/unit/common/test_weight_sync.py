@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from common.weight_sync import (
-    BroadcastGroup,
-    SharedWeights,
+    BroadcastChannel,
+    SharedMemoryChannel,
     TensorSpec,
+    WeightSyncError,
     flatten,
     packed_size,
     listen_socket,
@@ -132,14 +133,14 @@ def test_listen_socket_binds_free_ports_on_loopback():
         b.close()
 
 
-# ----- SharedWeights -----
+# ----- SharedMemoryChannel -----
 
 
-def test_shared_weights_write_then_read(tmp_path):
+def test_shared_weights_send_then_receive(tmp_path):
     named = mixed()
-    shared = SharedWeights(str(tmp_path / "weights"), specs_of(named))
-    shared.write(named, version=3)
-    out = list(shared.read(3))
+    shared = SharedMemoryChannel(str(tmp_path / "weights"), specs_of(named), owner=True)
+    shared.send(named, version=3)
+    out = list(shared.receive(3))
     assert [n for n, _ in out] == ["w", "h", "ids"]
     for (_, expected), (_, actual) in zip(named, out):
         assert torch.equal(actual, expected)
@@ -147,63 +148,77 @@ def test_shared_weights_write_then_read(tmp_path):
 
 def test_shared_weights_wrong_version_names_both(tmp_path):
     named = mixed()
-    shared = SharedWeights(str(tmp_path / "weights"), specs_of(named))
-    shared.write(named, version=3)
-    with pytest.raises(RuntimeError, match="holds version 3, expected version 4"):
-        shared.read(4)
+    shared = SharedMemoryChannel(str(tmp_path / "weights"), specs_of(named), owner=True)
+    shared.send(named, version=3)
+    with pytest.raises(WeightSyncError, match="holds version 3, expected version 4"):
+        shared.receive(4)
 
 
 def test_shared_weights_never_written_is_refused(tmp_path):
-    shared = SharedWeights(str(tmp_path / "weights"), specs_of(mixed()))
-    with pytest.raises(RuntimeError, match="holds no weights of this model"):
-        shared.read(0)
+    shared = SharedMemoryChannel(str(tmp_path / "weights"), specs_of(mixed()))
+    with pytest.raises(WeightSyncError, match="holds no weights of this model"):
+        shared.receive(0)
 
 
-def test_shared_weights_second_object_reads_what_the_first_wrote(tmp_path):
+def test_an_engine_reads_what_the_learner_wrote(tmp_path):
     path = str(tmp_path / "weights")
     named = mixed()
-    writer = SharedWeights(path, specs_of(named))
-    writer.write(named, version=1)
-    reader = SharedWeights(path, specs_of(named))  # as an engine in another process opens it
-    assert torch.equal(dict(reader.read(1))["ids"], named[2][1])
+    writer = SharedMemoryChannel(path, specs_of(named), owner=True)
+    writer.send(named, version=1)
+    reader = SharedMemoryChannel(path, specs_of(named))  # as an engine in another process opens it
+    assert torch.equal(dict(reader.receive(1))["ids"], named[2][1])
     updated = [(n, t + 1) for n, t in named]
-    writer.write(updated, version=2)
-    got = dict(reader.read(2))
+    writer.send(updated, version=2)
+    got = dict(reader.receive(2))
     assert torch.equal(got["w"], named[0][1] + 1)
     assert got["h"].tolist() == [1.5, -0.5, 3.0, 4.0]
 
 
-def test_shared_weights_unlink_removes_the_file(tmp_path):
+def test_only_the_owner_removes_the_file(tmp_path):
     path = tmp_path / "weights"
-    shared = SharedWeights(str(path), specs_of(mixed()))
+    reader = SharedMemoryChannel(str(path), specs_of(mixed()))
+    owner = SharedMemoryChannel(str(path), specs_of(mixed()), owner=True)
+    reader.close()
     assert path.is_file()
-    shared.unlink()
+    owner.close()
     assert not path.exists()
-    shared.unlink()  # a second unlink is harmless
 
 
-# ----- BroadcastGroup: real gloo between two processes -----
+# ----- BroadcastChannel: real gloo between two processes -----
 
 
-def _receiver(port: int, specs: list[tuple], buckets: list[list[int]], results,
-              secret: str = "s3cret", timeout_s: float = TIMEOUT_S) -> None:
+def _receiver(port: int, specs: list[TensorSpec], buckets: list[list[int]], results,
+              secret: str = "s3cret", timeout_s: float = TIMEOUT_S, version: int = 7) -> None:
     try:
-        group = BroadcastGroup("127.0.0.1", port, rank=1, world_size=2, device="cpu",
-                               timeout_s=timeout_s, secret=secret)
-        typed = [TensorSpec(n, d, tuple(s)) for n, d, s in specs]
-        got = {name: (str(t.dtype), t.tolist()) for name, t in group.receive(typed, buckets)}
+        group = BroadcastChannel("127.0.0.1", port, rank=1, world_size=2, specs=specs,
+                                 buckets=buckets, device="cpu", timeout_s=timeout_s, secret=secret)
+        got = {name: (str(t.dtype), t.tolist()) for name, t in group.receive(version)}
         group.close()
         results.put(got)
     except BaseException as e:  # reported to the parent instead of a silent exit
         results.put(f"{type(e).__name__}: {e}")
 
 
+def _group_of_two(specs, buckets, version: int) -> tuple[BroadcastChannel, object, object]:
+    """Rank 0 here, rank 1 in a spawned process expecting `version`: (channel, results, process)."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    sock = listen_socket("127.0.0.1")
+    port = sock.getsockname()[1]
+    child = ctx.Process(target=_receiver, args=(port, specs, buckets, results, "s3cret", TIMEOUT_S,
+                                                version), daemon=True)
+    child.start()
+    group = BroadcastChannel("127.0.0.1", port, rank=0, world_size=2, specs=specs, buckets=buckets,
+                             device="cpu", timeout_s=TIMEOUT_S, secret="s3cret", sock=sock)
+    return group, results, child
+
+
 def test_broadcast_send_receive_between_two_processes():
     """Rank 0 sends two buckets to rank 1; a third process that claims rank 1 without the
     group's secret is not admitted (it times out) and does not disturb the real group."""
     named = mixed()
-    specs = [(s.name, s.dtype, s.shape) for s in specs_of(named)]
-    buckets = plan_buckets(specs_of(named), 32)
+    specs = specs_of(named)
+    buckets = plan_buckets(specs, 32)
     assert buckets == [[0, 1], [2]]  # 24 + 8 bytes, then 24
 
     ctx = mp.get_context("spawn")
@@ -217,9 +232,10 @@ def test_broadcast_send_receive_between_two_processes():
     child = ctx.Process(target=_receiver, args=(port, specs, buckets, results), daemon=True)
     child.start()
     try:
-        group = BroadcastGroup("127.0.0.1", port, rank=0, world_size=2, device="cpu",
-                               timeout_s=TIMEOUT_S, secret="s3cret", sock=sock)
-        group.send(named, buckets)
+        group = BroadcastChannel("127.0.0.1", port, rank=0, world_size=2, specs=specs,
+                                 buckets=buckets, device="cpu", timeout_s=TIMEOUT_S,
+                                 secret="s3cret", sock=sock)
+        group.send(named, version=7)
         got = results.get(timeout=TIMEOUT_S)
         refused = stranger_results.get(timeout=TIMEOUT_S)
         group.close()
@@ -237,3 +253,21 @@ def test_broadcast_send_receive_between_two_processes():
         "ids": ("torch.int64", [7, -8, 2**40]),
     }
     assert child.exitcode == 0
+
+
+def test_a_broadcast_of_another_version_is_refused_by_the_engine():
+    named = mixed()
+    specs = specs_of(named)
+    group, results, child = _group_of_two(specs, plan_buckets(specs, 1 << 20), version=8)
+    try:
+        try:
+            group.send(named, version=7)
+        except RuntimeError:
+            pass  # the engine stopped listening after the version: the rest times out or fails
+        assert results.get(timeout=TIMEOUT_S) == (
+            "WeightSyncError: the learner broadcast weights version 7, this engine expected version 8")
+    finally:
+        group.close()
+        child.join(TIMEOUT_S)
+        if child.is_alive():
+            child.kill()

@@ -1,8 +1,17 @@
-"""Splitting a round's prompts over the rollout workers."""
+"""The driver's rollout logic with fake workers and a fake transport (no Ray, no vLLM): rounds split
+over the workers, and recovery when a worker dies during generation, during a weight push, twice in
+a row, or for good."""
 
 from __future__ import annotations
 
-from deploy.rollouts import split
+import pytest
+
+from common.config import Config
+from common.data import PromptSampler
+from common.errors import RunError
+from common.types import GenerationStats, Prompt
+from deploy.rollouts import Rollouts, split
+from deploy.workers import Share, WorkersDied
 
 
 def test_split_sizes_differ_by_at_most_one_larger_first():
@@ -17,3 +26,161 @@ def test_split_even_and_single():
     assert split([1, 2, 3, 4], 2) == [[1, 2], [3, 4]]
     assert split([1, 2, 3], 1) == [[1, 2, 3]]
     assert split([], 2) == [[], []]
+
+
+# ----- fakes -----
+
+
+class FakeWorkers:
+    """Workers that generate at once; `die(i)` kills worker i (its shares in flight are lost and
+    Ray restarts it), `gone` holds workers Ray gives up on."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.launched: list[Share] = []
+        self.dead: set[int] = set()       # died, restart not yet seen by the driver
+        self.gone: set[int] = set()
+        self.restarts = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def die(self, worker: int) -> None:
+        self.dead.add(worker)
+
+    def generate(self, worker: int, prompts: list[Prompt], round_: int) -> Share:
+        share = Share(round_, worker, prompts, stats=None, stored=None)
+        self.launched.append(share)
+        return share
+
+    def finished(self, shares):
+        lost = [s for s in shares if s.worker in self.dead]
+        stored = [(s, GenerationStats(len(s.prompts), 0, 0, 0, 1.0, s.worker)) for s in shares
+                  if s not in lost]
+        return stored, lost
+
+    def is_done(self, ref, timeout_s: float) -> bool:
+        """Every call takes one poll interval."""
+        self.polled = getattr(self, "polled", set())
+        done = ref in self.polled
+        self.polled.add(ref)
+        return done
+
+    def get(self, ref, what: str, actor: str = ""):
+        return ref
+
+    def restarted(self) -> list[int]:
+        return sorted(self.dead)
+
+    def await_restart(self, workers) -> None:
+        for i in workers:
+            if i in self.gone:
+                raise RunError(f"rollout worker {i} died and Ray could not restart it")
+            if i in self.dead:
+                self.dead.discard(i)
+                self.restarts += 1
+
+
+class FakeTransport:
+    """Records every push and revive; `deaths` is a list, one entry per call, of the workers that
+    die during that call (an empty list: nobody)."""
+
+    def __init__(self, workers: FakeWorkers, deaths: list[list[int]] = ()):
+        self.workers, self.deaths, self.calls = workers, list(deaths), []
+
+    def _maybe_die(self) -> None:
+        dying = self.deaths.pop(0) if self.deaths else []
+        for i in dying:
+            self.workers.die(i)
+        if dying:
+            raise WorkersDied(dying)
+
+    def push(self, version: int) -> None:
+        self.calls.append(("push", version))
+        if self.workers.restarted():  # as both transports find out, before or during the push
+            raise WorkersDied(self.workers.restarted())
+        self._maybe_die()
+
+    def revive(self, workers: list[int], version: int) -> None:
+        self.calls.append(("revive", workers, version))
+        self._maybe_die()
+
+
+def rollouts(workers: int = 2, deaths: list[list[int]] = (), **cfg_changes) -> Rollouts:
+    cfg = Config()
+    cfg.grpo.group_size, cfg.grpo.batch_size = 2, 8  # 4 prompts per round
+    cfg.cluster.max_worker_restarts = 3
+    for key, value in cfg_changes.items():
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    prompts = [Prompt(i, f"p{i}", [i]) for i in range(20)]
+    fake = FakeWorkers(workers)
+    return Rollouts(cfg, fake, FakeTransport(fake, deaths), PromptSampler(prompts, seed=0))
+
+
+# ----- generation -----
+
+
+def test_a_round_is_split_over_the_workers_and_generation_runs_lag_rounds_ahead():
+    r = rollouts(buffer__max_policy_lag=1)
+    r.generate_ahead(0)
+    assert [(s.round, s.worker, len(s.prompts)) for s in r.workers.launched] == [
+        (0, 0, 2), (0, 1, 2), (1, 0, 2), (1, 1, 2)]
+    r.generate_ahead(0)  # already ahead: nothing more
+    assert len(r.workers.launched) == 4
+    r.poll()
+    assert r.pending == [] and len(r.take_stats()) == 4
+
+
+def test_a_worker_that_dies_during_generation_is_revived_and_its_share_generated_again():
+    r = rollouts()
+    r.push_weights(0)
+    r.generate_ahead(0)
+    lost = r.workers.launched[1]
+    r.workers.die(1)
+    r.wait("batch", "a batch", "the rollout buffer", learner_idle=True)
+    assert r.lost_groups == 2 and r.workers.restarts == 1
+    assert r.weights.calls == [("push", 0), ("revive", [1], 0)]
+    again = r.workers.launched[-1]
+    assert (again.worker, again.round, again.prompts) == (1, lost.round, lost.prompts)
+    assert r.lost == [] and r.synced_version == 0
+
+
+def test_a_lost_share_waits_while_the_learner_trains():
+    r = rollouts()
+    r.push_weights(0)
+    r.generate_ahead(0)
+    r.workers.die(0)
+    r.wait("train", "learner step 1", "the learner", learner_idle=False)
+    assert len(r.lost) == 1 and r.weights.calls == [("push", 0)]  # no weights to give yet
+    r.push_weights(1)  # the next push revives it, then its share runs again
+    assert r.weights.calls == [("push", 0), ("push", 1), ("revive", [0], 1)]
+    assert r.lost == [] and r.workers.launched[-1].round == 0
+
+
+def test_a_worker_that_dies_during_a_push_is_revived_with_that_version():
+    r = rollouts(deaths=[[1]])
+    r.push_weights(5)
+    assert r.weights.calls == [("push", 5), ("revive", [1], 5)]
+    assert r.workers.restarts == 1 and r.synced_version == 5
+
+
+def test_a_worker_that_dies_twice_in_a_row_is_revived_twice():
+    r = rollouts(deaths=[[0], [0]])
+    r.push_weights(2)
+    assert r.weights.calls == [("push", 2), ("revive", [0], 2), ("revive", [0], 2)]
+    assert r.workers.restarts == 2 and r.synced_version == 2
+
+
+def test_a_worker_that_never_comes_back_ends_the_run_in_one_line():
+    r = rollouts(deaths=[[1]])
+    r.workers.gone.add(1)
+    with pytest.raises(RunError, match="rollout worker 1 died and Ray could not restart it"):
+        r.push_weights(1)
+
+
+def test_workers_that_keep_dying_end_the_run_after_a_bounded_number_of_attempts():
+    r = rollouts(deaths=[[0]] * 100, cluster__max_worker_restarts=2)
+    with pytest.raises(RunError, match=r"kept dying while receiving weights version 4 \(5 attempts\)"):
+        r.push_weights(4)
+    assert len(r.weights.calls) == 1 + 2 * 2  # each of 2 workers may be restarted twice

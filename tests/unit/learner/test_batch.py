@@ -20,7 +20,7 @@ def group(index: int, prompt: list[int], completions: list[list[int]], rewards: 
         prompt=Prompt(index=index, text=f"p{index}", token_ids=prompt),
         completions=[""] * g, completion_ids=completions,
         logprobs=[[-0.1 * (t - 4) for t in c] for c in completions],  # token 5 -> -0.1, 6 -> -0.2
-        finish_reasons=["stop"] * g, rewards=rewards, reward_parts={}, advantages=[0.0] * g,
+        finish_reasons=["stop"] * g, rewards=rewards, reward_parts={},
         policy_version=0,
     )
 
@@ -30,7 +30,7 @@ def test_collate_layout_two_sequences():
         ([11, 12, 13], [21, 22], [-0.1, -0.2]),
         ([14], [23, 24, 25], [-0.3, -0.4, -0.5]),
     ]
-    mb = collate(seqs, torch.tensor([1.0, -1.0]), slice(4, 6), PAD)
+    mb = collate(seqs, torch.tensor([1.0, -1.0]), PAD)
     # prompts end at column 3 in every row; completions start there
     assert mb.input_ids.tolist() == [[11, 12, 13, 21, 22, PAD],
                                      [PAD, PAD, 14, 23, 24, 25]]
@@ -43,18 +43,17 @@ def test_collate_layout_two_sequences():
     torch.testing.assert_close(mb.behaviour_logp,
                                torch.tensor([[-0.1, -0.2, 0.0], [-0.3, -0.4, -0.5]]))
     assert mb.advantages.tolist() == [1.0, -1.0]
-    assert mb.rows == slice(4, 6)
 
 
 def test_collate_position_ids_start_at_first_real_token():
-    mb = collate([([7, 8], [9], [-1.0]), ([5], [6], [-2.0])], torch.zeros(2), slice(0, 2), PAD)
+    mb = collate([([7, 8], [9], [-1.0]), ([5], [6], [-2.0])], torch.zeros(2), PAD)
     # row 1's first real token (5) is at column 1 and gets position 0
     assert mb.position_ids[1, 1].item() == 0
     assert mb.position_ids.tolist() == [[0, 1, 2], [0, 0, 1]]
 
 
 def test_collate_empty_completions_keep_one_masked_column():
-    mb = collate([([7, 8], [], [])], torch.zeros(1), slice(0, 1), PAD)
+    mb = collate([([7, 8], [], [])], torch.zeros(1), PAD)
     assert mb.input_ids.tolist() == [[7, 8, PAD]]
     assert mb.completion_mask.tolist() == [[False]]
 
@@ -65,7 +64,6 @@ def test_micro_batches_split_sequences_in_order():
         group(1, [3], [[8, 9], [10]], rewards=[0.5, 0.5]),
     ]
     mbs = micro_batches(groups, size=3, scale="group", pad_id=PAD)
-    assert [mb.rows for mb in mbs] == [slice(0, 3), slice(3, 4)]
     assert mbs[0].input_ids.tolist() == [[1, 2, 5, PAD],
                                          [1, 2, 6, 7],
                                          [PAD, 3, 8, 9]]

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 from learner import checkpoint
-from learner.checkpoint import CheckpointError, atomic_dir, complete, latest, path_for, prune, read_json
+from common.types import RunState
+from learner.checkpoint import CheckpointError, atomic_dir, complete, latest, path_for, prune, read_state
 
 
 def make(run_dir, step: int, files=checkpoint.FILES):
@@ -117,7 +118,7 @@ def test_latest_names_the_missing_file(tmp_path):
         latest(tmp_path)
 
 
-# ----- prune / read_json -----
+# ----- prune / read_state -----
 
 
 def test_prune_keeps_the_newest_k(tmp_path):
@@ -127,15 +128,19 @@ def test_prune_keeps_the_newest_k(tmp_path):
     assert names(complete(tmp_path)) == ["step_000003", "step_000010"]
 
 
-def test_read_json_round_trip_and_corrupt(tmp_path):
+def test_run_state_round_trips_and_a_corrupt_one_is_one_line(tmp_path):
     path = tmp_path / "driver.json"
-    checkpoint.write_json(path, {"step": 4, "seen": [1, 2]})
-    assert read_json(path) == {"step": 4, "seen": [1, 2]}
+    state = RunState(step=4, lost_groups=2, worker_restarts=1, eval_before=-0.25, elapsed_s=12.5)
+    checkpoint.write_state(path, state)
+    assert read_state(path) == state
     path.write_text('{"step": 4,')
     with pytest.raises(CheckpointError, match=r"cannot read .*driver\.json"):
-        read_json(path)
+        read_state(path)
+    path.write_text('{"step": 4, "seen": [1, 2]}')  # fields of another shape
+    with pytest.raises(CheckpointError, match=r"cannot read .*driver\.json.*seen"):
+        read_state(path)
 
 
-def test_read_json_missing_file(tmp_path):
+def test_read_state_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="cannot read"):
-        read_json(tmp_path / "absent.json")
+        read_state(tmp_path / "absent.json")

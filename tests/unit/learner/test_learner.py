@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common.config import Config
-from common.types import Prompt, RolloutGroup
+from common.types import Prompt, RolloutGroup, RunState
 from learner import checkpoint
 from learner.batch import collate
 from learner.learner import Learner
@@ -30,11 +30,11 @@ def group(learner: Learner, good: list[int], bad: list[int]) -> RolloutGroup:
     return RolloutGroup(prompt=prompt, completions=["good", "bad"], completion_ids=[good, bad],
                         logprobs=[logp[0][: len(good)], logp[1][: len(bad)]],
                         finish_reasons=["length", "length"], rewards=[1.0, 0.0],
-                        reward_parts={"r": [1.0, 0.0]}, advantages=[0.7, -0.7], policy_version=0)
+                        reward_parts={"r": [1.0, 0.0]}, policy_version=0)
 
 
 def completion_logprobs(learner: Learner, seqs) -> list[list[float]]:
-    mb = collate(seqs, torch.zeros(len(seqs)), slice(0, len(seqs)), learner.pad_id)
+    mb = collate(seqs, torch.zeros(len(seqs)), learner.pad_id)
     with torch.no_grad():
         logp, _ = learner._logprobs(learner.model, mb)
     return logp.tolist()
@@ -57,10 +57,10 @@ def test_a_grpo_step_favours_the_rewarded_completion(learner):
 def test_a_checkpoint_round_trips(learner, tmp_path):
     batch = [group(learner, [1, 2], [3, 4])]
     learner.train(batch)
-    saved = learner.save_checkpoint(str(tmp_path), {"step": 1})
+    saved = learner.save_checkpoint(str(tmp_path), RunState(step=1, eval_before=0.5))
     weights = {k: v.clone() for k, v in learner.model.state_dict().items()}
     learner.train(batch)
-    assert learner.load_checkpoint(str(tmp_path)) == {"step": 1}
+    assert learner.load_checkpoint(str(tmp_path)) == RunState(step=1, eval_before=0.5)
     assert learner.version == 1 and Path(saved).name == "step_000001"
     for key, value in learner.model.state_dict().items():
         assert torch.equal(value, weights[key]), key
@@ -73,7 +73,7 @@ class _Exploit:
 
 def test_a_checkpoint_never_unpickles_code(learner, tmp_path):
     learner.train([group(learner, [1, 2], [3, 4])])
-    directory = Path(learner.save_checkpoint(str(tmp_path), {"step": 1}))
+    directory = Path(learner.save_checkpoint(str(tmp_path), RunState(step=1)))
     torch.save({"optimizer": _Exploit()}, directory / "learner.pt")
     Path("/tmp/grpo-ray-pwned").unlink(missing_ok=True)
     with pytest.raises(checkpoint.CheckpointError, match="damaged"):

@@ -8,11 +8,12 @@ import re
 import ray
 
 from common.config import Config
+from common.types import RunSummary
 from learner.model_card import render
 
 
 def card() -> str:
-    return render(Config(), "/tmp/x/final", {"results": {"a": 1}})
+    return render(Config(), "/tmp/x/final", RunSummary(steps=40, complete=True, results={"a": 1}))
 
 
 def test_front_matter():
@@ -49,7 +50,7 @@ def test_reward_and_results():
 
 
 def test_no_results_says_so():
-    text = render(Config(), "/tmp/x/final", {})
+    text = render(Config(), "/tmp/x/final", RunSummary(steps=40, complete=True))
     assert "- (none recorded)" in text
 
 

@@ -1,0 +1,151 @@
+"""The driver's side of weight sync: one class per transport, with the same two verbs, `push` (every
+engine to the learner's new version) and `revive` (workers Ray restarted, brought up to date).
+The learner sends and each engine receives on a channel of the same transport
+(`common/weight_sync.py`); this side sets the channels up and says when to send."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+
+from common.config import Config, ConfigError
+from common.weight_sync import TensorSpec, plan_buckets
+from deploy.launch import Cluster
+from deploy.workers import RolloutWorkers, Settled, WorkersDied
+
+log = logging.getLogger(__name__)
+
+
+class WeightPush(ABC):
+    """Gets the learner's weights into every engine, through one transport."""
+
+    name: str
+
+    def __init__(self, cfg: Config, cluster: Cluster, workers: RolloutWorkers):
+        self.cfg, self.learner, self.workers = cfg, cluster.learner, workers
+        self.specs: list[TensorSpec] = workers.get(self.learner.weight_specs.remote(),
+                                                   "the learner to start", actor="the learner")
+        self.nbytes = sum(s.nbytes for s in self.specs)
+
+    @abstractmethod
+    def push(self, version: int) -> None:
+        """Bring every engine to policy `version` (the learner's current one). Raises
+        WorkersDied naming the workers that died before or during the transfer."""
+
+    @abstractmethod
+    def revive(self, workers: list[int], version: int) -> None:
+        """Bring `workers`, which Ray restarted, and every engine not at `version` to it."""
+
+    def close(self) -> None:
+        self.workers.get(self.learner.close_weight_sync.remote(), "the weight sync to close",
+                         actor="the learner")
+
+    def _check(self, settled: Settled) -> None:
+        """Raise WorkersDied for the workers that died, else the first failure, if any."""
+        dead = settled.dead
+        if settled.errors and not dead:
+            # A restarted worker fails a transfer without dying again (it has no channel yet,
+            # or the group it would meet in is gone): ask who is new.
+            dead = self.workers.restarted()
+        if dead:
+            raise WorkersDied(dead)
+        if settled.errors:
+            raise settled.errors[0]
+
+
+class SharedMemoryPush(WeightPush):
+    """The learner writes one file in /dev/shm; each engine on its node loads from it."""
+
+    name = "shm"
+
+    def __init__(self, cfg: Config, cluster: Cluster, workers: RolloutWorkers, run_id: str):
+        if not cluster.single_node:
+            raise ConfigError(["cluster.weight_sync shm needs every rollout worker on the learner's node"])
+        super().__init__(cfg, cluster, workers)
+        self.path = f"/dev/shm/grpo-ray-{run_id}.weights"
+        self.written = -1  # the version in the file
+        self.holds: dict[int, int] = {}  # worker -> the version it loaded last
+        workers.get(self.learner.open_shared_weights.remote(self.path),
+                    "the learner to open the shared weights", actor="the learner")
+        self._open(range(len(workers)))
+
+    def push(self, version: int) -> None:
+        self._send(version, range(len(self.workers)))
+
+    def revive(self, workers: list[int], version: int) -> None:
+        for i in workers:
+            self.holds.pop(i, None)
+        self._open(workers)
+        self._send(version, [i for i in range(len(self.workers)) if self.holds.get(i) != version])
+
+    def _open(self, workers: Iterable[int]) -> None:
+        calls = self.workers.call("open_shared_weights", self.path, self.specs, workers=workers)
+        self._check(self.workers.settle(calls, "the engines to open the shared weights"))
+
+    def _send(self, version: int, workers: Iterable[int]) -> None:
+        if self.written != version:
+            self.workers.get(self.learner.send_weights.remote(), "the learner to write weights",
+                             actor="the learner")
+            self.written = version
+        settled = self.workers.settle(self.workers.call("receive_weights", version, workers=workers),
+                                      f"weights version {version} to load")
+        self.holds.update((i, version) for i in settled.ok)
+        self._check(settled)
+
+
+class BroadcastPush(WeightPush):
+    """A process group of the learner (rank 0) and every engine's ranks; the learner broadcasts
+    flat buckets of tensors. A group cannot be rejoined by one member alone, so a restarted
+    worker means forming it again, with every member."""
+
+    name = "broadcast"
+
+    def __init__(self, cfg: Config, cluster: Cluster, workers: RolloutWorkers):
+        super().__init__(cfg, cluster, workers)
+        self.host = cluster.sync_host
+        self.buckets = plan_buckets(self.specs, cfg.cluster.sync_bucket_mb << 20)
+        self._form_group()
+
+    def push(self, version: int) -> None:
+        restarted = self.workers.restarted()  # every member must be alive before it starts
+        if restarted:
+            raise WorkersDied(restarted)
+        sent = self.learner.send_weights.remote()
+        received = self.workers.call("receive_weights", version)
+        self._check(self.workers.settle(received, f"weights version {version} to load",
+                                        {"the learner": sent}))
+
+    def revive(self, workers: list[int], version: int) -> None:
+        self._form_group()
+        self.push(version)
+
+    def _form_group(self) -> None:
+        """The learner is rank 0, then every tensor-parallel rank of every engine."""
+        c, tp = self.cfg.cluster, self.cfg.rollout.tensor_parallel_size
+        world = 1 + tp * len(self.workers)
+        secret = secrets.token_hex(16)  # only the members told it can meet in the group
+        port = self.workers.get(self.learner.open_weight_group.remote(self.host, c.weight_sync_port),
+                                "the learner to open the weight-sync port", actor="the learner")
+        connected = self.learner.connect_weight_group.remote(world, self.buckets,
+                                                             c.weight_sync_timeout_s, secret)
+        joined = {i: w.join_weight_group.remote(self.host, port, 1 + i * tp, world, self.specs,
+                                                self.buckets, c.weight_sync_timeout_s, secret)
+                  for i, w in enumerate(self.workers.handles)}
+        self._check(self.workers.settle(joined, "the weight-sync group to form",
+                                        {"the learner": connected}))
+
+
+def choose_transport(cfg: Config, cluster: Cluster) -> str:
+    """`shm` needs CPU engines on the learner's node; anything else broadcasts."""
+    if cfg.cluster.weight_sync != "auto":
+        return cfg.cluster.weight_sync
+    return "shm" if cfg.cluster.device == "cpu" and cluster.single_node else "broadcast"
+
+
+def weight_push(cfg: Config, cluster: Cluster, workers: RolloutWorkers, run_id: str) -> WeightPush:
+    """The transport `cluster.weight_sync` asks for (or the fastest that fits the cluster)."""
+    if choose_transport(cfg, cluster) == "shm":
+        return SharedMemoryPush(cfg, cluster, workers, run_id)
+    return BroadcastPush(cfg, cluster, workers)

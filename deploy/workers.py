@@ -1,0 +1,184 @@
+"""The rollout workers as the driver sees them: their Ray actors, the calls made to them, and who
+each one is. Ray restarts a worker that dies; this module is the one place that tells a death
+from an error, and a restarted worker from the one before. What to do about it is decided in
+`deploy/rollouts.py` from what this module reports, so that logic is tested without Ray."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import ray
+
+from common.config import Config
+from common.errors import RunError, WaitTimeout
+from common.types import GenerationStats, Prompt, RolloutGroup
+from deploy.launch import get
+
+if TYPE_CHECKING:
+    from ray.actor import ActorHandle
+
+log = logging.getLogger(__name__)
+
+
+class WorkersDied(Exception):
+    """Rollout workers whose calls failed because their process died; Ray restarts them."""
+
+    def __init__(self, workers: Iterable[int]):
+        self.workers = sorted(set(workers))
+        super().__init__(f"rollout worker(s) {self.workers} died")
+
+
+@dataclass
+class Share:
+    """One worker's part of one round, in flight."""
+
+    round: int
+    worker: int
+    prompts: list[Prompt]
+    stats: ray.ObjectRef   # the generate call's GenerationStats
+    stored: ray.ObjectRef  # the buffer's put of the groups
+
+
+@dataclass
+class Settled:
+    """How calls to several workers ended."""
+
+    ok: list[int] = field(default_factory=list)
+    dead: list[int] = field(default_factory=list)
+    errors: list[BaseException] = field(default_factory=list)
+
+
+class RolloutWorkers:
+    def __init__(self, handles: list[ActorHandle], buffer: ActorHandle, cfg: Config):
+        self.handles, self.buffer = handles, buffer
+        self.timeout = cfg.cluster.call_timeout_s
+        self.put_timeout = cfg.buffer.timeout_s
+        self.max_restarts = cfg.cluster.max_worker_restarts
+        self.incarnations: list[str] = []
+        """Who each worker is: a new value means Ray restarted it."""
+        self.restarts = 0
+
+    def __len__(self) -> int:
+        return len(self.handles)
+
+    def start(self) -> None:
+        """Wait until every engine has started, and remember who each worker is."""
+        refs = [w.ready.remote() for w in self.handles]
+        what = "the rollout workers' engines to start"
+        if len(ray.wait(refs, num_returns=len(refs), timeout=self.timeout)[0]) < len(refs):
+            raise WaitTimeout(f"waited {self.timeout:.0f} s for {what}")
+        self.incarnations = [self.get(ref, what, actor=f"rollout worker {i}")[0]
+                             for i, ref in enumerate(refs)]
+
+    # --- any call ------------------------------------------------------------------------------
+
+    def is_done(self, ref: ray.ObjectRef, timeout_s: float) -> bool:
+        return bool(ray.wait([ref], timeout=timeout_s)[0])
+
+    def get(self, refs, what: str, actor: str = ""):
+        return get(refs, self.timeout, what, actor)
+
+    # --- generation ----------------------------------------------------------------------------
+
+    def generate(self, worker: int, prompts: list[Prompt], round_: int) -> Share:
+        """Start `worker` on `prompts` for `round_`; its groups go straight into the buffer."""
+        groups, stats = self.handles[worker].generate.options(num_returns=2).remote(prompts, round_)
+        stored = self.buffer.put.remote(groups, self.put_timeout)
+        return Share(round_, worker, prompts, stats, stored)
+
+    def finished(self, shares: list[Share]) -> tuple[list[tuple[Share, GenerationStats]], list[Share]]:
+        """Of `shares`, those stored in the buffer (with their stats) and those lost because their
+        worker died; any other failure raises."""
+        if not shares:
+            return [], []
+        ready, _ = ray.wait([s.stored for s in shares], num_returns=len(shares), timeout=0)
+        stored, lost = [], []
+        for share in [s for s in shares if s.stored in ready]:
+            try:
+                ray.get(share.stored)
+                stored.append((share, ray.get(share.stats)))
+            except ray.exceptions.RayError as e:
+                _discard(share.stats)
+                if not isinstance(e, ray.exceptions.RayActorError):
+                    raise
+                lost.append(share)
+        return stored, lost
+
+    def generate_now(self, shares: list[list[Prompt]], round_: int) -> list[RolloutGroup]:
+        """Worker i generates shares[i] (empty shares skipped); waits for every group."""
+        refs = [self.handles[i].generate.remote(share, round_) for i, share in enumerate(shares) if share]
+        return [g for groups, _ in self.get(refs, "the evaluation", actor="a rollout worker")
+                for g in groups]
+
+    # --- weights -------------------------------------------------------------------------------
+
+    def call(self, method: str, *args, workers: Iterable[int] | None = None) -> dict[int, ray.ObjectRef]:
+        """Call `method(*args)` on `workers` (default: all); returns each worker's result ref."""
+        chosen = range(len(self)) if workers is None else workers
+        return {i: getattr(self.handles[i], method).remote(*args) for i in chosen}
+
+    def settle(self, calls: dict[int, ray.ObjectRef], what: str,
+               others: dict[str, ray.ObjectRef] | None = None) -> Settled:
+        """Wait for `calls` and `others` (other actors' sides of the same transfer, by actor
+        name); sort the workers into done, dead and failed."""
+        others = others or {}
+        refs = [*calls.values(), *others.values()]
+        if len(ray.wait(refs, num_returns=len(refs), timeout=self.timeout)[0]) < len(refs):
+            raise WaitTimeout(f"waited {self.timeout:.0f} s for {what}")
+        out = Settled()
+        for i, ref in calls.items():
+            try:
+                ray.get(ref)
+                out.ok.append(i)
+            except ray.exceptions.RayActorError:
+                out.dead.append(i)
+            except ray.exceptions.RayTaskError as e:
+                out.errors.append(e)
+        for actor, ref in others.items():
+            try:
+                self.get(ref, what, actor)
+            except ray.exceptions.RayTaskError as e:
+                out.errors.append(e)
+        return out
+
+    # --- who is alive --------------------------------------------------------------------------
+
+    def restarted(self) -> list[int]:
+        """The workers Ray restarted since they were last seen (a restarting one is waited for)."""
+        return [i for i in range(len(self)) if self._incarnation(i) != self.incarnations[i]]
+
+    def await_restart(self, workers: Iterable[int]) -> None:
+        """Wait until each of `workers` runs again, and count the restarts."""
+        for i in workers:
+            incarnation = self._incarnation(i)
+            if incarnation != self.incarnations[i]:
+                self.incarnations[i] = incarnation
+                self.restarts += 1
+                log.warning("rollout worker %d was restarted; bringing it up to date", i)
+
+    def _incarnation(self, i: int) -> str:
+        """Worker `i`'s incarnation once it is up: while Ray restarts it, calls fail at once as
+        unavailable, so ask again until it answers or the timeout passes."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                return self.get(self.handles[i].ready.remote(), f"rollout worker {i} to restart")[0]
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise WaitTimeout(f"waited {self.timeout:.0f} s for rollout worker {i} to restart") from None
+                time.sleep(1.0)
+            except ray.exceptions.ActorDiedError:
+                raise RunError(f"rollout worker {i} died and Ray could not restart it "
+                               f"(cluster.max_worker_restarts={self.max_restarts})") from None
+
+
+def _discard(ref: ray.ObjectRef) -> None:
+    """Read a result known to hold the same error, so Ray does not also print it as unhandled."""
+    try:
+        ray.get(ref)
+    except ray.exceptions.RayError:
+        pass

@@ -1,0 +1,146 @@
+"""The driver's weight transports with a fake learner and fake workers (no Ray): who is sent what,
+a partial shared-memory sync, and how a broadcast's failures are told apart."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from common.config import Config
+from common.weight_sync import TensorSpec
+from deploy.weight_push import BroadcastPush, SharedMemoryPush
+from deploy.workers import Settled, WorkersDied
+
+SPECS = [TensorSpec("w", "float32", (4,)), TensorSpec("b", "float32", (2,))]
+
+
+class Remote:
+    """An actor method whose `.remote(...)` runs at once and logs the call."""
+
+    def __init__(self, log: list, name: str, result=None):
+        self.log, self.name, self.result = log, name, result
+
+    def remote(self, *args):
+        self.log.append((self.name, *args))
+        return self.result
+
+
+class FakeLearner:
+    def __init__(self, log: list):
+        self.weight_specs = Remote(log, "weight_specs", SPECS)
+        for name in ("open_shared_weights", "send_weights", "close_weight_sync", "connect_weight_group"):
+            setattr(self, name, Remote(log, name))
+        self.open_weight_group = Remote(log, "open_weight_group", 4321)
+
+
+class FakeWorkers:
+    """Calls succeed unless `dying` names the worker (its process dies during the call) or
+    `failing` does (its call raises without a death); `restarted_now` is what `restarted` says."""
+
+    def __init__(self, n: int, log: list):
+        self.log, self.n = log, n
+        self.dying: set[int] = set()
+        self.failing: set[int] = set()
+        self.restarted_now: list[int] = []
+        self.handles = [SimpleNamespace(join_weight_group=Remote(log, f"join {i}")) for i in range(n)]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def get(self, ref, what: str, actor: str = ""):
+        return ref
+
+    def call(self, method: str, *args, workers=None) -> dict:
+        chosen = list(range(self.n) if workers is None else workers)
+        self.log.append((method, chosen))
+        return {i: (method, i) for i in chosen}
+
+    def settle(self, calls: dict, what: str, others=None) -> Settled:
+        out = Settled()
+        for i in calls:
+            if i in self.dying:
+                out.dead.append(i)
+            elif i in self.failing:
+                out.errors.append(RuntimeError(f"worker {i}: gloo timed out"))
+            else:
+                out.ok.append(i)
+        self.dying, self.failing = set(), set()
+        return out
+
+    def restarted(self) -> list[int]:
+        return self.restarted_now
+
+
+def transport(kind, n: int = 3):
+    log: list = []
+    cluster = SimpleNamespace(learner=FakeLearner(log), single_node=True, sync_host="127.0.0.1")
+    workers = FakeWorkers(n, log)
+    push = SharedMemoryPush(Config(), cluster, workers, "test") if kind == "shm" \
+        else BroadcastPush(Config(), cluster, workers)
+    log.clear()
+    return push, workers, log
+
+
+def test_shared_memory_writes_each_version_once_and_every_engine_loads_it():
+    push, _, log = transport("shm")
+    push.push(1)
+    assert log == [("send_weights",), ("receive_weights", [0, 1, 2])]
+
+
+def test_a_partial_shared_memory_sync_revives_only_the_worker_that_missed_it():
+    push, workers, log = transport("shm")
+    workers.dying = {2}
+    with pytest.raises(WorkersDied) as died:
+        push.push(1)
+    assert died.value.workers == [2] and push.holds == {0: 1, 1: 1}
+    log.clear()
+    push.revive([2], 1)
+    # The file already holds version 1: no second write; only worker 2 opens it and loads.
+    assert log == [("open_shared_weights", [2]), ("receive_weights", [2])]
+    assert push.holds == {0: 1, 1: 1, 2: 1}
+
+
+def test_a_restarted_worker_without_a_channel_is_found_by_asking_who_is_new():
+    push, workers, _ = transport("shm")
+    workers.failing, workers.restarted_now = {1}, [1]  # its call fails, it did not die in it
+    with pytest.raises(WorkersDied) as died:
+        push.push(3)
+    assert died.value.workers == [1]
+
+
+def test_a_failure_nobody_explains_is_raised_as_it_is():
+    push, workers, _ = transport("shm")
+    workers.failing = {0}
+    with pytest.raises(RuntimeError, match="worker 0: gloo timed out"):
+        push.push(3)
+
+
+def test_a_broadcast_starts_only_when_every_member_is_alive():
+    push, workers, log = transport("broadcast")
+    workers.restarted_now = [1]
+    with pytest.raises(WorkersDied) as died:
+        push.push(2)
+    assert died.value.workers == [1] and log == []  # nothing was sent
+
+
+def test_a_broadcast_sends_to_every_engine_at_once():
+    push, _, log = transport("broadcast")
+    push.push(2)
+    assert log == [("send_weights",), ("receive_weights", [0, 1, 2])]
+
+
+def test_reviving_after_a_broadcast_forms_the_group_again_with_every_member():
+    push, workers, log = transport("broadcast", n=2)
+    workers.dying = {0}
+    with pytest.raises(WorkersDied):
+        push.push(2)
+    log.clear()
+    push.revive([0], 2)
+    names = [entry[0] for entry in log]
+    assert names == ["open_weight_group", "connect_weight_group", "join 0", "join 1",
+                     "send_weights", "receive_weights"]
+    world, ranks = log[1][1], [log[2][3], log[3][3]]
+    assert world == 3 and ranks == [1, 2]  # learner rank 0, then one rank per engine
+    secrets = {log[1][4], log[2][8], log[3][8]}
+    assert len(secrets) == 1  # every member was told the same new secret
