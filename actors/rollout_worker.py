@@ -13,7 +13,7 @@ import zlib
 
 import torch
 
-from common import models
+from common import logs, models
 from common.config import Config, cpu_threads
 from common.rewards import Scorer
 from common.types import GenerationStats, Prompt, RolloutGroup
@@ -58,6 +58,8 @@ def request_seed(run_seed: int, round_: int, position: int) -> int:
 class RolloutWorker:
     def __init__(self, cfg: Config, index: int = 0):
         self.cfg, self.index = cfg, index
+        if cfg.run_dir:
+            logs.actor_file(cfg.run_dir, f"rollout-worker-{index}")
         self.version = 0
         self.incarnation = uuid.uuid4().hex
         # Resolved on this worker's node (it may not be the driver's).

@@ -22,6 +22,9 @@ class DataError(RunError, ValueError):
 
 BUNDLED = Path(__file__).parent / "assets" / "prompts.jsonl"
 
+# Loading and filtering prompts takes a moment; its progress bars are not the run's progress.
+datasets.disable_progress_bars()
+
 _LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 

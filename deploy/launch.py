@@ -3,6 +3,7 @@ addresses Ray assigned (used by the weight-sync group, never a hard-coded loopba
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -86,14 +87,17 @@ def init_ray(cfg: Config) -> None:
     instance bound to loopback, with as many logical CPUs as the run's bundles need."""
     import ray
 
+    # The actors write their own logs into the run directory (common/logs.py): nothing of theirs
+    # is forwarded to the driver's console, and Ray itself speaks up only for errors.
+    quiet = dict(log_to_driver=False, logging_level=logging.ERROR)
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS", "")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **quiet)
         return
     cpus = cfg.cluster.num_cpus or max(int(plan(cfg).total_cpus + 0.999), os.cpu_count() or 1)
     # address="local": without it, ray.init() joins any cluster `ray start` left on this machine.
     ray.init(address="local", num_cpus=cpus, num_gpus=None if cfg.cluster.device == "gpu" else 0,
-             include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=True)
+             include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)
 
 
 @dataclass

@@ -10,8 +10,10 @@ and the learner, runs the loop, checkpoints, and writes the final model.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import sys
 import time
 import uuid
@@ -20,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from common import config as config_lib
-from common import data, models
+from common import data, logs, models
 from common.config import Config, ConfigError
 from common.data import PromptSampler, PromptSplits
 from common.errors import RunError
@@ -31,7 +33,7 @@ log = logging.getLogger("grpo-ray")
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logs.console()
     cfg = None
     try:
         cfg = config_lib.from_args(sys.argv[1:] if argv is None else argv, description=__doc__)
@@ -61,10 +63,32 @@ def _cause(e: BaseException) -> BaseException:
     return e
 
 
+RUNS_ENV = "GRPO_RAY_RUNS"
+
+
+def default_run_dir() -> Path:
+    """`runs/<date>-<time>` under the working directory; under `ray job submit`, whose working
+    directory is deleted with the job, `<date>-<time>-<job id>` under $GRPO_RAY_RUNS (default
+    `~/grpo-ray/runs`)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    job = ray_job_id()
+    if job is None:
+        return Path("runs") / stamp
+    return Path(os.environ.get(RUNS_ENV) or "~/grpo-ray/runs").expanduser() / f"{stamp}-{job}"
+
+
+def ray_job_id() -> str | None:
+    """The submission id when this process is a job's driver (`ray job submit`), else None."""
+    # Ray's job supervisor hands its driver the job's config in this variable
+    # (ray/dashboard/modules/job/job_supervisor.py, JobSupervisor._get_driver_env_vars).
+    job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    return job_config.get("metadata", {}).get("job_submission_id")
+
+
 def prepare_run_dir(cfg: Config) -> Path:
     from learner import checkpoint
 
-    run_dir = Path(cfg.run_dir or time.strftime("runs/%Y%m%d-%H%M%S")).resolve()
+    run_dir = Path(cfg.run_dir or default_run_dir()).resolve()
     cfg.run_dir = str(run_dir)  # absolute: the actors' working directories may differ
     if cfg.resume:
         checkpoint.latest(run_dir)  # fail now, with the reason, not after starting the cluster
@@ -76,12 +100,24 @@ def prepare_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
+def finished(run_dir: Path, steps: int) -> bool:
+    """Whether the run in `run_dir` has done `steps` steps and written its final model."""
+    from learner import checkpoint
+
+    return (run_dir / "final").is_dir() and checkpoint.step_of(checkpoint.latest(run_dir)) >= steps
+
+
 def run(cfg: Config) -> RunSummary:
     """Train; everything the run writes goes under cfg.run_dir."""
     from deploy.launch import init_ray, launch, shutdown
 
     started = time.perf_counter()
     run_dir = prepare_run_dir(cfg)
+    logs.driver_file(run_dir)
+    log.info("run directory: %s", run_dir)
+    if cfg.resume and finished(run_dir, cfg.steps):
+        log.info("the run is already complete (%d steps); its model is in %s", cfg.steps, run_dir / "final")
+        return RunSummary(steps=cfg.steps, complete=True)
     prompts = data.load_prompts(cfg.data, models.tokenizer_for(cfg.model.name, cfg.model.cache_dir))
     log.info("%d train prompts, %d eval prompts (%d over data.max_prompt_tokens, %s)",
              len(prompts.train), len(prompts.eval), prompts.overlong,
@@ -97,7 +133,8 @@ def run(cfg: Config) -> RunSummary:
             raise
         # Rollout workers are restarted and served in the loop; the learner and the buffer
         # hold the run's state, which lives on in the last checkpoint.
-        raise RunError(f"{e}; continue from the last checkpoint with --resume --run-dir {run_dir}") from None
+        raise RunError(f"{e}; its log is in {logs.log_dir(run_dir)}; continue from the last "
+                       f"checkpoint with --resume --run-dir {run_dir}") from None
     finally:
         shutdown(cluster)
 

@@ -41,7 +41,12 @@ def complete(run_dir: str | Path) -> list[Path]:
     if not root(run_dir).is_dir():
         return []
     found = [p for p in root(run_dir).iterdir() if p.is_dir() and _NAME.fullmatch(p.name)]
-    return sorted(found, key=lambda p: int(_NAME.fullmatch(p.name).group(1)))
+    return sorted(found, key=step_of)
+
+
+def step_of(directory: Path) -> int:
+    """The learner step a checkpoint directory holds."""
+    return int(_NAME.fullmatch(directory.name).group(1))
 
 
 def latest(run_dir: str | Path) -> Path:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, get_scheduler
 from trl.trainer.utils import entropy_from_logits
 
-from common import models
+from common import logs, models
 from common.config import Config, cpu_threads
 from common.types import RolloutGroup, RunState, RunSummary
 from common.weight_sync import (
@@ -34,6 +34,8 @@ SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "
 class Learner:
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        if cfg.run_dir:
+            logs.actor_file(cfg.run_dir, "learner")
         # Resolved here, not by the driver: this may be another node (presets build, hub ids
         # download, on the node that needs them).
         self.model_path = model_path = str(models.resolve(cfg.model.name, cfg.model.cache_dir))

@@ -119,6 +119,8 @@ def cluster(tmp_path_factory):
         # whenever ~/.ray/auth_token exists, and a worker node must then present the same token.
         "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
         "RAY_USAGE_STATS_ENABLED": "0", MARK: mark,
+        # Where a job without --run-dir writes (the drivers of its jobs inherit it).
+        "GRPO_RAY_RUNS": str(temp / "runs"),
     })
     c = LocalCluster(gcs=f"127.0.0.1:{gcs_port}", dashboard=f"http://127.0.0.1:{dash_port}",
                      env=env, mark=mark)
@@ -169,14 +171,16 @@ def test_bad_config_job_fails_with_one_line_error(cluster, tmp_path):
 
 
 def test_submitted_job_trains_with_workers_on_the_second_node(cluster, tmp_path):
-    run_dir = tmp_path / "run"
     job = f"train-{uuid.uuid4().hex[:8]}"
     started = time.perf_counter()
-    proc = cluster.submit(job, "--run-dir", str(run_dir), "--rollout.num-workers", "2",
-                          "--cluster.rollout-resource", "rollout", *TRAIN)
+    # No --run-dir: the job's working directory is deleted with it, so the run must go elsewhere.
+    proc = cluster.submit(job, "--rollout.num-workers", "2", "--cluster.rollout-resource", "rollout",
+                          *TRAIN)
     print(f"training job ended in {time.perf_counter() - started:.1f} s")
     assert proc.returncode == 0, proc.stdout[-5000:]
     assert f"Job '{job}' succeeded" in cluster.status(job)
+    [run_dir] = (Path(cluster.env["GRPO_RAY_RUNS"])).glob(f"*-{job}")
+    assert f"run directory: {run_dir}" in cluster.logs(job)
 
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in history] == [1, 2, 3]

@@ -5,6 +5,7 @@ resumed must match one that ran straight through."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,10 @@ SHORT = ["--steps", str(STEPS), "--data.eval-prompts", "16", "--learner.checkpoi
          "--rollout.kv-cache-gib", "0.5", "--logging.progress", "lines"]
 
 
-def train(run_dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "deploy.train", "--run-dir", str(run_dir), *SHORT, *args],
+def train(run_dir: Path, *args: str, check: bool = True, short: bool = True) -> subprocess.CompletedProcess:
+    """`python -m deploy.train --run-dir RUN_DIR [SHORT] ARGS`, its output captured."""
+    proc = subprocess.run([sys.executable, "-m", "deploy.train", "--run-dir", str(run_dir),
+                           *(SHORT if short else []), *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
         pytest.fail(f"deploy.train exited {proc.returncode}:\n{proc.stderr[-3000:]}")
@@ -38,10 +41,16 @@ def fifths(history: list[dict]) -> tuple[float, float]:
 
 
 @pytest.fixture(scope="module")
-def sync_run(tmp_path_factory) -> Path:
+def sync_console(tmp_path_factory) -> tuple[Path, str]:
+    """The synchronous run of this module, and what it printed."""
     run_dir = tmp_path_factory.mktemp("sync") / "run"
-    train(run_dir)
-    return run_dir
+    proc = train(run_dir)
+    return run_dir, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def sync_run(sync_console) -> Path:
+    return sync_console[0]
 
 
 def assert_learned(run_dir: Path, steps: int = STEPS) -> None:
@@ -67,6 +76,20 @@ def test_sync_grpo_raises_the_reward(sync_run):
     assert (sync_run / "config.yaml").is_file()
     kept = sorted(p.name for p in (sync_run / "checkpoints").iterdir())
     assert kept == ["step_000012", "step_000016"]  # keep_checkpoints = 2
+
+
+def test_the_console_shows_the_run_and_the_logs_hold_the_rest(sync_console):
+    run_dir, console = sync_console
+    lines = [line for line in console.splitlines() if line.strip()]
+    own = re.compile(r"(\d\d:\d\d:\d\d grpo-ray: .+|step +\d+/\d+  .+|eval reward before training: .+)")
+    assert [line for line in lines if not own.fullmatch(line)] == []  # no library's warnings
+    assert sum(line.startswith("step ") for line in lines) == STEPS
+    assert len(lines) <= STEPS + 16, console  # start-up, a line per step, results
+    assert f"run directory: {run_dir}" in console
+    engine_log = (run_dir / "logs" / "rollout-worker-0.log").read_text()
+    learner_log = (run_dir / "logs" / "learner.log").read_text()
+    assert "vllm" in engine_log.lower() and learner_log is not None  # what the console left out
+    assert (run_dir / "logs" / "driver.log").read_text().count("grpo-ray: run directory") == 1
 
 
 def test_final_model_loads_with_pipeline_and_generates(sync_run):
@@ -104,10 +127,19 @@ def test_resumed_run_matches_the_uninterrupted_one(sync_run, tmp_path):
 
     refused = train(run_dir, check=False)  # the run dir is taken: resume or choose another
     assert refused.returncode == 2 and "--resume" in refused.stderr
+    other = train(run_dir, "--resume", "--model.name", "pythia-70m-shape", check=False, short=False)
+    assert other.returncode == 2 and other.stderr.strip().splitlines() == [
+        "config error: cannot change model.name when resuming: the run has 'tiny', the command "
+        "line says 'pythia-70m-shape' (only steps, stop_after, logging.* and timeouts may change)"]
 
-    train(run_dir, "--resume")
+    train(run_dir, "--resume", short=False)  # the run's own config: 16 steps, not the default 40
     resumed, straight = metrics(run_dir), metrics(sync_run)
     assert [m["step"] for m in resumed] == list(range(1, STEPS + 1))  # none repeated or skipped
     for a, b in zip(resumed, straight):
         assert a["reward"] == pytest.approx(b["reward"], abs=0.05), f"step {a['step']}"
     assert resumed[-1]["eval_reward"] == pytest.approx(straight[-1]["eval_reward"], abs=0.05)
+
+    exported = (run_dir / "final" / "model.safetensors").stat().st_mtime_ns
+    again = train(run_dir, "--resume", short=False)
+    assert "the run is already complete (16 steps)" in again.stderr
+    assert (run_dir / "final" / "model.safetensors").stat().st_mtime_ns == exported  # not redone

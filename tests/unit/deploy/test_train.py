@@ -1,0 +1,30 @@
+"""The driver's pure parts: where a run writes by default, locally and as a Ray job."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from deploy.train import default_run_dir, ray_job_id
+
+JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def test_a_local_run_writes_under_runs_in_the_working_directory(monkeypatch):
+    monkeypatch.delenv(JOB_ENV, raising=False)
+    assert ray_job_id() is None
+    path = default_run_dir()
+    assert path.parent == Path("runs") and re.fullmatch(r"\d{8}-\d{6}", path.name)
+
+
+def test_a_ray_job_writes_where_it_outlives_the_jobs_working_directory(monkeypatch, tmp_path):
+    # What Ray's job supervisor sets in its driver's environment.
+    monkeypatch.setenv(JOB_ENV, json.dumps({"runtime_env": {}, "metadata": {
+        "job_submission_id": "raysubmit_abc123", "job_name": "raysubmit_abc123"}}))
+    assert ray_job_id() == "raysubmit_abc123"
+    monkeypatch.setenv("GRPO_RAY_RUNS", str(tmp_path))
+    path = default_run_dir()
+    assert path.parent == tmp_path and re.fullmatch(r"\d{8}-\d{6}-raysubmit_abc123", path.name)
+    monkeypatch.delenv("GRPO_RAY_RUNS")
+    assert default_run_dir().parent == Path("~/grpo-ray/runs").expanduser()
