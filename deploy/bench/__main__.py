@@ -23,6 +23,16 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from deploy.bench.end_to_end import EndToEndResult
+    from deploy.bench.generation import GenerationResult
+    from deploy.bench.machine import ModelShape
+    from deploy.bench.peak import PeakResult
+    from deploy.bench.scaling import ScalingResult
+    from deploy.bench.time_to_reward import TimeToRewardResult
+    from deploy.bench.weight_sync import WeightSyncResult
 
 # Run in this order: scaling before generation lets the smoke run share one cluster.
 SECTIONS = ("peak", "scaling", "generation", "weight_sync", "e2e", "time_to_reward")
@@ -120,6 +130,7 @@ class Benchmark:
         from deploy.bench import machine
         from deploy.bench.cluster import ClusterPool
         from deploy.bench.end_to_end import Runner, our_config
+        from deploy.bench.results import BenchResults
 
         self.args, self.sections = args, sections
         self.out = Path(args.out).resolve()
@@ -128,9 +139,9 @@ class Benchmark:
                                   args.gen_tokens, None, 1, 0, self.extra)
         self.pool = ClusterPool(base)
         self.runner = Runner(self.out)
-        self.results = {"machine": machine.info(), "command": command,
-                        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                        "settings": dataclasses.asdict(args), "sections": {}}
+        self.results = BenchResults(machine=machine.info(), command=command,
+                                    started=time.strftime("%Y-%m-%d %H:%M:%S"),
+                                    settings=dataclasses.asdict(args))
         self.failed: list[str] = []
 
     def run(self) -> int:
@@ -148,37 +159,44 @@ class Benchmark:
 
     def _section(self, name: str, fn) -> None:
         from deploy.bench import report
+        from deploy.bench.results import Failed
 
         log.info("=== %s", name)
         start = time.perf_counter()
         try:
-            self.results["sections"][name] = fn()
+            result = fn()
         except Exception as e:  # one broken section must not cost the others' numbers
             log.exception("section %s failed", name)
-            self.results["sections"][name] = {"error": f"{type(e).__name__}: {e}"}
+            result = Failed(f"{type(e).__name__}: {e}")
             self.failed.append(name)
-        self.results["sections"][name]["section_s"] = time.perf_counter() - start
+        setattr(self.results.sections, name, result)  # each section has its field in Sections
+        self.results.section_s[name] = time.perf_counter() - start
         report.write(self.out, self.results)
 
     # --- sections ------------------------------------------------------------------------------
 
     @property
     def peak_gflops(self) -> float:
-        return self.results["sections"]["peak"]["gflops"]
+        from deploy.bench.peak import PeakResult
 
-    def _shape(self, name: str) -> dict:
+        peak = self.results.sections.peak
+        if not isinstance(peak, PeakResult):
+            raise RuntimeError("no matmul peak to measure against: the peak section failed")
+        return peak.gflops
+
+    def _shape(self, name: str) -> ModelShape:
         from common import models
         from deploy.bench import machine
 
         return machine.model_shape(name, models.resolve(name, self.pool.base.model.cache_dir))
 
-    def peak(self) -> dict:
+    def peak(self) -> PeakResult:
         from deploy.bench import peak
 
         sizes = (1024, 2048) if self.args.smoke else (2048, 4096)
         return peak.measure(self.args.threads, sizes)
 
-    def generation(self) -> dict:
+    def generation(self) -> GenerationResult:
         import ray
 
         from common import models
@@ -190,35 +208,37 @@ class Benchmark:
         model_dir = str(models.resolve(a.preset, running.cfg.model.cache_dir))
         hf = ray.remote(num_cpus=a.threads)(generation.HFGenerator).remote(model_dir, a.threads)
         try:
-            batches = {
-                str(b): generation.run(running, hf, prompts.first(running.cfg, b // a.group_size),
-                                       a.group_size, shape, self.peak_gflops, a.repeats)
-                for b in a.gen_batches}
+            batches = [generation.run(running, hf, prompts.first(running.cfg, b // a.group_size),
+                                      a.group_size, shape, self.peak_gflops, a.repeats)
+                       for b in a.gen_batches]
         finally:
             ray.kill(hf)
         r = running.cfg.rollout
-        return {"model": shape, "batches": batches, "config": {
+        return generation.GenerationResult(model=shape, batches=batches, config={
             "G": a.group_size, "completion tokens": r.max_tokens, "temperature": r.temperature,
-            "top_p": r.top_p, "threads each side": a.threads, "best of": a.repeats}}
+            "top_p": r.top_p, "threads each side": a.threads, "best of": a.repeats})
 
-    def scaling(self) -> dict:
+    def scaling(self) -> ScalingResult:
         from deploy.bench import prompts, scaling
 
         a = self.args
         running = self.pool.get(a.preset, 2, 1)
         batch = max(a.gen_batches)
         chosen = prompts.first(running.cfg, batch // a.group_size)
-        result = scaling.run(running, chosen, a.group_size, a.repeats)
+        one, two = scaling.run(running, chosen, a.group_size, a.repeats)
+        config = {"completions": batch, "G": a.group_size,
+                  "completion tokens": running.cfg.rollout.max_tokens,
+                  "CPUs per worker": running.cfg.rollout.num_cpus, "best of": a.repeats}
+        over = None
         if not a.smoke:  # a third cluster: worth it only for the real numbers
             crowded = self.pool.get(a.preset, 2, 1, threads=os.cpu_count() or 1)
-            result["oversubscribed"] = scaling.oversubscribed(crowded, chosen, a.group_size, a.repeats)
-        return {"model": self._shape(a.preset), **result, "config": {
-            "completions": batch, "G": a.group_size,
-            "completion tokens": running.cfg.rollout.max_tokens,
-            "CPUs per worker": running.cfg.rollout.num_cpus, "best of": a.repeats}}
+            over = scaling.oversubscribed(crowded, chosen, a.group_size, a.repeats)
+        return scaling.ScalingResult(model=self._shape(a.preset), config=config,
+                                     completions=batch, one=one, two=two, oversubscribed=over)
 
-    def weight_sync(self) -> dict:
+    def weight_sync(self) -> WeightSyncResult:
         from deploy.bench import weight_sync
+        from deploy.bench.results import Failed
 
         a = self.args
         # The running cluster's model first: its engines are already up.
@@ -228,52 +248,35 @@ class Benchmark:
         for preset in order:
             try:
                 running = self.pool.get(preset, 1)
-                presets[preset] = {"model": self._shape(preset),
-                                   **weight_sync.run(running, a.threads, a.repeats)}
+                presets[preset] = weight_sync.run(running, self._shape(preset), a.threads,
+                                                  a.repeats)
             except Exception as e:
                 log.exception("weight sync of %s failed", preset)
-                presets[preset] = {"error": f"{type(e).__name__}: {e}"}
+                presets[preset] = Failed(f"{type(e).__name__}: {e}")
                 self.failed.append(f"weight_sync {preset}")
-        return {"presets": {p: presets[p] for p in a.sync_presets}, "config": {
-            "transports": "shm, broadcast (gloo)", "engines": 1, "memcpy threads": a.threads,
-            "best of": a.repeats}}
+        return weight_sync.WeightSyncResult(
+            presets={p: presets[p] for p in a.sync_presets},
+            config={"transports": "shm, broadcast (gloo)", "engines": 1,
+                    "memcpy threads": a.threads, "best of": a.repeats})
 
-    def e2e(self) -> dict:
+    def e2e(self) -> EndToEndResult:
         from deploy.bench import end_to_end
-        from deploy.bench.end_to_end import our_config
 
         a = self.args
-        cfg = our_config(a.preset, a.group_size, a.e2e_batch, a.e2e_tokens, a.e2e_lr,
-                         a.e2e_steps, 0, self.extra)
-        result = end_to_end.run(self.runner, cfg, self._shape(a.preset), self.peak_gflops,
-                                a.e2e_lags, a.e2e_warmup, a.trl_steps)
-        return {"model": self._shape(a.preset), **result, "config": _run_config(cfg) | {
-            "steps (ours / TRL)": f"{a.e2e_steps} / {a.trl_steps}",
-            "warm-up steps left out": a.e2e_warmup}}
+        cfg = end_to_end.our_config(a.preset, a.group_size, a.e2e_batch, a.e2e_tokens, a.e2e_lr,
+                                    a.e2e_steps, 0, self.extra)
+        return end_to_end.run(self.runner, cfg, self._shape(a.preset), self.peak_gflops,
+                              a.e2e_lags, a.e2e_warmup, a.trl_steps)
 
-    def time_to_reward(self) -> dict:
+    def time_to_reward(self) -> TimeToRewardResult:
         from deploy.bench import time_to_reward
         from deploy.bench.end_to_end import our_config
 
         a = self.args
         cfg = our_config(a.ttr_preset, a.group_size, a.ttr_batch, a.ttr_tokens, a.ttr_lr,
                          a.ttr_steps, 0, self.extra)
-        result = time_to_reward.run(self.runner, cfg, a.ttr_threshold, a.ttr_lags,
-                                    a.ttr_trl_steps)
-        return {"model": self._shape(a.ttr_preset), **result, "config": _run_config(cfg) | {
-            "reward": "+".join(cfg.rollout.rewards),
-            "steps (ours / TRL at most)": f"{a.ttr_steps} / {a.ttr_trl_steps}"}}
-
-
-def _run_config(cfg) -> dict:
-    from deploy.bench.end_to_end import total_threads
-
-    g, l, r = cfg.grpo, cfg.learner, cfg.rollout
-    return {"batch": g.batch_size, "G": g.group_size, "completion tokens": cfg.rollout.max_tokens,
-            "lr": cfg.learning_rate, "beta": g.beta,
-            "loss": g.loss_type, "micro batch": min(l.micro_batch_size, g.batch_size),
-            "ours: learner / worker CPUs": f"{l.num_cpus:g} / {r.num_cpus:g} x {r.num_workers}",
-            "TRL threads": total_threads(cfg)}
+        return time_to_reward.run(self.runner, cfg, self._shape(a.ttr_preset), a.ttr_threshold,
+                                  a.ttr_lags, a.ttr_trl_steps)
 
 
 def main(argv: list[str] | None = None) -> int:

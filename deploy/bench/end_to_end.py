@@ -18,16 +18,99 @@ import os
 import shutil
 import subprocess
 import sys
-import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from common import config as config_lib
 from common import models
 from common.config import Config
 from deploy.bench import flops, prompts
+from deploy.bench.machine import ModelShape
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Step:
+    step: int
+    elapsed_s: float
+    """Seconds from the start of the run to the end of this step."""
+    reward: float
+    """Mean reward of the step's completions."""
+    tokens: float
+    """Completion tokens the step trained on."""
+
+
+@dataclass
+class RunRecord:
+    """A finished training run, ours or TRL's, as the sections read it."""
+
+    run_dir: str
+    first_step_start_s: float
+    """From the start of the run to the start of step 1: its startup."""
+    steps: list[Step]
+    stop_at: float | None = None
+    """The reward TRL's run stopped at (None: it ran all its steps; always None for ours)."""
+
+
+def run_mode(policy_lag: int | None) -> str:
+    """A run in a word: sync, async (one step of lag), lagN, or trl."""
+    if policy_lag is None:
+        return "trl"
+    return {0: "sync", 1: "async"}.get(policy_lag, f"lag{policy_lag}")
+
+
+def run_label(policy_lag: int | None) -> str:
+    """A run as tables and charts name it."""
+    if policy_lag is None:
+        return "TRL GRPOTrainer"
+    if policy_lag == 0:
+        return "ours, synchronous"
+    return f"ours, {policy_lag} step{'s' if policy_lag > 1 else ''} async"
+
+
+@dataclass
+class RunThroughput:
+    """A run's steady state: the steps after its first (warm-up) ones."""
+
+    policy_lag: int | None
+    """Our run's buffer.max_policy_lag (0 synchronous); None for TRL's GRPOTrainer."""
+    steps_measured: int
+    seconds_per_step: float
+    completions_per_s: float
+    tokens_per_s: float
+    mean_completion_tokens: float
+    startup_s: float
+    """From the start of the run to the start of its first step."""
+    model_gflops_per_step: float
+    floor_s_per_step: float
+    """The step's model FLOPs at the measured matmul peak: no system can be faster."""
+    fraction_of_peak: float
+    """`floor_s_per_step` over `seconds_per_step`."""
+    vs_trl: float
+    """Completions/s over TRL's run (1.0 for TRL's own)."""
+    run_dir: str
+
+    @property
+    def mode(self) -> str:
+        return run_mode(self.policy_lag)
+
+    @property
+    def label(self) -> str:
+        return run_label(self.policy_lag)
+
+
+@dataclass
+class EndToEndResult:
+    model: ModelShape
+    config: dict[str, object]
+    """What the numbers were measured with, as the report labels them."""
+    mean_prompt_tokens: float
+    ours: list[RunThroughput]
+    """In the order they ran (synchronous first)."""
+    trl: RunThroughput
 
 
 def our_config(model: str, group_size: int, batch_size: int, max_tokens: int,
@@ -78,9 +161,9 @@ class Runner:
 
     def __init__(self, out: Path):
         self.out = out / "runs"
-        self.done: dict[str, dict] = {}
+        self.done: dict[str, RunRecord] = {}
 
-    def ours(self, cfg: Config, label: str) -> dict:
+    def ours(self, cfg: Config, label: str) -> RunRecord:
         import ray
 
         from deploy.metrics import read_jsonl
@@ -97,36 +180,31 @@ class Runner:
                  cfg.buffer.max_policy_lag)
         if ray.is_initialized():
             ray.shutdown()  # every run starts its own Ray, as `python -m deploy.train` does
-        start = time.perf_counter()
         try:
             run(cfg)
         finally:
             ray.shutdown()
-        wall = time.perf_counter() - start
         history = read_jsonl(run_dir / "metrics.jsonl")
         first = history[0]
-        record = {
-            "run_dir": str(run_dir), "wall_s": wall,
-            "first_step_start_s": first["elapsed_s"] - first["step_s"],
-            "steps": [{"step": m["step"], "elapsed_s": m["elapsed_s"], "reward": m["reward"],
-                       "tokens": m["train_tokens"], "gen_tokens_per_s": m.get("gen_tokens_per_s"),
-                       "train_s": m.get("train_s"), "sync_s": m.get("sync_s")} for m in history],
-        }
+        record = RunRecord(
+            run_dir=str(run_dir), first_step_start_s=first["elapsed_s"] - first["step_s"],
+            steps=[Step(step=m["step"], elapsed_s=m["elapsed_s"], reward=m["reward"],
+                        tokens=m["train_tokens"]) for m in history])
         self.done[key] = record
         return record
 
-    def trl(self, cfg: Config, label: str, threads: int, stop_at: float | None = None) -> dict:
+    def trl(self, cfg: Config, label: str, threads: int,
+            stop_at: float | None = None) -> RunRecord:
         key = "trl " + json.dumps({**config_lib.to_dict(cfg), "run_dir": "", "threads": threads},
                                   sort_keys=True, default=str)
         cached = self.done.get(key)
-        if cached is not None and cached["stop_at"] in (None, stop_at):
+        if cached is not None and cached.stop_at in (None, stop_at):
             return cached
         run_dir = self._fresh(label)
         spec = spec_for(cfg, threads, str(run_dir / "trainer"), stop_at)
         (run_dir / "spec.json").write_text(json.dumps(spec, indent=1))
         log.info("TRL GRPOTrainer run %s: %s, %d steps", label, cfg.model.name, cfg.steps)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-        start = time.perf_counter()
         with open(run_dir / "trl.log", "w") as logfile:
             proc = subprocess.run([sys.executable, "-m", "deploy.bench.trl_baseline",
                                    str(run_dir / "spec.json"), str(run_dir / "result.json")],
@@ -134,8 +212,9 @@ class Runner:
         if proc.returncode != 0:
             tail = (run_dir / "trl.log").read_text()[-2000:]
             raise RuntimeError(f"TRL baseline exited {proc.returncode}:\n{tail}")
-        record = json.loads((run_dir / "result.json").read_text())
-        record.update(run_dir=str(run_dir), wall_s=time.perf_counter() - start, stop_at=stop_at)
+        result = json.loads((run_dir / "result.json").read_text())
+        record = RunRecord(run_dir=str(run_dir), first_step_start_s=result["first_step_start_s"],
+                           steps=[Step(**step) for step in result["steps"]], stop_at=stop_at)
         shutil.rmtree(run_dir / "trainer", ignore_errors=True)
         self.done[key] = record
         return record
@@ -147,24 +226,31 @@ class Runner:
         return path
 
 
-def steady(record: dict, warmup: int, batch_size: int) -> dict:
-    """Throughput over the steps after the first `warmup` (at least one step is kept)."""
-    steps = record["steps"]
+def throughput(record: RunRecord, policy_lag: int | None, warmup: int, batch_size: int,
+               step_gflops: Callable[[float], float], peak_gflops: float,
+               trl: RunThroughput | None = None) -> RunThroughput:
+    """The run's throughput over the steps after the first `warmup` (at least one step is kept),
+    its model FLOPs/s against the peak, and its completions/s over TRL's run (`trl`; None if
+    this is TRL's). `step_gflops` gives a step's model GFLOPs from its mean completion length."""
+    steps = record.steps
     warmup = min(warmup, len(steps) - 1)
-    start = steps[warmup - 1]["elapsed_s"] if warmup else record["first_step_start_s"]
+    start = steps[warmup - 1].elapsed_s if warmup else record.first_step_start_s
     measured = steps[warmup:]
-    seconds = measured[-1]["elapsed_s"] - start
-    tokens = sum(s["tokens"] for s in measured)
-    return {"steps_measured": len(measured), "seconds_per_step": seconds / len(measured),
-            "completions_per_s": batch_size * len(measured) / seconds,
-            "tokens_per_s": tokens / seconds,
-            "mean_completion_tokens": tokens / (batch_size * len(measured)),
-            "startup_s": record["first_step_start_s"]}
-
-
-def run_name(lag: int) -> str:
-    """How results name our run with `buffer.max_policy_lag` = lag."""
-    return {0: "ours_sync", 1: "ours_async"}.get(lag, f"ours_lag{lag}")
+    seconds = measured[-1].elapsed_s - start
+    tokens = sum(s.tokens for s in measured)
+    completions = batch_size * len(measured)
+    gflops = step_gflops(tokens / completions)
+    floor = gflops / peak_gflops
+    seconds_per_step = seconds / len(measured)
+    completions_per_s = completions / seconds
+    return RunThroughput(
+        policy_lag=policy_lag, steps_measured=len(measured), seconds_per_step=seconds_per_step,
+        completions_per_s=completions_per_s, tokens_per_s=tokens / seconds,
+        mean_completion_tokens=tokens / completions, startup_s=record.first_step_start_s,
+        model_gflops_per_step=gflops, floor_s_per_step=floor,
+        fraction_of_peak=floor / seconds_per_step,
+        vs_trl=1.0 if trl is None else completions_per_s / trl.completions_per_s,
+        run_dir=record.run_dir)
 
 
 def with_lag(cfg: Config, lag: int) -> Config:
@@ -173,31 +259,39 @@ def with_lag(cfg: Config, lag: int) -> Config:
     return cfg
 
 
-def run(runner: Runner, cfg: Config, shape: dict, peak_gflops: float, lags: tuple[int, ...],
-        warmup: int, trl_steps: int) -> dict:
+def run_config(cfg: Config) -> dict[str, object]:
+    """The settings of a training run that its results are labelled with."""
+    g, l, r = cfg.grpo, cfg.learner, cfg.rollout
+    return {"batch": g.batch_size, "G": g.group_size, "completion tokens": cfg.rollout.max_tokens,
+            "lr": cfg.learning_rate, "beta": g.beta,
+            "loss": g.loss_type, "micro batch": min(l.micro_batch_size, g.batch_size),
+            "ours: learner / worker CPUs": f"{l.num_cpus:g} / {r.num_cpus:g} x {r.num_workers}",
+            "TRL threads": total_threads(cfg)}
+
+
+def run(runner: Runner, cfg: Config, shape: ModelShape, peak_gflops: float,
+        lags: tuple[int, ...], warmup: int, trl_steps: int) -> EndToEndResult:
     """Ours with each policy lag (0 synchronous, 1 one step ahead), then TRL's, on `cfg`;
     ratios against TRL."""
     g = cfg.grpo
     mean_prompt = prompts.mean_length(prompts.train_prompts(cfg))
-    out: dict = {"mean_prompt_tokens": mean_prompt}
-    records = {run_name(lag): runner.ours(with_lag(cfg, lag),
-                                          f"e2e-{run_name(lag)}-{cfg.model.name}")
-               for lag in lags}
+    records = {lag: runner.ours(with_lag(cfg, lag),
+                                f"e2e-ours_{run_mode(lag)}-{cfg.model.name}") for lag in lags}
     trl_cfg = with_lag(cfg, 0)
     trl_cfg.steps = trl_steps
-    records["trl"] = runner.trl(trl_cfg, f"e2e-trl-{cfg.model.name}", total_threads(cfg))
-    for name, record in records.items():
-        side = steady(record, warmup, g.batch_size)
-        step_flops = flops.grpo_step(shape, cfg.prompts_per_step, g.group_size, mean_prompt,
-                                     side["mean_completion_tokens"])
-        side["model_gflops_per_step"] = step_flops / 1e9
-        side["floor_s_per_step"] = step_flops / 1e9 / peak_gflops
-        side["fraction_of_peak"] = side["floor_s_per_step"] / side["seconds_per_step"]
-        side["run_dir"] = record["run_dir"]
-        out[name] = side
-        log.info("end to end %s: %.2f completions/s, %.0f tokens/s, %.0f%% of peak", name,
-                 side["completions_per_s"], side["tokens_per_s"], 100 * side["fraction_of_peak"])
-    for lag in lags:
-        name = run_name(lag)
-        out[f"{name}_vs_trl"] = out[name]["completions_per_s"] / out["trl"]["completions_per_s"]
-    return out
+    trl_record = runner.trl(trl_cfg, f"e2e-trl-{cfg.model.name}", total_threads(cfg))
+
+    def step_gflops(completion_tokens: float) -> float:
+        return flops.grpo_step(shape, cfg.prompts_per_step, g.group_size, mean_prompt,
+                               completion_tokens) / 1e9
+
+    trl = throughput(trl_record, None, warmup, g.batch_size, step_gflops, peak_gflops)
+    ours = [throughput(record, lag, warmup, g.batch_size, step_gflops, peak_gflops, trl)
+            for lag, record in records.items()]
+    for side in [*ours, trl]:
+        log.info("end to end %s: %.2f completions/s, %.0f tokens/s, %.0f%% of peak", side.mode,
+                 side.completions_per_s, side.tokens_per_s, 100 * side.fraction_of_peak)
+    return EndToEndResult(
+        model=shape, mean_prompt_tokens=mean_prompt, ours=ours, trl=trl,
+        config=run_config(cfg) | {"steps (ours / TRL)": f"{cfg.steps} / {trl_steps}",
+                                  "warm-up steps left out": warmup})

@@ -15,39 +15,42 @@ over prompt and completion of every sequence, 3 F per token, logits on the compl
 
 from __future__ import annotations
 
-
-def _layers(shape: dict) -> float:
-    h = shape["hidden"]
-    return 2 * shape["layers"] * (4 * h * h + 2 * h * shape["ffn"])
+from deploy.bench.machine import ModelShape
 
 
-def _attention(shape: dict, first: int, last: int) -> float:
+def _layers(shape: ModelShape) -> float:
+    h = shape.hidden
+    return 2 * shape.layers * (4 * h * h + 2 * h * shape.ffn)
+
+
+def _attention(shape: ModelShape, first: int, last: int) -> float:
     """Attention FLOPs of the tokens at positions first..last-1 (context = position + 1)."""
     contexts = (last * (last + 1) - first * (first + 1)) / 2
-    return 4 * shape["layers"] * shape["hidden"] * contexts
+    return 4 * shape.layers * shape.hidden * contexts
 
 
-def _logits(shape: dict) -> float:
-    return 2 * shape["hidden"] * shape["vocab"]
+def _logits(shape: ModelShape) -> float:
+    return 2 * shape.hidden * shape.vocab
 
 
-def prefill(shape: dict, prompt_len: float) -> float:
+def prefill(shape: ModelShape, prompt_len: float) -> float:
     return _layers(shape) * prompt_len + _attention(shape, 0, prompt_len) + _logits(shape)
 
 
-def decode(shape: dict, prompt_len: float, completion_len: float) -> float:
+def decode(shape: ModelShape, prompt_len: float, completion_len: float) -> float:
     """The completion's tokens after the first (which the prefill's logits gave)."""
     n = max(completion_len - 1, 0)
     return (_layers(shape) + _logits(shape)) * n + _attention(shape, prompt_len, prompt_len + n)
 
 
-def generation(shape: dict, prompt_lens: list[float], completion_lens: list[list[float]]) -> float:
+def generation(shape: ModelShape, prompt_lens: list[float],
+               completion_lens: list[list[float]]) -> float:
     """FLOPs to sample completion_lens[i] (one length per sample) for prompt i."""
     return sum(prefill(shape, p) + sum(decode(shape, p, c) for c in cs)
                for p, cs in zip(prompt_lens, completion_lens))
 
 
-def training(shape: dict, prompt_len: float, completion_len: float) -> float:
+def training(shape: ModelShape, prompt_len: float, completion_len: float) -> float:
     """Forward and backward of one sequence (3x the forward), logits on its completion."""
     tokens = prompt_len + completion_len
     forward = (_layers(shape) * tokens + _attention(shape, 0, tokens)
@@ -55,7 +58,7 @@ def training(shape: dict, prompt_len: float, completion_len: float) -> float:
     return 3 * forward
 
 
-def grpo_step(shape: dict, prompts: int, group_size: int, prompt_len: float,
+def grpo_step(shape: ModelShape, prompts: int, group_size: int, prompt_len: float,
               completion_len: float) -> float:
     """One GRPO step from mean lengths: generate `prompts` x G completions, train on them."""
     gen = generation(shape, [prompt_len] * prompts, [[completion_len] * group_size] * prompts)

@@ -6,13 +6,60 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 
 import torch
 
-from common.types import Prompt
+from common.types import GenerationStats, Prompt
 from deploy.bench import flops
+from deploy.bench.machine import ModelShape
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationSide:
+    """One side's best call on a batch."""
+
+    seconds: float
+    tokens: int
+    """Completion tokens generated."""
+    completions: int
+    tokens_per_s: float
+    completions_per_s: float
+    model_gflops: float
+    """Model FLOPs of the call (flops.generation), in GFLOP."""
+    fraction_of_peak: float
+    """Model FLOPs/s over the machine's matmul peak."""
+
+
+@dataclass
+class GenerationBatch:
+    """Both sides on one batch of prompts x G completions."""
+
+    completions: int
+    prompts: int
+    mean_prompt_tokens: float
+    ours: GenerationSide
+    """Our rollout worker's `generate`, timed from the driver."""
+    ours_engine: GenerationSide
+    """The same call, timed inside the worker around vLLM's `generate` alone (no scoring, no
+    Ray)."""
+    hf_generate: GenerationSide
+    """Hugging Face `generate`, as TRL's GRPOTrainer samples without vLLM."""
+    ratio_tokens_per_s: float = field(init=False)
+    """Our tokens/s over Hugging Face's."""
+
+    def __post_init__(self):
+        self.ratio_tokens_per_s = self.ours.tokens_per_s / self.hf_generate.tokens_per_s
+
+
+@dataclass
+class GenerationResult:
+    model: ModelShape
+    config: dict[str, object]
+    """What the numbers were measured with, as the report labels them."""
+    batches: list[GenerationBatch]
 
 
 class HFGenerator:
@@ -57,9 +104,11 @@ class HFGenerator:
                 "completion_lens": lengths.view(len(prompt_ids), group_size).tolist()}
 
 
-def measure_ours(worker, prompts: list[Prompt], group_size: int, repeats: int) -> dict:
+def measure_ours(worker, prompts: list[Prompt], group_size: int,
+                 repeats: int) -> tuple[float, GenerationStats, list[list[int]]]:
     """Best of `repeats` calls of the worker's `generate`, timed from the driver (so Ray's
-    transfer of the scored groups counts), after a warm-up call."""
+    transfer of the scored groups counts), after a warm-up call: its wall-clock seconds, the
+    engine's own stats of it and each group's completion lengths."""
     import ray
 
     ray.get(worker.generate.remote(prompts[:1], -1, group_size))
@@ -71,15 +120,12 @@ def measure_ours(worker, prompts: list[Prompt], group_size: int, repeats: int) -
         if best is None or wall < best[0]:
             best = (wall, stats, groups)
     wall, stats, groups = best
-    return {
-        "seconds": wall, "engine_seconds": stats.seconds, "tokens": stats.tokens,
-        "completions": stats.completions,
-        "completion_lens": [[len(ids) for ids in g.completion_ids] for g in groups],
-    }
+    return wall, stats, [[len(ids) for ids in g.completion_ids] for g in groups]
 
 
 def measure_hf(generator, prompts: list[Prompt], group_size: int, max_tokens: int,
-               temperature: float, top_p: float, repeats: int) -> dict:
+               temperature: float, top_p: float, repeats: int) -> tuple[float, list[list[int]]]:
+    """Best of `repeats` calls after a warm-up: its seconds and each group's completion lengths."""
     import ray
 
     ids = [p.token_ids for p in prompts]
@@ -87,32 +133,35 @@ def measure_hf(generator, prompts: list[Prompt], group_size: int, max_tokens: in
     runs = [ray.get(generator.generate.remote(ids, group_size, max_tokens, temperature, top_p, r))
             for r in range(repeats)]
     best = min(runs, key=lambda run: run["seconds"])
-    tokens = sum(sum(lens) for lens in best["completion_lens"])
-    return {"seconds": best["seconds"], "tokens": tokens, "completions": len(prompts) * group_size,
-            "completion_lens": best["completion_lens"]}
+    return best["seconds"], best["completion_lens"]
 
 
-def run(running, hf_generator, prompts: list[Prompt], group_size: int, shape: dict,
-        peak_gflops: float, repeats: int) -> dict:
+def _side(seconds: float, tokens: int, completions: int, model_gflops: float,
+          peak_gflops: float) -> GenerationSide:
+    return GenerationSide(seconds=seconds, tokens=tokens, completions=completions,
+                          tokens_per_s=tokens / seconds, completions_per_s=completions / seconds,
+                          model_gflops=model_gflops,
+                          fraction_of_peak=model_gflops / seconds / peak_gflops)
+
+
+def run(running, hf_generator, prompts: list[Prompt], group_size: int, shape: ModelShape,
+        peak_gflops: float, repeats: int) -> GenerationBatch:
     """Ours and Hugging Face's on one batch; tokens/s and model FLOPs/s as a fraction of peak."""
     r = running.cfg.rollout
     prompt_lens = [len(p.token_ids) for p in prompts]
-    sides = {
-        "ours": measure_ours(running.cluster.workers[0], prompts, group_size, repeats),
-        "hf_generate": measure_hf(hf_generator, prompts, group_size, r.max_tokens, r.temperature,
-                                  r.top_p, repeats),
-    }
-    for name, side in sides.items():
-        side["tokens_per_s"] = side["tokens"] / side["seconds"]
-        side["completions_per_s"] = side["completions"] / side["seconds"]
-        lens = side.pop("completion_lens")
-        side["model_gflops"] = flops.generation(shape, prompt_lens, lens) / 1e9
-        side["fraction_of_peak"] = side["model_gflops"] / side["seconds"] / peak_gflops
+    wall, stats, our_lens = measure_ours(running.cluster.workers[0], prompts, group_size, repeats)
+    hf_seconds, hf_lens = measure_hf(hf_generator, prompts, group_size, r.max_tokens,
+                                     r.temperature, r.top_p, repeats)
+    our_gflops = flops.generation(shape, prompt_lens, our_lens) / 1e9
+    completions = len(prompts) * group_size
+    batch = GenerationBatch(
+        completions=completions, prompts=len(prompts),
+        mean_prompt_tokens=sum(prompt_lens) / len(prompt_lens),
+        ours=_side(wall, stats.tokens, stats.completions, our_gflops, peak_gflops),
+        ours_engine=_side(stats.seconds, stats.tokens, stats.completions, our_gflops, peak_gflops),
+        hf_generate=_side(hf_seconds, sum(map(sum, hf_lens)), completions,
+                          flops.generation(shape, prompt_lens, hf_lens) / 1e9, peak_gflops))
+    for name, s in (("ours", batch.ours), ("hf_generate", batch.hf_generate)):
         log.info("generation %s, %d completions: %.0f tokens/s, %.0f%% of peak", name,
-                 side["completions"], side["tokens_per_s"], 100 * side["fraction_of_peak"])
-    ours = sides["ours"]
-    ours["engine_tokens_per_s"] = ours["tokens"] / ours["engine_seconds"]
-    ours["engine_fraction_of_peak"] = ours["model_gflops"] / ours["engine_seconds"] / peak_gflops
-    return {"completions": len(prompts) * group_size, "prompts": len(prompts),
-            "mean_prompt_tokens": sum(prompt_lens) / len(prompt_lens), **sides,
-            "ratio_tokens_per_s": ours["tokens_per_s"] / sides["hf_generate"]["tokens_per_s"]}
+                 s.completions, s.tokens_per_s, 100 * s.fraction_of_peak)
+    return batch

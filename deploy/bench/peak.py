@@ -4,11 +4,23 @@ threads, the yardstick every "fraction of peak" in the benchmark is measured aga
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
 
-def measure(threads: int, sizes: tuple[int, ...] = (2048, 4096), repeats: int = 5) -> dict:
+@dataclass
+class PeakResult:
+    gflops: float
+    """The best of every size: the peak."""
+    threads: int
+    repeats: int
+    gflops_by_size: dict[int, float]
+    """Best GFLOP/s of n x n matrices, by n."""
+    dtype: str = "float32"
+
+
+def measure(threads: int, sizes: tuple[int, ...] = (2048, 4096), repeats: int = 5) -> PeakResult:
     """Best of `repeats` timed multiplications of n x n float32 matrices, over `sizes`."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -21,8 +33,8 @@ def measure(threads: int, sizes: tuple[int, ...] = (2048, 4096), repeats: int = 
             per_size[n] = 2 * n**3 / best / 1e9
     finally:
         torch.set_num_threads(before)
-    return {"gflops": max(per_size.values()), "threads": threads, "repeats": repeats,
-            "gflops_by_size": per_size, "dtype": "float32"}
+    return PeakResult(gflops=max(per_size.values()), threads=threads, repeats=repeats,
+                      gflops_by_size=per_size)
 
 
 def _timed(fn) -> float:

@@ -9,7 +9,8 @@ from common.types import Prompt
 
 
 def train_prompts(cfg: Config) -> list[Prompt]:
-    return data.load_prompts(cfg.data, models.tokenizer_for(cfg.model.name, cfg.model.cache_dir)).train
+    tokenizer = models.tokenizer_for(cfg.model.name, cfg.model.cache_dir)
+    return data.load_prompts(cfg.data, tokenizer).train
 
 
 def first(cfg: Config, count: int) -> list[Prompt]:

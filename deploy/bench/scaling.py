@@ -7,10 +7,48 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 
+from common.config import cpu_threads
 from common.types import Prompt
+from deploy.bench.machine import ModelShape
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkersThroughput:
+    """The batch split over `workers` rollout workers: the best of the timed rounds."""
+
+    workers: int
+    cpus_each: float
+    """Ray CPUs of each worker."""
+    threads_each: int
+    """Threads each worker's engine runs on."""
+    seconds: float
+    tokens: int
+    tokens_per_s: float
+    completions_per_s: float
+
+
+@dataclass
+class ScalingResult:
+    model: ModelShape
+    config: dict[str, object]
+    """What the numbers were measured with, as the report labels them."""
+    completions: int
+    one: WorkersThroughput
+    two: WorkersThroughput
+    oversubscribed: WorkersThroughput | None
+    """Two workers whose threads together outnumber the cores; None when not measured."""
+    speedup: float = field(init=False)
+    """Two workers' tokens/s over one's."""
+    efficiency: float = field(init=False)
+    """The speedup over linear (2x)."""
+
+    def __post_init__(self):
+        self.speedup = self.two.tokens_per_s / self.one.tokens_per_s
+        self.efficiency = self.speedup / 2
 
 
 def _timed_round(workers: list, prompts: list[Prompt], group_size: int,
@@ -24,38 +62,36 @@ def _timed_round(workers: list, prompts: list[Prompt], group_size: int,
     return time.perf_counter() - start, sum(stats.tokens for _, stats in results)
 
 
-def run(running, prompts: list[Prompt], group_size: int, repeats: int) -> dict:
-    import ray
-
-    workers = running.cluster.workers
-    ray.get([w.generate.remote(prompts[:1], -1, group_size) for w in workers])  # warm-up
-    from common.config import cpu_threads
-
-    out = {"completions": len(prompts) * group_size, "cpus_per_worker": running.cfg.rollout.num_cpus,
-           "threads_per_worker": cpu_threads(running.cfg, "rollout", os.cpu_count() or 1)}
-    for n in (1, 2):
-        seconds, tokens = min((_timed_round(workers[:n], prompts, group_size, i)
-                               for i in range(repeats)), key=lambda run: run[0])
-        out[f"workers_{n}"] = {"seconds": seconds, "tokens": tokens,
-                               "tokens_per_s": tokens / seconds,
-                               "completions_per_s": out["completions"] / seconds}
-        log.info("scaling: %d worker(s): %.0f tokens/s", n, tokens / seconds)
-    out["speedup"] = out["workers_2"]["tokens_per_s"] / out["workers_1"]["tokens_per_s"]
-    out["efficiency"] = out["speedup"] / 2
-    return out
-
-
-def oversubscribed(running, prompts: list[Prompt], group_size: int, repeats: int) -> dict:
-    """Two workers whose threads together outnumber the cores."""
-    import ray
-
-    from common.config import cpu_threads
-
-    workers = running.cluster.workers[:2]
-    ray.get([w.generate.remote(prompts[:1], -1, group_size) for w in workers])  # warm-up
-    seconds, tokens = min((_timed_round(workers, prompts, group_size, i) for i in range(repeats)),
-                          key=lambda run: run[0])
+def _best(running, workers: int, prompts: list[Prompt], group_size: int,
+          repeats: int) -> WorkersThroughput:
+    """Best of `repeats` rounds on the cluster's first `workers` workers (already warm)."""
+    seconds, tokens = min((_timed_round(running.cluster.workers[:workers], prompts, group_size, i)
+                           for i in range(repeats)), key=lambda run: run[0])
     threads = cpu_threads(running.cfg, "rollout", os.cpu_count() or 1)
-    log.info("scaling: 2 workers of %d threads each: %.0f tokens/s", threads, tokens / seconds)
-    return {"threads_per_worker": threads, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "completions_per_s": len(prompts) * group_size / seconds}
+    log.info("scaling: %d worker(s) of %d thread(s) each: %.0f tokens/s", workers, threads,
+             tokens / seconds)
+    return WorkersThroughput(workers=workers, cpus_each=running.cfg.rollout.num_cpus,
+                             threads_each=threads, seconds=seconds, tokens=tokens,
+                             tokens_per_s=tokens / seconds,
+                             completions_per_s=len(prompts) * group_size / seconds)
+
+
+def _warm_up(workers: list, prompts: list[Prompt], group_size: int) -> None:
+    import ray
+
+    ray.get([w.generate.remote(prompts[:1], -1, group_size) for w in workers])
+
+
+def run(running, prompts: list[Prompt], group_size: int,
+        repeats: int) -> tuple[WorkersThroughput, WorkersThroughput]:
+    """One worker, then two, on the same batch."""
+    _warm_up(running.cluster.workers, prompts, group_size)
+    return (_best(running, 1, prompts, group_size, repeats),
+            _best(running, 2, prompts, group_size, repeats))
+
+
+def oversubscribed(running, prompts: list[Prompt], group_size: int,
+                   repeats: int) -> WorkersThroughput:
+    """Two workers whose threads together outnumber the cores."""
+    _warm_up(running.cluster.workers[:2], prompts, group_size)
+    return _best(running, 2, prompts, group_size, repeats)

@@ -5,44 +5,94 @@ from the start of the run (startup included) and from the start of its first ste
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from common.config import Config
-from deploy.bench.end_to_end import Runner, run_name, total_threads, with_lag
+from deploy.bench.end_to_end import (RunRecord, Runner, run_config, run_label, run_mode,
+                                     total_threads, with_lag)
+from deploy.bench.machine import ModelShape
 
 log = logging.getLogger(__name__)
 
 
-def first_reaching(record: dict, threshold: float) -> dict:
-    steps = record["steps"]
-    for s in steps:
-        if s["reward"] >= threshold:
-            return {"reached": True, "step": s["step"], "seconds_incl_startup": s["elapsed_s"],
-                    "seconds_excl_startup": s["elapsed_s"] - record["first_step_start_s"],
-                    "startup_s": record["first_step_start_s"], "run_dir": record["run_dir"]}
-    return {"reached": False, "steps_run": len(steps),
-            "best_reward": max(s["reward"] for s in steps),
-            "startup_s": record["first_step_start_s"], "run_dir": record["run_dir"]}
+@dataclass
+class TimeToRewardSide:
+    """One run: the first step whose mean reward reached the threshold, if any."""
+
+    policy_lag: int | None
+    """Our run's buffer.max_policy_lag (0 synchronous); None for TRL's GRPOTrainer."""
+    step: int | None
+    """The first step that reached the threshold; None if none did."""
+    seconds_incl_startup: float | None
+    """From the start of the run to the end of `step`."""
+    seconds_excl_startup: float | None
+    """From the start of the first step to the end of `step`."""
+    startup_s: float
+    steps_run: int
+    best_reward: float
+    """The best mean reward of a step."""
+    vs_trl_incl_startup: float | None
+    """`seconds_incl_startup` over TRL's; None for TRL's own or when either missed."""
+    vs_trl_excl_startup: float | None
+    run_dir: str
+
+    @property
+    def reached(self) -> bool:
+        return self.step is not None
+
+    @property
+    def mode(self) -> str:
+        return run_mode(self.policy_lag)
+
+    @property
+    def label(self) -> str:
+        return run_label(self.policy_lag)
 
 
-def run(runner: Runner, cfg: Config, threshold: float, lags: tuple[int, ...],
-        trl_steps: int) -> dict:
-    out: dict = {"threshold": threshold}
-    for lag in lags:
-        name = run_name(lag)
-        record = runner.ours(with_lag(cfg, lag), f"ttr-{name}-{cfg.model.name}")
-        out[name] = first_reaching(record, threshold)
+@dataclass
+class TimeToRewardResult:
+    model: ModelShape
+    config: dict[str, object]
+    """What the numbers were measured with, as the report labels them."""
+    threshold: float
+    ours: list[TimeToRewardSide]
+    """In the order they ran (synchronous first)."""
+    trl: TimeToRewardSide
+
+
+def first_reaching(record: RunRecord, threshold: float, policy_lag: int | None,
+                   trl: TimeToRewardSide | None = None) -> TimeToRewardSide:
+    """The run's first step at `threshold`, and how long it took against TRL's run (`trl`; None
+    if this is TRL's)."""
+    startup = record.first_step_start_s
+    hit = next((s for s in record.steps if s.reward >= threshold), None)
+    incl = None if hit is None else hit.elapsed_s
+    excl = None if hit is None else hit.elapsed_s - startup
+    compared = trl is not None and trl.reached and hit is not None
+    return TimeToRewardSide(
+        policy_lag=policy_lag, step=None if hit is None else hit.step,
+        seconds_incl_startup=incl, seconds_excl_startup=excl, startup_s=startup,
+        steps_run=len(record.steps), best_reward=max(s.reward for s in record.steps),
+        vs_trl_incl_startup=incl / trl.seconds_incl_startup if compared else None,
+        vs_trl_excl_startup=excl / trl.seconds_excl_startup if compared else None,
+        run_dir=record.run_dir)
+
+
+def run(runner: Runner, cfg: Config, shape: ModelShape, threshold: float, lags: tuple[int, ...],
+        trl_steps: int) -> TimeToRewardResult:
+    records = {lag: runner.ours(with_lag(cfg, lag), f"ttr-ours_{run_mode(lag)}-{cfg.model.name}")
+               for lag in lags}
     trl_cfg = with_lag(cfg, 0)
     trl_cfg.steps = trl_steps
-    trl = runner.trl(trl_cfg, f"ttr-trl-{cfg.model.name}", total_threads(cfg), threshold)
-    out["trl"] = first_reaching(trl, threshold)
-    for name, side in list(out.items()):
-        if name.startswith("ours") and side["reached"] and out["trl"]["reached"]:
-            for basis in ("incl", "excl"):
-                key = f"seconds_{basis}_startup"
-                out[f"{name}_vs_trl_{basis}_startup"] = side[key] / out["trl"][key]
-        if isinstance(side, dict):
-            log.info("time to reward %s: %s", name,
-                     f"step {side['step']}, {side['seconds_incl_startup']:.1f} s incl. startup, "
-                     f"{side['seconds_excl_startup']:.1f} s excl." if side["reached"] else
-                     f"not reached in {side['steps_run']} steps (best {side['best_reward']:.3f})")
-    return out
+    trl = first_reaching(runner.trl(trl_cfg, f"ttr-trl-{cfg.model.name}", total_threads(cfg),
+                                    threshold), threshold, None)
+    ours = [first_reaching(record, threshold, lag, trl) for lag, record in records.items()]
+    for side in [*ours, trl]:
+        log.info("time to reward %s: %s", side.mode,
+                 f"step {side.step}, {side.seconds_incl_startup:.1f} s incl. startup, "
+                 f"{side.seconds_excl_startup:.1f} s excl." if side.reached else
+                 f"not reached in {side.steps_run} steps (best {side.best_reward:.3f})")
+    return TimeToRewardResult(
+        model=shape, threshold=threshold, ours=ours, trl=trl,
+        config=run_config(cfg) | {"reward": "+".join(cfg.rollout.rewards),
+                                  "steps (ours / TRL at most)": f"{cfg.steps} / {trl_steps}"})

@@ -8,10 +8,54 @@ import copy
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 
 import torch
 
+from deploy.bench.machine import ModelShape
+from deploy.bench.results import Failed
+
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class WeightSyncVariant:
+    """One way of sending the weights: best of the timed pushes."""
+
+    seconds: float
+    """A whole push: the learner sends, the engine receives and reloads."""
+    collectives: int
+    """Buckets the weights travel in (one file for shared memory)."""
+    learner_s: float
+    """The learner's side alone, as it reports it."""
+    engine_s: float
+    """The engine's side alone (receive and reload), as it reports it."""
+    vs_memcpy: float
+    """`seconds` over a plain in-memory copy of the same bytes."""
+
+
+@dataclass
+class WeightSyncPreset:
+    model: ModelShape
+    bytes: int
+    """The weights' size."""
+    memcpy_s: float
+    """Best time to copy `bytes` in memory on `memcpy_threads` threads: the yardstick."""
+    memcpy_threads: int
+    shm: WeightSyncVariant
+    """Through a file in /dev/shm."""
+    broadcast: WeightSyncVariant
+    """By broadcast (gloo on CPU) in 256 MB buckets."""
+    per_tensor: WeightSyncVariant
+    """By broadcast, one collective per tensor: what the buckets buy."""
+
+
+@dataclass
+class WeightSyncResult:
+    config: dict[str, object]
+    """What the numbers were measured with, as the report labels them."""
+    presets: dict[str, WeightSyncPreset | Failed]
+    """By preset name, in the order asked for; a preset that failed keeps its place."""
 
 
 def memcpy_seconds(nbytes: int, threads: int, repeats: int) -> float:
@@ -38,35 +82,34 @@ def _timed_push(push) -> float:
     return time.perf_counter() - start
 
 
-def _parts(push, running, repeats: int) -> dict:
+def _parts(push, running, repeats: int) -> tuple[float, float]:
     """Learner-side and engine-side seconds of one transfer, as each actor reports them."""
     import ray
 
     learner, worker = running.cluster.learner, running.cluster.workers[0]
-    best: dict[str, float] = {}
+    best_send = best_receive = float("inf")
     for _ in range(repeats):
         if push.name == "shm":  # the engine reads what the learner has written
             send = ray.get(learner.send_weights.remote())
             receive = ray.get(worker.receive_weights.remote(0))
         else:  # both sides of a broadcast run at once
             send, receive = ray.get([learner.send_weights.remote(), worker.receive_weights.remote(0)])
-        best = {"learner_s": min(send, best.get("learner_s", send)),
-                "engine_s": min(receive, best.get("engine_s", receive))}
-    return best
+        best_send, best_receive = min(send, best_send), min(receive, best_receive)
+    return best_send, best_receive
 
 
 # (variant, transport, bucket MB): 0 MB puts every tensor in a bucket of its own.
 VARIANTS = (("shm", "shm", 256), ("broadcast", "broadcast", 256), ("per_tensor", "broadcast", 0))
 
 
-def run(running, threads: int, repeats: int) -> dict:
+def run(running, model: ModelShape, threads: int, repeats: int) -> WeightSyncPreset:
     """Each variant from the learner to the cluster's first engine, best of `repeats` pushes
     each (after a warm-up push), through the training job's own transports."""
     from deploy.weight_push import BroadcastPush, weight_push
     from deploy.workers import RolloutWorkers
 
     one = running.first_worker()
-    out: dict = {}
+    timed = []  # (seconds, collectives, learner_s, engine_s) of each variant, as in VARIANTS
     for variant, transport, bucket_mb in VARIANTS:
         cfg = copy.deepcopy(running.cfg)
         cfg.cluster.weight_sync, cfg.cluster.sync_bucket_mb = transport, bucket_mb
@@ -76,16 +119,17 @@ def run(running, threads: int, repeats: int) -> dict:
         try:
             push.push(0)
             seconds = min(_timed_push(push) for _ in range(repeats))
-            collectives = len(push.buckets) if isinstance(push, BroadcastPush) else 0
-            out[variant] = {"seconds": seconds, "collectives": collectives,
-                            **_parts(push, running, repeats)}
+            collectives = len(push.buckets) if isinstance(push, BroadcastPush) else 1
+            timed.append((seconds, collectives, *_parts(push, running, repeats)))
         finally:
             push.close()
-        out["bytes"] = push.nbytes
         log.info("weight sync %s, %s: %.3f s for %.0f MB", running.cfg.model.name, variant,
                  seconds, push.nbytes / 1e6)
-    out["memcpy_s"] = memcpy_seconds(out["bytes"], threads, repeats)
-    out["memcpy_threads"] = threads
-    for variant, _, _ in VARIANTS:
-        out[variant]["vs_memcpy"] = out[variant]["seconds"] / out["memcpy_s"]
-    return out
+    memcpy_s = memcpy_seconds(push.nbytes, threads, repeats)
+    shm, broadcast, per_tensor = (
+        WeightSyncVariant(seconds=seconds, collectives=collectives, learner_s=learner_s,
+                          engine_s=engine_s, vs_memcpy=seconds / memcpy_s)
+        for seconds, collectives, learner_s, engine_s in timed)
+    return WeightSyncPreset(model=model, bytes=push.nbytes, memcpy_s=memcpy_s,
+                            memcpy_threads=threads, shm=shm, broadcast=broadcast,
+                            per_tensor=per_tensor)

@@ -1,18 +1,25 @@
 """The benchmark's arithmetic: model FLOPs, steady-state throughput, time to reward, and the
-report written from a hand-made result (no engines, no Ray)."""
+report written from hand-made results (no engines, no Ray)."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from deploy.bench import flops, report
-from deploy.bench.end_to_end import steady
-from deploy.bench.time_to_reward import first_reaching
+from deploy.bench.end_to_end import EndToEndResult, RunRecord, Step, throughput
+from deploy.bench.generation import GenerationBatch, GenerationResult, GenerationSide
+from deploy.bench.machine import Machine, ModelShape
+from deploy.bench.peak import PeakResult
+from deploy.bench.results import BenchResults, Failed, Sections
+from deploy.bench.scaling import ScalingResult, WorkersThroughput
+from deploy.bench.time_to_reward import TimeToRewardResult, first_reaching
+from deploy.bench.weight_sync import WeightSyncPreset, WeightSyncResult, WeightSyncVariant
 
-PYTHIA_70M = {"name": "pythia-70m-shape", "layers": 6, "hidden": 512, "heads": 8, "ffn": 2048,
-              "vocab": 50304, "tied_embeddings": False, "params": 70_426_624}
+PYTHIA_70M = ModelShape(name="pythia-70m-shape", layers=6, hidden=512, heads=8, ffn=2048,
+                        vocab=50304, tied_embeddings=False, params=70_426_624)
 
 
 def test_forward_flops_per_token_by_hand():
@@ -30,74 +37,209 @@ def test_grpo_step_floor_matches_the_issue():
     assert seconds == pytest.approx(2.6, abs=0.1)
 
 
+def record(startup: float, ends: list[float], rewards: list[float] | None = None,
+           tokens: list[float] | None = None) -> RunRecord:
+    """A run whose step i ends `ends[i]` seconds after the run started."""
+    n = len(ends)
+    return RunRecord(run_dir="r", first_step_start_s=startup, steps=[
+        Step(step=i + 1, elapsed_s=end, reward=(rewards or [0.0] * n)[i],
+             tokens=(tokens or [100] * n)[i]) for i, end in enumerate(ends)])
+
+
 def test_steady_state_leaves_out_the_warm_up_steps():
-    record = {"first_step_start_s": 20.0, "steps": [
-        {"step": 1, "elapsed_s": 30.0, "reward": 0.0, "tokens": 100},
-        {"step": 2, "elapsed_s": 32.0, "reward": 0.0, "tokens": 100},
-        {"step": 3, "elapsed_s": 34.0, "reward": 0.0, "tokens": 120}]}
-    s = steady(record, warmup=1, batch_size=16)
-    assert s["steps_measured"] == 2 and s["seconds_per_step"] == 2.0
-    assert s["completions_per_s"] == 8.0 and s["tokens_per_s"] == 55.0
-    assert steady(record, warmup=0, batch_size=16)["seconds_per_step"] == pytest.approx(14 / 3)
-    assert steady(record, warmup=5, batch_size=16)["steps_measured"] == 1  # keeps the last step
+    run = record(20.0, [30.0, 32.0, 34.0], tokens=[100, 100, 120])
+    # Step 1 is warm-up: steps 2 and 3, 4 s from the end of step 1, 32 completions, 220 tokens.
+    s = throughput(run, 0, warmup=1, batch_size=16, step_gflops=lambda tokens: 0.6 * tokens,
+                   peak_gflops=100.0)
+    assert s.steps_measured == 2 and s.seconds_per_step == 2.0 and s.startup_s == 20.0
+    assert s.completions_per_s == 8.0 and s.tokens_per_s == 55.0
+    # 220 / 32 = 6.875 tokens a completion: 4.125 GFLOP a step, 0.04125 s at 100 GFLOP/s.
+    assert s.mean_completion_tokens == 6.875 and s.model_gflops_per_step == pytest.approx(4.125)
+    assert s.floor_s_per_step == pytest.approx(0.04125)
+    assert s.fraction_of_peak == pytest.approx(0.04125 / 2.0)
+    assert s.vs_trl == 1.0  # no TRL run given: this is TRL's
+    whole = throughput(run, 0, warmup=0, batch_size=16, step_gflops=lambda t: 1.0,
+                       peak_gflops=1.0)
+    assert whole.seconds_per_step == pytest.approx(14 / 3)  # from the start of step 1
+    last = throughput(run, 0, warmup=5, batch_size=16, step_gflops=lambda t: 1.0, peak_gflops=1.0)
+    assert last.steps_measured == 1  # keeps the last step
 
 
 def test_first_reaching_counts_from_the_run_and_from_step_one():
-    record = {"first_step_start_s": 10.0, "run_dir": "r", "steps": [
-        {"step": 1, "elapsed_s": 12.0, "reward": 0.5},
-        {"step": 2, "elapsed_s": 14.0, "reward": 0.95}]}
-    hit = first_reaching(record, 0.9)
-    assert (hit["step"], hit["seconds_incl_startup"], hit["seconds_excl_startup"]) == (2, 14.0, 4.0)
-    miss = first_reaching(record, 0.99)
-    assert not miss["reached"] and miss["best_reward"] == 0.95
+    run = record(10.0, [12.0, 14.0], rewards=[0.5, 0.95])
+    hit = first_reaching(run, 0.9, policy_lag=0)
+    assert (hit.step, hit.seconds_incl_startup, hit.seconds_excl_startup) == (2, 14.0, 4.0)
+    assert hit.reached and hit.vs_trl_incl_startup is None  # no TRL run to compare with
+    miss = first_reaching(run, 0.99, policy_lag=0)
+    assert not miss.reached and miss.best_reward == 0.95 and miss.steps_run == 2
+    # TRL: reached at 28 s, 20 s after its first step started: ours is 14/28 and 4/20 of that.
+    trl = first_reaching(record(8.0, [18.0, 28.0], rewards=[0.1, 0.9]), 0.9, policy_lag=None)
+    ours = first_reaching(run, 0.9, policy_lag=1, trl=trl)
+    assert (ours.vs_trl_incl_startup, ours.vs_trl_excl_startup) == (0.5, 0.2)
+    assert first_reaching(run, 0.99, policy_lag=1, trl=trl).vs_trl_incl_startup is None
+    assert (ours.label, trl.label) == ("ours, 1 step async", "TRL GRPOTrainer")
 
 
-def _side(**extra):
-    return {"seconds_per_step": 2.0, "completions_per_s": 8.0, "tokens_per_s": 500.0,
-            "fraction_of_peak": 0.3, "startup_s": 20.0, "steps_measured": 4,
-            "floor_s_per_step": 0.6, **extra}
+# --- the report, from hand-made results ------------------------------------------------------
+
+MACHINE = Machine(cpu="Test CPU", cores=2, ram_gib=8.0, python="3.11",
+                  versions={"torch": "2", "vllm": "0", "trl": "1", "ray": "2"})
+TINY = ModelShape(name="tiny", layers=2, hidden=128, heads=2, ffn=512, vocab=50304,
+                  tied_embeddings=False, params=13_271_040)
 
 
-def test_report_writes_markdown_json_and_png(tmp_path):
-    machine = {"cpu": "Test CPU", "cores": 2, "ram_gib": 8.0, "python": "3.11",
-               "versions": {"torch": "2", "vllm": "0", "trl": "1", "ray": "2"}}
-    gen_side = {"tokens_per_s": 900.0, "completions_per_s": 14.0, "fraction_of_peak": 0.45,
-                "engine_tokens_per_s": 910.0, "engine_fraction_of_peak": 0.46}
-    results = {"machine": machine, "command": "python -m deploy.bench", "started": "now",
-               "settings": {"smoke": False}, "sections": {
-        "peak": {"gflops": 170.0, "threads": 2, "repeats": 5, "gflops_by_size": {"2048": 170.0}},
-        "generation": {"model": PYTHIA_70M, "config": {"G": 8}, "batches": {"128": {
-            "completions": 128, "ratio_tokens_per_s": 2.0, "ours": gen_side,
-            "hf_generate": {**gen_side, "tokens_per_s": 450.0}}}},
-        "e2e": {"model": PYTHIA_70M, "config": {"batch": 16}, "ours_sync": _side(),
-                "ours_async": _side(), "trl": _side(completions_per_s=0.2),
-                "ours_sync_vs_trl": 40.0, "ours_async_vs_trl": 40.0},
-        "weight_sync": {"config": {}, "presets": {"tiny": {
-            "bytes": 53e6, "memcpy_s": 0.005, "shm": {"seconds": 0.05, "learner_s": 0.005,
-                                                      "engine_s": 0.04, "vs_memcpy": 10.0},
-            "broadcast": {"seconds": 0.1, "engine_s": 0.09, "vs_memcpy": 20.0, "collectives": 1},
-            "per_tensor": {"seconds": 0.3, "engine_s": 0.29, "vs_memcpy": 60.0, "collectives": 28}},
-            "pythia-410m-shape": {"error": "RuntimeError: no room"}}},
-        "scaling": {"model": PYTHIA_70M, "config": {}, "cpus_per_worker": 1, "speedup": 1.8,
-                    "threads_per_worker": 1,
-                    "oversubscribed": {"threads_per_worker": 2, "tokens_per_s": 300.0,
-                                       "completions_per_s": 4.0},
-                    "efficiency": 0.9,
-                    "workers_1": {"tokens_per_s": 400.0, "completions_per_s": 6.0},
-                    "workers_2": {"tokens_per_s": 720.0, "completions_per_s": 11.0}},
-        "time_to_reward": {"model": PYTHIA_70M, "config": {}, "threshold": 0.9,
-                           "ours_sync": {"reached": True, "step": 12, "seconds_incl_startup": 60.0,
-                                         "seconds_excl_startup": 30.0, "startup_s": 30.0},
-                           "trl": {"reached": False, "steps_run": 30, "best_reward": 0.5,
-                                   "startup_s": 3.0}},
-    }}
-    report.write(tmp_path, results)
-    md = (tmp_path / "bench.md").read_text()
-    assert "Test CPU, 2 cores" in md and "pythia-70m-shape (6 layers x 512, 70M params)" in md
-    assert "| end to end sync: completions/s vs TRL | >= 10x | 40.0x | yes |" in md
-    assert "| generation at 128 completions: model FLOPs/s vs peak | >= 50% | 45% | **no** |" in md
-    assert "failed: RuntimeError: no room" in md and "not in 30 steps" in md
-    assert "| 0.100 in 1 (20.0x) | 0.300 in 28 (60.0x) |" in md
-    assert "| 2 | 1 (2 threads: every core) | 300.00 | 4.00 | 0.75x |" in md
-    assert json.loads((tmp_path / "bench.json").read_text())["sections"]["peak"]["gflops"] == 170.0
-    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def gen_side(tokens_per_s: float, fraction: float) -> GenerationSide:
+    return GenerationSide(seconds=1.0, tokens=int(tokens_per_s), completions=16,
+                          tokens_per_s=tokens_per_s, completions_per_s=tokens_per_s / 64,
+                          model_gflops=fraction * 170.0, fraction_of_peak=fraction)
+
+
+def variant(seconds: float, collectives: int, memcpy_s: float) -> WeightSyncVariant:
+    return WeightSyncVariant(seconds=seconds, collectives=collectives, learner_s=seconds / 10,
+                             engine_s=seconds / 2, vs_memcpy=seconds / memcpy_s)
+
+
+def results() -> BenchResults:
+    # End to end, each run 3 steps of 16 completions, the first left out: 32 completions in the
+    # last two steps. Ours synchronous: 4 s for them, 8/s; one step async: 1 s, 32/s; TRL: 20 s,
+    # 1.6/s. So ours is 5x TRL synchronous (target 10x missed) and 20x async (met). A step is
+    # 30 GFLOP, 0.3 s at 100 GFLOP/s: 15% of peak at 2 s a step, 60% at 0.5 s.
+    def e2e_run(lag, run, trl=None):
+        return throughput(run, lag, warmup=1, batch_size=16, step_gflops=lambda t: 30.0,
+                          peak_gflops=100.0, trl=trl)
+
+    trl = e2e_run(None, record(10.0, [20.0, 30.0, 40.0]))
+    e2e = EndToEndResult(model=PYTHIA_70M, config={"batch": 16}, mean_prompt_tokens=20.0,
+                         trl=trl, ours=[e2e_run(0, record(20.0, [30.0, 32.0, 34.0]), trl),
+                                        e2e_run(1, record(20.0, [30.0, 30.5, 31.0]), trl)])
+    # Time to reward 0.9: TRL at 70 s (step 3, 30 s of startup); ours synchronous at 7 s
+    # (step 2, 5 s of startup), 0.1x incl. startup (target 0.2x met) and 2/40 = 0.05x excl.
+    ttr_trl = first_reaching(record(30.0, [50.0, 60.0, 70.0], rewards=[0.1, 0.5, 0.9]), 0.9,
+                             policy_lag=None)
+    ttr = TimeToRewardResult(model=TINY, config={"batch": 32}, threshold=0.9, trl=ttr_trl, ours=[
+        first_reaching(record(5.0, [6.0, 7.0], rewards=[0.2, 0.95]), 0.9, 0, ttr_trl),
+        first_reaching(record(4.0, [6.0, 8.0, 9.0], rewards=[0.2, 0.5, 0.4]), 0.9, 1, ttr_trl)])
+    generation = GenerationResult(model=PYTHIA_70M, config={"G": 8}, batches=[
+        # The small batch reaches 90% of peak, but the target is at 128 completions: 45%.
+        GenerationBatch(completions=16, prompts=2, mean_prompt_tokens=20.0,
+                        ours=gen_side(600.0, 0.9), ours_engine=gen_side(610.0, 0.91),
+                        hf_generate=gen_side(200.0, 0.3)),
+        GenerationBatch(completions=128, prompts=16, mean_prompt_tokens=20.0,
+                        ours=gen_side(900.0, 0.45), ours_engine=gen_side(910.0, 0.46),
+                        hf_generate=gen_side(450.0, 0.2))])
+    sync = WeightSyncResult(config={}, presets={
+        "tiny": WeightSyncPreset(model=TINY, bytes=53_000_000, memcpy_s=0.005, memcpy_threads=2,
+                                 shm=variant(0.012, 1, 0.005), broadcast=variant(0.1, 1, 0.005),
+                                 per_tensor=variant(0.3, 28, 0.005)),
+        "pythia-410m-shape": Failed("RuntimeError: no room"),
+        "pythia-70m-shape": WeightSyncPreset(
+            model=PYTHIA_70M, bytes=282_000_000, memcpy_s=0.02, memcpy_threads=2,
+            shm=variant(0.16, 2, 0.02), broadcast=variant(0.45, 2, 0.02),
+            per_tensor=variant(0.44, 76, 0.02))})
+
+    def workers(n, threads, tokens_per_s):
+        return WorkersThroughput(workers=n, cpus_each=1, threads_each=threads, seconds=10.0,
+                                 tokens=int(10 * tokens_per_s), tokens_per_s=tokens_per_s,
+                                 completions_per_s=tokens_per_s / 64)
+
+    scaling = ScalingResult(model=PYTHIA_70M, config={}, completions=128,
+                            one=workers(1, 1, 400.0), two=workers(2, 1, 720.0),
+                            oversubscribed=workers(2, 2, 300.0))
+    peak = PeakResult(gflops=170.0, threads=2, repeats=5, gflops_by_size={2048: 170.0})
+    return BenchResults(
+        machine=MACHINE, command="python -m deploy.bench", started="now",
+        settings={"smoke": False}, section_s={"peak": 1.0},
+        sections=Sections(peak=peak, scaling=scaling, generation=generation, weight_sync=sync,
+                          e2e=e2e, time_to_reward=ttr))
+
+
+def rows(md: str, heading: str) -> list[str]:
+    """The table rows (header and separator left out) of the section under `heading`."""
+    section = md.split(f"\n## {heading}", 1)[1].split("\n## ", 1)[0]
+    return [line for line in section.splitlines() if line.startswith("| ")][1:]
+
+
+def test_report_targets_say_what_was_met():
+    assert rows(report.markdown(results()), "Targets") == [
+        "| end to end sync: completions/s vs TRL | >= 10x | 5.0x | **no** |",
+        "| end to end sync: model FLOPs/s vs peak | >= 50% | 15% | **no** |",
+        "| end to end async: completions/s vs TRL | >= 10x | 20.0x | yes |",
+        "| end to end async: model FLOPs/s vs peak | >= 50% | 60% | yes |",
+        "| generation at 128 completions: model FLOPs/s vs peak | >= 50% | 45% | **no** |",
+        "| time to reward 0.9: sync vs TRL (incl. startup) | <= 0.2x | 0.10x | yes |",
+        "| weight sync tiny: best transport vs memcpy | <= 3x | 2.4x | yes |",
+        "| weight sync pythia-70m-shape: best transport vs memcpy | <= 3x | 8.0x | **no** |",
+    ]
+
+
+def test_report_tables_put_each_number_in_its_row():
+    md = report.markdown(results())
+    assert "*Machine*: Test CPU, 2 cores, 8.0 GiB RAM; torch 2, vllm 0, trl 1, ray 2." in md
+    assert "**170 GFLOP/s** on 2 thread(s)" in md and "(n=2048: 170 GFLOP/s)" in md
+    assert rows(md, "End to end") == [
+        "| ours, synchronous | 2.00 | 8.00 | 50.00 | 15% | 20.00 | 2 | 5.0x |",
+        "| ours, 1 step async | 0.50 | 32.00 | 200.00 | 60% | 20.00 | 2 | 20.0x |",
+        "| TRL GRPOTrainer | 10.00 | 1.60 | 10.00 | 3% | 10.00 | 2 | 1.0x |",
+    ]
+    assert "*Model*: pythia-70m-shape (6 layers x 512, 70M params). *Config*: batch 16." in md
+    assert "arithmetic floor at the measured peak: 0.30 s." in md
+    assert rows(md, "Time to reward") == [
+        "| ours, synchronous | 2 | 7.00 | 2.00 | 5.00 | 0.10x / 0.05x |",
+        "| ours, 1 step async | not in 3 steps (best 0.500) | - | - | 4.00 | - |",
+        "| TRL GRPOTrainer | 3 | 70.00 | 40.00 | 30.00 | - |",
+    ]
+    assert rows(md, "Generation")[3:] == [
+        "| 128 | ours (rollout worker) | 900.00 | 14.06 | 45% | 2.0x |",
+        "| 128 | ours, engine only | 910.00 |  | 46% |  |",
+        "| 128 | HF generate (TRL's path) | 450.00 | 7.03 | 20% | 1.0x |",
+    ]
+    assert rows(md, "Weight sync") == [
+        "| tiny | 53 | 0.0050 | 0.012 (0.001 + 0.006) | 2.4x | 0.100 in 1 (20.0x) "
+        "| 0.300 in 28 (60.0x) |",
+        "| pythia-410m-shape | - | - | - | - | failed: RuntimeError: no room | - |",
+        "| pythia-70m-shape | 282 | 0.0200 | 0.160 (0.016 + 0.080) | 8.0x | 0.450 in 2 (22.5x) "
+        "| 0.440 in 76 (22.0x) |",
+    ]
+    assert rows(md, "Scaling") == [
+        "| 1 | 1 (1) | 400.00 | 6.25 | 1.00x |",
+        "| 2 | 1 (1) | 720.00 | 11.25 | 1.80x (90% of linear) |",
+        "| 2 | 1 (2 threads: every core) | 300.00 | 4.69 | 0.75x |",
+    ]
+
+
+def test_report_marks_a_failed_section_and_leaves_out_what_did_not_run():
+    r = results()
+    r.sections.e2e = Failed("RuntimeError: TRL baseline exited 1")
+    r.sections.time_to_reward = None
+    md = report.markdown(r)
+    assert "## End to end: a GRPO step, ours vs TRL's GRPOTrainer\n\n**Failed**: " \
+           "`RuntimeError: TRL baseline exited 1`" in md
+    assert "## Time to reward" not in md
+    assert not [row for row in rows(md, "Targets") if "end to end" in row or "time to" in row]
+
+
+def test_report_writes_json_and_png(tmp_path):
+    import matplotlib.image
+
+    report.write(tmp_path, results())
+    written = json.loads((tmp_path / "bench.json").read_text())
+    s = written["sections"]
+    assert s["peak"]["gflops"] == 170.0 and written["section_s"] == {"peak": 1.0}
+    assert [(run["policy_lag"], run["vs_trl"]) for run in s["e2e"]["ours"]] == [(0, 5.0),
+                                                                               (1, 20.0)]
+    assert s["e2e"]["trl"]["policy_lag"] is None and s["e2e"]["trl"]["completions_per_s"] == 1.6
+    assert s["time_to_reward"]["ours"][1]["step"] is None
+    assert s["weight_sync"]["presets"]["pythia-410m-shape"] == {"error": "RuntimeError: no room"}
+    assert s["scaling"]["speedup"] == 1.8 and s["generation"]["batches"][1]["completions"] == 128
+
+    # Five charts, two a row, each 7 x 4.2 inches at 110 dpi; the sixth place is left empty.
+    image = matplotlib.image.imread(tmp_path / "bench.png")[..., :3]
+    assert image.shape == (3 * 462, 2 * 770, 3)
+    ink = (image < 0.95).any(axis=2)
+    blue = (np.abs(image - np.array([0x1F, 0x77, 0xB4]) / 255).max(axis=2) < 0.02)  # C0 bars
+    # The inside of each place (a panel's frame may cross its border by a pixel or two).
+    cells = [(slice(r * 462 + 20, (r + 1) * 462 - 20), slice(c * 770 + 20, (c + 1) * 770 - 20))
+             for r in range(3) for c in range(2)]
+    for cell in cells[:5]:
+        assert ink[cell].mean() > 0.05 and blue[cell].mean() > 0.005
+    assert ink[cells[5]].mean() < 0.001
