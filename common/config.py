@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import msgspec
 import yaml
@@ -25,35 +25,43 @@ class ConfigError(ValueError):
         super().__init__("\n".join(problems))
 
 
-class Rules:
-    """Collects one line per broken rule of a config section: `rules.at_least("steps", 1)`
-    reads as the rule it checks and words the line the same way for every field."""
+class Section:
+    """A config section: its fields, and in `RULES` the bound each numeric one must keep, worded
+    as the error line words it (`"temperature": "> 0"` reads "rollout.temperature must be > 0
+    (got -1)"). Rules that tie several fields together are code, in `problems`."""
 
-    def __init__(self, section: object, prefix: str = ""):
-        self.section, self.prefix, self.lines = section, prefix, []
+    RULES: ClassVar[dict[str, str]] = {}
 
-    def require(self, ok: bool, line: str) -> None:
-        if not ok:
-            self.lines.append(line)
+    def problems(self, prefix: str) -> list[str]:
+        """One line per broken rule of this section (its own and its base classes'), each field
+        named as `prefix` + its name."""
+        rules = {name: rule for cls in reversed(type(self).__mro__) for name, rule in
+                 vars(cls).get("RULES", {}).items()}
+        return [f"{prefix}{name} must be {rule} (got {getattr(self, name)})"
+                for name, rule in rules.items() if not _keeps(getattr(self, name), rule)]
 
-    def check(self, name: str, ok, rule: str, why: str = "") -> None:
-        """`name` must satisfy `ok`, worded as "must be {rule}{why}"; None means unset."""
-        value = getattr(self.section, name)
-        if value is not None and not ok(value):
-            self.require(False, f"{self.prefix}{name} must be {rule}{why} (got {value})")
 
-    def at_least(self, name: str, low: float, why: str = "") -> None:
-        self.check(name, lambda v: v >= low, f">= {low}", why)
-
-    def above(self, name: str, low: float, why: str = "") -> None:
-        self.check(name, lambda v: v > low, f"> {low}", why)
-
-    def within(self, name: str, low: float, high: float, why: str = "") -> None:
-        self.check(name, lambda v: low <= v <= high, f"in {low}..{high}", why)
+def _keeps(value: float | None, rule: str) -> bool:
+    """Whether `value` keeps `rule`: `>= 1`, `> 0` (either may go on to say why),
+    `in 0..65535` (ends included) or `in (0, 1]`; None is an optional field left unset."""
+    if value is None:
+        return True
+    if rule.startswith("in ("):
+        low, high = map(float, rule.removeprefix("in (").removesuffix("]").split(", "))
+        return low < value <= high
+    if rule.startswith("in "):
+        low, high = map(float, rule.removeprefix("in ").split(".."))
+        return low <= value <= high
+    op, bound = rule.split(" ")[:2]
+    return value >= float(bound) if op == ">=" else value > float(bound)
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
+    """The policy: which model, in which dtype, how long its sequences may be."""
+
+    RULES = {"max_model_len": ">= 1"}
+
     name: str = "tiny"
     """Policy to train: a preset (`tiny`, `pythia-70m-shape`, `pythia-410m-shape`), a local
     Hugging Face model directory, or a hub id such as `EleutherAI/pythia-410m-deduped`."""
@@ -65,17 +73,19 @@ class ModelConfig:
     """Where presets are built once and kept; empty means `$GRPO_RAY_CACHE` or
     `~/.cache/grpo-ray`."""
 
-    def problems(self) -> list[str]:
+    def problems(self, prefix: str) -> list[str]:
         from common import models  # torch is heavier than this module
 
-        rules = Rules(self, "model.")
-        rules.at_least("max_model_len", 1)
         problem = models.check_name(self.name)
-        rules.require(problem is None, f"model.name: {problem}")
-        return rules.lines
+        return super().problems(prefix) + ([f"{prefix}name: {problem}"] if problem else [])
+
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
+    """The prompts: where they come from and how they are rendered and cut."""
+
+    RULES = {"max_prompt_tokens": ">= 1", "eval_prompts": ">= 0"}
+
     dataset: str = "bundled"
     """Prompt source: `bundled` (the project's open-ended questions), a Hugging Face dataset
     name, or a local .json/.jsonl/.parquet file."""
@@ -95,14 +105,31 @@ class DataConfig:
     chat_template: bool = True
     """Wrap each prompt as a user message and render it with the tokenizer's chat template."""
 
-    def problems(self) -> list[str]:
-        rules = Rules(self, "data.")
-        rules.at_least("max_prompt_tokens", 1)
-        rules.at_least("eval_prompts", 0)
-        return rules.lines
 
 @dataclass
-class RolloutConfig:
+class ActorResources(Section):
+    """What each actor of a role asks of Ray, and of the machine."""
+
+    RULES = {"num_cpus": "> 0", "num_gpus": ">= 0", "threads": ">= 0"}
+
+    num_cpus: float = 1
+    """Ray CPUs reserved for each of this role's actors."""
+    num_gpus: float = 0
+    """Ray GPUs for each of this role's actors on a GPU cluster (a rollout worker's: its
+    `tensor_parallel_size`)."""
+    threads: int = 0
+    """CPU only: torch and OpenMP threads of each of this role's actors; 0 chooses (see
+    `cpu_threads`)."""
+
+
+@dataclass
+class RolloutConfig(ActorResources):
+    """The rollout workers: how many, how they sample, how completions are scored."""
+
+    RULES = {"num_workers": ">= 1", "max_tokens": ">= 1",
+             "temperature": "> 0", "top_p": "in (0, 1]", "tensor_parallel_size": ">= 1",
+             "gpu_memory_utilization": "in (0, 1]", "kv_cache_gib": "> 0"}
+
     num_workers: int = 1
     """Rollout workers, each owning one vLLM engine."""
     max_tokens: int = 24
@@ -115,12 +142,6 @@ class RolloutConfig:
     """Reward functions: built-in names (see common/rewards.py) or `module:function` paths."""
     reward_weights: tuple[float, ...] = ()
     """One weight per reward function; empty means 1.0 each."""
-    num_cpus: float = 1
-    """Ray CPUs reserved per worker."""
-    num_gpus: float = 0
-    """Ray GPUs per worker on a GPU cluster; set it to `tensor_parallel_size`."""
-    threads: int = 0
-    """CPU only: OpenMP/torch threads per engine; 0 chooses (see `cpu_threads`)."""
     tensor_parallel_size: int = 1
     """GPU only: GPUs one engine shards the model over."""
     gpu_memory_utilization: float = 0.85
@@ -128,33 +149,31 @@ class RolloutConfig:
     kv_cache_gib: float = 1.0
     """CPU only: KV-cache space per engine in GiB (vLLM's default would be half the RAM)."""
 
-    def problems(self) -> list[str]:
+    def problems(self, prefix: str) -> list[str]:
         from common import rewards  # the reward plug-ins may import much
 
-        rules = Rules(self, "rollout.")
-        rules.at_least("num_workers", 1)
-        rules.at_least("max_tokens", 1)
-        rules.above("temperature", 0)
-        rules.check("top_p", lambda v: 0 < v <= 1, "in (0, 1]")
-        rules.require(len(self.rewards) >= 1, "rollout.rewards must name at least one reward function")
-        rules.require(not self.reward_weights or len(self.reward_weights) == len(self.rewards),
-                      f"rollout.reward_weights has {len(self.reward_weights)} weights for "
-                      f"{len(self.rewards)} reward functions")
+        lines = super().problems(prefix)
+        if not self.rewards:
+            lines.append(f"{prefix}rewards must name at least one reward function")
+        if self.reward_weights and len(self.reward_weights) != len(self.rewards):
+            lines.append(f"{prefix}reward_weights has {len(self.reward_weights)} weights for "
+                         f"{len(self.rewards)} reward functions")
         for name in self.rewards:
             try:
                 rewards.resolve(name)
             except rewards.RewardError as e:
-                rules.require(False, f"rollout.rewards: {e}")
-        rules.above("num_cpus", 0)
-        rules.at_least("num_gpus", 0)
-        rules.at_least("threads", 0)
-        rules.above("kv_cache_gib", 0)
-        rules.at_least("tensor_parallel_size", 1)
-        rules.check("gpu_memory_utilization", lambda v: 0 < v <= 1, "in (0, 1]")
-        return rules.lines
+                lines.append(f"{prefix}rewards: {e}")
+        return lines
+
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(Section):
+    """The GRPO objective: groups, advantages, the clipped ratio, KL, off-policy correction."""
+
+    RULES = {"group_size": ">= 2 for group-relative advantages", "batch_size": ">= 1",
+             "epsilon": "> 0", "epsilon_high": "> 0", "beta": ">= 0", "num_iterations": ">= 1",
+             "importance_sampling_cap": ">= 0"}
+
     group_size: int = 8
     """Completions sampled per prompt (G); advantages are relative within a group."""
     batch_size: int = 32
@@ -177,23 +196,23 @@ class GRPOConfig:
     min(exp(logp_old - logp_behaviour), cap), correcting for stale or mismatched rollouts;
     0 turns the correction off."""
 
-    def problems(self) -> list[str]:
-        rules = Rules(self, "grpo.")
-        rules.at_least("group_size", 2, " for group-relative advantages")
-        rules.at_least("batch_size", 1)
-        if self.group_size >= 1 and self.batch_size >= 1:
-            rules.require(self.batch_size % self.group_size == 0,
-                          f"grpo.batch_size ({self.batch_size}) must be a multiple of "
-                          f"grpo.group_size ({self.group_size})")
-        rules.above("epsilon", 0)
-        rules.above("epsilon_high", 0)
-        rules.at_least("beta", 0)
-        rules.at_least("num_iterations", 1)
-        rules.check("importance_sampling_cap", lambda v: v == 0 or v >= 1, "0 (off) or >= 1")
-        return rules.lines
+    def problems(self, prefix: str) -> list[str]:
+        lines = super().problems(prefix)
+        if self.group_size >= 1 and self.batch_size >= 1 and self.batch_size % self.group_size:
+            lines.append(f"{prefix}batch_size ({self.batch_size}) must be a multiple of "
+                         f"{prefix}group_size ({self.group_size})")
+        if 0 < self.importance_sampling_cap < 1:
+            lines.append(f"{prefix}importance_sampling_cap must be 0 (off) or >= 1 "
+                         f"(got {self.importance_sampling_cap})")
+        return lines
+
 
 @dataclass
-class BufferConfig:
+class BufferConfig(Section):
+    """The buffer between the workers and the learner: how stale a group may be."""
+
+    RULES = {"max_policy_lag": ">= 0", "capacity": ">= 0", "timeout_s": "> 0"}
+
     max_policy_lag: int = 0
     """0: synchronous (on-policy) GRPO. k >= 1: generation runs up to k policy versions
     ahead of training; groups older than that are dropped and counted."""
@@ -203,15 +222,15 @@ class BufferConfig:
     timeout_s: float = 600.0
     """Longest wait for a batch (learner) or for room (workers) before the run fails."""
 
-    def problems(self) -> list[str]:
-        rules = Rules(self, "buffer.")
-        rules.at_least("max_policy_lag", 0)
-        rules.at_least("capacity", 0)
-        rules.above("timeout_s", 0)
-        return rules.lines
 
 @dataclass
-class LearnerConfig:
+class LearnerConfig(ActorResources):
+    """The learner: optimizer, schedule, micro-batches, checkpoints, and its resources."""
+
+    RULES = {"learning_rate": "> 0", "warmup_steps": ">= 0",
+             "weight_decay": ">= 0", "max_grad_norm": ">= 0", "micro_batch_size": ">= 1",
+             "checkpoint_every": ">= 0", "keep_checkpoints": ">= 1"}
+
     learning_rate: float | None = None
     """AdamW learning rate; None means the model's own default (3e-2 for the random-init
     `tiny` preset, 1e-6 for Pythia-sized models)."""
@@ -230,29 +249,16 @@ class LearnerConfig:
     the end."""
     keep_checkpoints: int = 2
     """Most recent checkpoints kept on disk."""
-    num_cpus: float = 1
-    """Ray CPUs reserved for the learner."""
-    num_gpus: float = 0
-    """Ray GPUs for the learner on a GPU cluster."""
-    threads: int = 0
-    """CPU only: torch threads for the learner; 0 chooses (see `cpu_threads`)."""
 
-    def problems(self) -> list[str]:
-        rules = Rules(self, "learner.")
-        rules.above("learning_rate", 0)
-        rules.at_least("warmup_steps", 0)
-        rules.at_least("weight_decay", 0)
-        rules.at_least("max_grad_norm", 0)
-        rules.at_least("micro_batch_size", 1)
-        rules.at_least("checkpoint_every", 0)
-        rules.at_least("keep_checkpoints", 1)
-        rules.above("num_cpus", 0)
-        rules.at_least("num_gpus", 0)
-        rules.at_least("threads", 0)
-        return rules.lines
 
 @dataclass
-class ClusterConfig:
+class ClusterConfig(Section):
+    """Where the actors run and how they talk: Ray, devices, weight sync, timeouts."""
+
+    RULES = {"weight_sync_timeout_s": "> 0", "weight_sync_port": "in 0..65535",
+             "sync_bucket_mb": ">= 1", "num_cpus": ">= 0", "call_timeout_s": "> 0",
+             "max_worker_restarts": ">= 0"}
+
     address: str = ""
     """Ray cluster to join: empty starts a local instance (or joins the job's cluster under
     `ray job submit`); `auto` or `host:port` joins a running one."""
@@ -284,18 +290,13 @@ class ClusterConfig:
     """Times Ray restarts a rollout worker that died; its lost groups are counted and
     generated again."""
 
-    def problems(self) -> list[str]:
-        rules = Rules(self, "cluster.")
-        rules.above("weight_sync_timeout_s", 0)
-        rules.within("weight_sync_port", 0, 65535)
-        rules.at_least("sync_bucket_mb", 1)
-        rules.at_least("num_cpus", 0)
-        rules.above("call_timeout_s", 0)
-        rules.at_least("max_worker_restarts", 0)
-        return rules.lines
 
 @dataclass
-class LoggingConfig:
+class LoggingConfig(Section):
+    """What a run reports, and where."""
+
+    RULES = {"eval_every": ">= 0"}
+
     wandb: bool = False
     """Also log to Weights & Biases (`WANDB_MODE=offline` works without a network)."""
     wandb_project: str = "grpo-ray"
@@ -305,10 +306,6 @@ class LoggingConfig:
     eval_every: int = 0
     """Score the eval split every this many steps; 0 only before and after training."""
 
-    def problems(self) -> list[str]:
-        rules = Rules(self, "logging.")
-        rules.at_least("eval_every", 0)
-        return rules.lines
 
 @dataclass
 class Config:
@@ -336,44 +333,39 @@ class Config:
     0 runs to `steps`."""
 
     def problems(self) -> list[str]:
-        """Every problem that would stop or spoil the run, one line each: each section's own,
-        then the rules that tie sections together."""
-        rules = Rules(self)
-        rules.at_least("steps", 1)
-        rules.require(bool(self.run_dir) or not self.resume, "resume needs --run-dir: the run to continue")
-        rules.at_least("stop_after", 0)
-        for section in (self.grpo, self.rollout, self.learner, self.buffer, self.data, self.cluster,
-                        self.logging):
-            rules.lines += section.problems()
+        """Every problem that would stop or spoil the run, one line each: the run's own fields',
+        each section's, then the rules that tie sections together."""
+        lines = [f"{name} must be >= {low} (got {getattr(self, name)})"
+                 for name, low in (("steps", 1), ("stop_after", 0)) if getattr(self, name) < low]
+        if self.resume and not self.run_dir:
+            lines.append("resume needs --run-dir: the run to continue")
+        for name in ("grpo", "rollout", "learner", "buffer", "data", "cluster", "logging"):
+            lines += getattr(self, name).problems(f"{name}.")
         grpo, rollout, buffer = self.grpo, self.rollout, self.buffer
-        if buffer.capacity and grpo.group_size >= 1 and grpo.batch_size >= grpo.group_size:
-            rules.require(buffer.capacity >= self.prompts_per_step,
-                          f"buffer.capacity ({buffer.capacity} groups) cannot hold one batch "
-                          f"({self.prompts_per_step} groups)")
-        rules.require(self.data.max_prompt_tokens + rollout.max_tokens <= self.model.max_model_len,
-                      f"data.max_prompt_tokens ({self.data.max_prompt_tokens}) + rollout.max_tokens "
-                      f"({rollout.max_tokens}) exceeds model.max_model_len ({self.model.max_model_len})")
-        rules.lines += self._device_problems()
-        rules.lines += self.model.problems()
-        return rules.lines
+        if buffer.capacity and grpo.group_size >= 1 and grpo.batch_size >= grpo.group_size \
+                and buffer.capacity < self.prompts_per_step:
+            lines.append(f"buffer.capacity ({buffer.capacity} groups) cannot hold one batch "
+                         f"({self.prompts_per_step} groups)")
+        if self.data.max_prompt_tokens + rollout.max_tokens > self.model.max_model_len:
+            lines.append(f"data.max_prompt_tokens ({self.data.max_prompt_tokens}) + rollout.max_tokens "
+                         f"({rollout.max_tokens}) exceeds model.max_model_len ({self.model.max_model_len})")
+        return lines + self._device_problems() + self.model.problems("model.")
 
     def _device_problems(self) -> list[str]:
         rollout, learner, cluster = self.rollout, self.learner, self.cluster
-        rules = Rules(self)
         if cluster.device == "cpu":
-            rules.require(rollout.num_gpus == 0 and learner.num_gpus == 0,
-                          "cluster.device is cpu but rollout.num_gpus or learner.num_gpus is set")
-            rules.require(rollout.tensor_parallel_size == 1,
-                          "rollout.tensor_parallel_size > 1 needs cluster.device gpu")
+            wrong = {"cluster.device is cpu but rollout.num_gpus or learner.num_gpus is set":
+                     rollout.num_gpus or learner.num_gpus,
+                     "rollout.tensor_parallel_size > 1 needs cluster.device gpu":
+                     rollout.tensor_parallel_size != 1}
         else:
-            rules.require(rollout.num_gpus >= rollout.tensor_parallel_size,
-                          f"rollout.num_gpus ({rollout.num_gpus}) must cover "
-                          f"rollout.tensor_parallel_size ({rollout.tensor_parallel_size})")
-            rules.require(learner.num_gpus >= 1,
-                          f"learner.num_gpus must be >= 1 on a GPU cluster (got {learner.num_gpus})")
-            rules.require(cluster.weight_sync != "shm",
-                          "cluster.weight_sync shm is for CPU engines; use broadcast (NCCL) on GPU")
-        return rules.lines
+            wrong = {f"rollout.num_gpus ({rollout.num_gpus}) must cover rollout.tensor_parallel_size "
+                     f"({rollout.tensor_parallel_size})": rollout.num_gpus < rollout.tensor_parallel_size,
+                     f"learner.num_gpus must be >= 1 on a GPU cluster (got {learner.num_gpus})":
+                     learner.num_gpus < 1,
+                     "cluster.weight_sync shm is for CPU engines; use broadcast (NCCL) on GPU":
+                     cluster.weight_sync == "shm"}
+        return [line for line, broken in wrong.items() if broken]
 
     @property
     def prompts_per_step(self) -> int:

@@ -72,11 +72,25 @@ def run_label(policy_lag: int | None) -> str:
 
 
 @dataclass
-class RunThroughput:
-    """A run's steady state: the steps after its first (warm-up) ones."""
+class RunOf:
+    """Whose run a result is of: ours with some policy lag, or TRL's."""
 
     policy_lag: int | None
     """Our run's buffer.max_policy_lag (0 synchronous); None for TRL's GRPOTrainer."""
+
+    @property
+    def mode(self) -> str:
+        return run_mode(self.policy_lag)
+
+    @property
+    def label(self) -> str:
+        return run_label(self.policy_lag)
+
+
+@dataclass
+class RunThroughput(RunOf):
+    """A run's steady state: the steps after its first (warm-up) ones."""
+
     steps_measured: int
     seconds_per_step: float
     completions_per_s: float
@@ -92,14 +106,6 @@ class RunThroughput:
     vs_trl: float
     """Completions/s over TRL's run (1.0 for TRL's own)."""
     run_dir: str
-
-    @property
-    def mode(self) -> str:
-        return run_mode(self.policy_lag)
-
-    @property
-    def label(self) -> str:
-        return run_label(self.policy_lag)
 
 
 @dataclass

@@ -8,7 +8,7 @@ import logging
 from dataclasses import dataclass
 
 from common.config import Config
-from deploy.bench.end_to_end import (RunRecord, Runner, run_config, run_label, run_mode,
+from deploy.bench.end_to_end import (RunOf, RunRecord, Runner, run_config, run_mode,
                                      total_threads, with_lag)
 from deploy.bench.machine import ModelShape
 
@@ -16,11 +16,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class TimeToRewardSide:
+class TimeToRewardSide(RunOf):
     """One run: the first step whose mean reward reached the threshold, if any."""
 
-    policy_lag: int | None
-    """Our run's buffer.max_policy_lag (0 synchronous); None for TRL's GRPOTrainer."""
     step: int | None
     """The first step that reached the threshold; None if none did."""
     seconds_incl_startup: float | None
@@ -39,14 +37,6 @@ class TimeToRewardSide:
     @property
     def reached(self) -> bool:
         return self.step is not None
-
-    @property
-    def mode(self) -> str:
-        return run_mode(self.policy_lag)
-
-    @property
-    def label(self) -> str:
-        return run_label(self.policy_lag)
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from common.config import Config
 from deploy.launch import LEARNER_BUNDLE, plan
 
@@ -19,14 +21,18 @@ def gpu_config() -> Config:
     return cfg
 
 
-def test_plan_cpu_default():
-    p = plan(Config())
+@pytest.mark.parametrize("cfg, bundles, strategy, learner, worker", [
+    # The learner's bundle first, then one per worker.
+    (Config(), [{"CPU": 1.0}, {"CPU": 1.0}], "PACK", (1, 0), (1, 0)),
+    (gpu_config(), [{"CPU": 8.0, "GPU": 1.0}] + [{"CPU": 4.0, "GPU": 2.0}] * 4, "SPREAD", (8, 1), (4, 2)),
+])
+def test_plan_asks_for_one_bundle_per_actor(cfg, bundles, strategy, learner, worker):
+    p = plan(cfg)
     assert LEARNER_BUNDLE == 0
-    assert p.bundles == [{"CPU": 1.0}, {"CPU": 1.0}]  # learner, then one per worker
-    assert p.strategy == "PACK"
-    assert p.learner == {"num_cpus": 1, "num_gpus": 0}
-    assert p.worker == {"num_cpus": 1, "num_gpus": 0}
-    assert p.total_cpus == 2.0
+    assert (p.bundles, p.strategy) == (bundles, strategy)
+    assert (p.learner, p.worker) == ({"num_cpus": learner[0], "num_gpus": learner[1]},
+                                     {"num_cpus": worker[0], "num_gpus": worker[1]})
+    assert p.total_cpus == sum(b["CPU"] for b in bundles)
 
 
 def test_plan_cpu_one_bundle_per_worker():
@@ -36,15 +42,6 @@ def test_plan_cpu_one_bundle_per_worker():
     p = plan(cfg)
     assert p.bundles == [{"CPU": 1.0}] + [{"CPU": 2.0}] * 3
     assert p.total_cpus == 7.0
-
-
-def test_plan_gpu_cluster():
-    p = plan(gpu_config())
-    assert p.bundles == [{"CPU": 8.0, "GPU": 1.0}] + [{"CPU": 4.0, "GPU": 2.0}] * 4
-    assert p.strategy == "SPREAD"
-    assert p.learner == {"num_cpus": 8, "num_gpus": 1}
-    assert p.worker == {"num_cpus": 4, "num_gpus": 2}
-    assert p.total_cpus == 24.0
 
 
 def test_plan_rollout_resource_pins_workers_not_learner():
