@@ -47,9 +47,10 @@ class RolloutBuffer:
         oldest = current_version - self.max_policy_lag
         async with self._cond:
             def enough() -> bool:
-                while self._groups and self._groups[0].policy_version < oldest:
-                    self._groups.popleft()
-                    self.dropped_stale += 1
+                # Anywhere in the queue: a slower worker's older group can arrive behind a newer one.
+                fresh = deque(g for g in self._groups if g.policy_version >= oldest)
+                self.dropped_stale += len(self._groups) - len(fresh)
+                self._groups = fresh
                 return len(self._groups) >= n
 
             await self._wait(enough, timeout_s,

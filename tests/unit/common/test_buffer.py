@@ -56,6 +56,22 @@ def test_get_drops_groups_older_than_the_lag_bound():
     assert stats["size"] == 1
 
 
+def test_a_stale_group_behind_a_fresh_one_is_dropped_too():
+    async def main():
+        # Two workers of unequal speed: version 3's group arrived before version 1's.
+        buf = RolloutBuffer(capacity=4, max_policy_lag=1)
+        await buf.put([group(0, version=3), group(1, version=1)])
+        getting = asyncio.create_task(buf.get(2, current_version=3))
+        await asyncio.sleep(0)
+        assert not getting.done()  # one fresh group is not two
+        await buf.put([group(2, version=2)])
+        return await getting, buf.stats()
+
+    batch, stats = asyncio.run(main())
+    assert indices(batch) == [0, 2]  # lags 0 and 1; the group of lag 2 never reaches the learner
+    assert (stats["dropped_stale"], stats["consumed"], stats["size"]) == (1, 2, 0)
+
+
 def test_get_waits_for_a_fresh_group_when_the_stale_ones_are_dropped():
     async def main():
         buf = RolloutBuffer(capacity=2, max_policy_lag=0)
