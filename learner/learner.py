@@ -78,7 +78,11 @@ class Learner:
                     logp, old_logps[i], mb.behaviour_logp, ref_logps[i], mb.advantages,
                     mb.completion_mask, loss_type=g.loss_type, epsilon=g.epsilon,
                     epsilon_high=g.epsilon_high, beta=g.beta,
-                    importance_sampling_cap=g.importance_sampling_cap,
+                    # GRPOConfig has only importance_sampling_cap so far (0: off), TRL's
+                    # token_truncate bound
+                    vllm_importance_sampling_correction=g.importance_sampling_cap != 0,
+                    vllm_importance_sampling_mode="token_truncate",
+                    vllm_importance_sampling_clip_max=g.importance_sampling_cap,
                     num_sequences=num_sequences, num_tokens=num_tokens,
                     max_completion_length=self.cfg.rollout.max_tokens,
                 )

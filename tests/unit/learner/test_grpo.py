@@ -14,8 +14,8 @@ from learner.grpo import (
     clipped_surrogate,
     group_advantages,
     grpo_loss,
+    importance_sampling_ratio,
     kl_k3,
-    truncated_importance_weight,
 )
 
 LN = math.log
@@ -32,7 +32,7 @@ def loss_kwargs(**overrides) -> dict:
         epsilon=0.2,
         epsilon_high=None,
         beta=0.0,
-        importance_sampling_cap=0.0,
+        vllm_importance_sampling_correction=False,
         num_sequences=2,
         num_tokens=5,
         max_completion_length=3,
@@ -105,7 +105,7 @@ def ratios_to_logp(ratios) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_clip_both_sides():
     logp, old = ratios_to_logp([[1.5, 0.5, 1.1], [1.5, 0.5, 1.1]])
-    loss, clipped = clipped_surrogate(logp, old, torch.tensor([1.0, -1.0]), epsilon=0.2)
+    loss, clipped = clipped_surrogate(torch.exp(logp - old), torch.tensor([1.0, -1.0]), epsilon=0.2)
     # A > 0: min(r, clip(r)) -> 1.5 clipped to 1.2; 0.5 and 1.1 unclipped
     # A < 0: min(-r, -clip(r)) -> -1.5 kept; 0.5 clipped to 0.8 (-> -0.8); 1.1 kept
     close(loss, [[-1.2, -0.5, -1.1], [1.5, 0.8, 1.1]])
@@ -118,15 +118,16 @@ def test_clip_both_sides():
 def test_clip_higher_widens_only_the_upper_side():
     logp, old = ratios_to_logp([[1.25, 1.5, 0.75]])
     pos = torch.tensor([1.0])
-    loss, clipped = clipped_surrogate(logp, old, pos, epsilon=0.2, epsilon_high=0.28)
+    ratio = torch.exp(logp - old)
+    loss, clipped = clipped_surrogate(ratio, pos, epsilon=0.2, epsilon_high=0.28)
     close(loss[0, :2], [-1.25, -1.28])
     assert clipped[0, :2].tolist() == [False, True]
-    loss, clipped = clipped_surrogate(logp, old, pos, epsilon=0.2)  # epsilon_high None -> 0.2
+    loss, clipped = clipped_surrogate(ratio, pos, epsilon=0.2)  # epsilon_high None -> 0.2
     close(loss[0, :2], [-1.2, -1.2])
     assert clipped[0, :2].tolist() == [True, True]
     # the lower bound stays 1 - epsilon: 0.75 < 0.8 is clipped for A < 0
     neg = torch.tensor([-1.0])
-    loss, clipped = clipped_surrogate(logp, old, neg, epsilon=0.2, epsilon_high=0.28)
+    loss, clipped = clipped_surrogate(ratio, neg, epsilon=0.2, epsilon_high=0.28)
     close(loss[0, 2], 0.8)
     assert clipped[0, 2].item()
 
@@ -146,20 +147,15 @@ def test_kl_k3_known_values():
     close(kl_k3(logp, ref), [[0.1931472, 0.7182818]])
 
 
-# ----- truncated_importance_weight -----
+# ----- importance_sampling_ratio, token_truncate (the project's original truncated IS) -----
 
 
 def test_importance_weight_truncates_at_cap():
     behaviour = torch.zeros(1, 3)
     old = torch.tensor([[LN(2.0), LN(5.0), LN(0.5)]], requires_grad=True)
-    w = truncated_importance_weight(old, behaviour, cap=3.0)
+    w = importance_sampling_ratio(old, behaviour, torch.ones(1, 3), "token_truncate", clip_max=3.0)
     close(w, [[2.0, 3.0, 0.5]])
     assert not w.requires_grad
-
-
-def test_importance_weight_cap_zero_is_off():
-    old = torch.tensor([[LN(2.0), LN(5.0)]])
-    close(truncated_importance_weight(old, torch.zeros(1, 2), cap=0.0), torch.ones(1, 2))
 
 
 # ----- aggregate -----
@@ -202,7 +198,7 @@ def test_aggregate_ignores_nan_and_inf_at_masked_positions():
 
 def test_aggregate_unknown_loss_type_raises():
     with pytest.raises(ValueError):
-        aggregate(LOSS, MASK, "bnpo", num_sequences=2, num_tokens=3, max_completion_length=3)
+        aggregate(LOSS, MASK, "gspo", num_sequences=2, num_tokens=3, max_completion_length=3)
 
 
 # lengths 3, 1, 2, 4; the 9s sit at masked positions
@@ -289,14 +285,16 @@ def test_importance_weight_scales_the_per_token_loss():
     adv = torch.tensor([1.0])
     mask = torch.ones(1, 3)
     kw = loss_kwargs(num_sequences=1, num_tokens=3)
-    out = grpo_loss(logp, logp.detach(), behaviour, None, adv, mask,
-                    **{**kw, "importance_sampling_cap": 3.0})
+    truncate = dict(vllm_importance_sampling_correction=True,
+                    vllm_importance_sampling_mode="token_truncate",
+                    vllm_importance_sampling_clip_max=3.0)
+    out = grpo_loss(logp, logp.detach(), behaviour, None, adv, mask, **{**kw, **truncate})
     # ratio 1, A = 1: per-token loss -w with w = 2, 3 (capped from 5), 0.5
     close(out.loss, -5.5 / 3)
     close(out.is_weight, 5.5 / 3)
-    for cap, behaviour_logp in ((0.0, behaviour), (3.0, None)):  # both mean "correction off"
+    for on, behaviour_logp in ((False, behaviour), (True, None)):  # both mean "correction off"
         out = grpo_loss(logp, logp.detach(), behaviour_logp, None, adv, mask,
-                        **{**kw, "importance_sampling_cap": cap})
+                        **{**kw, **truncate, "vllm_importance_sampling_correction": on})
         close(out.loss, -1.0)
         close(out.is_weight, 1.0)
 
@@ -319,7 +317,8 @@ def test_beta_adds_beta_times_kl():
 def test_metrics_are_detached_scalars():
     logp = torch.tensor(LOGP, requires_grad=True)
     out = grpo_loss(logp, old_with_garbage(), old_with_garbage(), old_with_garbage(), ADV,
-                    PAD_MASK, **loss_kwargs(beta=0.1, importance_sampling_cap=2.0))
+                    PAD_MASK, **loss_kwargs(beta=0.1, vllm_importance_sampling_correction=True,
+                                            vllm_importance_sampling_clip_max=2.0))
     assert isinstance(out, LossOutput)
     assert out.loss.requires_grad and out.loss.dim() == 0
     for metric in (out.clip_fraction, out.kl, out.is_weight):
