@@ -184,7 +184,7 @@ def importance_sampling_ratio(
     old_logp: Tensor,
     behaviour_logp: Tensor,
     mask: Tensor,
-    mode: str = "sequence_mask",
+    mode: str,
     clip_min: float | None = None,
     clip_max: float | None = 3.0,
 ) -> Tensor:
