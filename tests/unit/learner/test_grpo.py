@@ -371,6 +371,27 @@ def test_mask_unscored_drops_the_whole_completion():
     assert out.tolist() == [[0, 0, 0], [1, 1, 1]] and out.dtype == mask.dtype
 
 
+def test_unscored_completion_counts_in_the_loss_unless_masked():
+    rewards = torch.tensor([[1.0, NAN, 0.0]])
+    # scored 1 and 0: mean 0.5, Bessel std sqrt(0.5); the unscored sample gets 0
+    adv = group_advantages(rewards).reshape(-1)
+    a = 0.5 / (math.sqrt(0.5) + 1e-4)
+    close(adv, [a, 0.0, -a])
+    logp = torch.full((3, 2), LN(0.5))
+    ref = torch.full((3, 2), LN(0.25))
+    ref[1] = LN(0.5)  # the unscored row has KL 0 to the reference, the others k3 per token
+    k3 = 0.5 - LN(0.5) - 1
+    kw = loss_kwargs(beta=0.1, num_sequences=3)
+    # as TRL: on policy per-token -A + 0.1 k3; the -A cancel, 4 tokens of KL over all 6 tokens
+    full = torch.ones(3, 2)
+    out = grpo_loss(logp, None, None, ref, adv, full, **{**kw, "num_tokens": 6})
+    close(out.loss, 4 * 0.1 * k3 / 6)
+    # left out: the same sum over the 4 scored tokens
+    mask = mask_unscored(full, rewards.reshape(-1))
+    out = grpo_loss(logp, None, None, ref, adv, mask, **{**kw, "num_tokens": int(mask.sum())})
+    close(out.loss, 4 * 0.1 * k3 / 4)
+
+
 def test_mask_truncated_completions_drops_rows_that_hit_the_limit():
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
     out = mask_truncated_completions(mask, torch.tensor([False, True]))
