@@ -85,7 +85,11 @@ class Learner:
                     logp, old_logps[i], mb.behaviour_logp, ref_logps[i], mb.advantages,
                     mb.completion_mask, loss_type=grpo.loss_type, epsilon=grpo.epsilon,
                     epsilon_high=grpo.epsilon_high, beta=grpo.beta,
-                    importance_sampling_cap=grpo.importance_sampling_cap,
+                    # GRPOConfig has only importance_sampling_cap so far (0: off), TRL's
+                    # token_truncate bound
+                    vllm_importance_sampling_correction=grpo.importance_sampling_cap != 0,
+                    vllm_importance_sampling_mode="token_truncate",
+                    vllm_importance_sampling_clip_max=grpo.importance_sampling_cap,
                     num_sequences=num_sequences, num_tokens=num_tokens,
                     max_completion_length=self.cfg.rollout.max_tokens,
                 )
