@@ -72,15 +72,17 @@ class Learner:
         num_tokens = int(sum(mb.completion_mask.sum() for mb in batches))
         old_logps: list[torch.Tensor | None] = [None] * len(batches)
         ref_logps = [self._ref_logprobs(mb) for mb in batches]
-        sums = dict(loss=0.0, clip_fraction=0.0, kl=0.0, is_weight=0.0)
+        # Token-weighted means over every pass and micro-batch (the loss: per pass, averaged).
+        totals = dict(loss=0.0, clip_fraction=0.0, kl=0.0, is_weight=0.0, entropy=0.0)
         grad_norms = []
 
         for iteration in range(grpo.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             for i, mb in enumerate(batches):
-                # Entropy is only logged: its pass over the vocabulary costs as much as the
-                # log-probs', so it is measured on the first micro-batch of each step.
-                logp, entropy = self._logprobs(self.model, mb, entropy=iteration == 0 and i == 0)
+                first_pass = iteration == 0
+                # Entropy is only logged, and its pass over the vocabulary costs as much as the
+                # log-probs': measured once, on the first pass.
+                logp, entropy = self._logprobs(self.model, mb, entropy=first_pass)
                 out = grpo_loss(
                     logp, old_logps[i], mb.behaviour_logp, ref_logps[i], mb.advantages,
                     mb.completion_mask, loss_type=grpo.loss_type, epsilon=grpo.epsilon,
@@ -94,17 +96,16 @@ class Learner:
                     max_completion_length=self.cfg.rollout.max_tokens,
                 )
                 out.loss.backward()
-                if iteration == 0:
+                share = int(mb.completion_mask.sum()) / max(num_tokens, 1)
+                totals["loss"] += out.loss.item() / grpo.num_iterations
+                for key, value in (("clip_fraction", out.clip_fraction), ("kl", out.kl),
+                                   ("is_weight", out.is_weight)):
+                    totals[key] += float(value) * share / grpo.num_iterations
+                if first_pass:
                     # The first pass runs on the weights that scored the batch: they are the
                     # "old" policy of every later pass, so no extra forward is needed.
                     old_logps[i] = logp.detach()
-                    tokens = int(mb.completion_mask.sum())
-                    sums["loss"] += out.loss.item()
-                    for key, value in (("clip_fraction", out.clip_fraction), ("kl", out.kl),
-                                       ("is_weight", out.is_weight)):
-                        sums[key] += float(value) * tokens / max(num_tokens, 1)
-                    if entropy is not None:
-                        sums["entropy"] = float(masked_mean(entropy, mb.completion_mask))
+                    totals["entropy"] += float(masked_mean(entropy, mb.completion_mask)) * share
             max_norm = self.cfg.learner.max_grad_norm or float("inf")
             grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)))
             self.optimizer.step()
@@ -117,7 +118,7 @@ class Learner:
         lags = [self.version - 1 - grp.policy_version for grp in groups]
         metrics = {
             "step": self.version,
-            **sums,
+            **totals,
             "reward": rewards.mean().item(),
             "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
             "grad_norm": grad_norms[0],

@@ -3,6 +3,7 @@ completions with positive advantage; checkpoints round-trip and never unpickle c
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,40 @@ def test_a_grpo_step_favours_the_rewarded_completion(learner):
     assert learner.version == 1 and metrics["step"] == 1
     assert metrics["reward"] == pytest.approx(0.5) and metrics["train_tokens"] == 6
     assert metrics["is_weight"] == pytest.approx(1.0, abs=1e-4)  # behaviour == learner here
-    assert metrics["clip_fraction"] == 0.0 and metrics["grad_norm"] > 0
+    assert metrics["grad_norm"] > 0
+
+
+def test_a_second_pass_takes_the_first_pass_as_old_and_clips(monkeypatch):
+    cfg = Config()
+    cfg.grpo.group_size, cfg.grpo.batch_size, cfg.grpo.num_iterations = 2, 2, 2
+    cfg.learner.micro_batch_size = 1  # two micro-batches per pass
+    learner = Learner(cfg)
+    calls = []
+
+    def recording(logp, old_logp, *args, **kwargs):
+        calls.append((logp.detach().clone(), None if old_logp is None else old_logp.clone(), args[2]))
+        return grpo_loss(logp, old_logp, *args, **kwargs)
+
+    from learner import learner as learner_module
+    from learner.grpo import grpo_loss
+    monkeypatch.setattr(learner_module, "grpo_loss", recording)
+    metrics = learner.train([group(learner, [1010, 2020, 3030], [4040, 5050, 6060])])
+
+    assert len(calls) == 4  # 2 passes x 2 micro-batches
+    assert calls[0][1] is None and calls[1][1] is None  # pass 1 is on-policy
+    for first, second in ((calls[0], calls[2]), (calls[1], calls[3])):
+        assert torch.equal(second[1], first[0])  # pass 2's old log-probs are pass 1's
+        assert not torch.equal(second[0], first[0])  # and its own moved (lr 3e-2)
+    # The clip fraction, worked out from the recorded log-probs: pass 1 clips nothing (ratio 1);
+    # in pass 2 a token is clipped where its ratio left [0.8, 1.2] on its advantage's side.
+    clipped = 0
+    for logp, old, advantages in calls[2:]:
+        ratio, adv = torch.exp(logp - old), advantages.unsqueeze(-1)
+        clipped += int((((ratio < 0.8) & (adv < 0)) | ((ratio > 1.2) & (adv > 0))).sum())
+    assert clipped > 0  # the precondition: clipping happened
+    assert metrics["clip_fraction"] == pytest.approx(clipped / 6 / 2, abs=1e-6)  # 6 tokens, 2 passes
+    steps = {float(state["step"]) for state in learner.optimizer.state.values()}
+    assert steps == {2.0}  # the optimizer stepped once per pass
 
 
 def test_a_checkpoint_round_trips(learner, tmp_path):
@@ -59,11 +93,25 @@ def test_a_checkpoint_round_trips(learner, tmp_path):
     learner.train(batch)
     saved = learner.save_checkpoint(str(tmp_path), RunState(step=1, eval_before=0.5))
     weights = {k: v.clone() for k, v in learner.model.state_dict().items()}
+    optimizer = copy.deepcopy(learner.optimizer.state_dict())
+    scheduler = copy.deepcopy(learner.scheduler.state_dict())
+    rng = torch.get_rng_state()
     learner.train(batch)
+    torch.rand(3)  # the training process's random state moves on too
+    assert not torch.equal(torch.get_rng_state(), rng)  # the load below must matter
+    assert learner.scheduler.state_dict() != scheduler
+
     assert learner.load_checkpoint(str(tmp_path)) == RunState(step=1, eval_before=0.5)
     assert learner.version == 1 and Path(saved).name == "step_000001"
     for key, value in learner.model.state_dict().items():
         assert torch.equal(value, weights[key]), key
+    loaded = learner.optimizer.state_dict()
+    assert loaded["param_groups"] == optimizer["param_groups"]
+    for index, state in optimizer["state"].items():
+        for key, value in state.items():
+            assert torch.equal(loaded["state"][index][key], value), (index, key)
+    assert learner.scheduler.state_dict() == scheduler
+    assert torch.equal(torch.get_rng_state(), rng)
 
 
 class _Exploit:
