@@ -342,11 +342,12 @@ class Config:
         for name in ("grpo", "rollout", "learner", "buffer", "data", "cluster", "logging"):
             lines += getattr(self, name).problems(f"{name}.")
         grpo, rollout, buffer = self.grpo, self.rollout, self.buffer
-        if buffer.capacity and grpo.group_size >= 1 and grpo.batch_size >= grpo.group_size \
+        if buffer.capacity > 0 and grpo.group_size >= 1 and grpo.batch_size >= grpo.group_size \
                 and buffer.capacity < self.prompts_per_step:
             lines.append(f"buffer.capacity ({buffer.capacity} groups) cannot hold one batch "
                          f"({self.prompts_per_step} groups)")
-        if self.data.max_prompt_tokens + rollout.max_tokens > self.model.max_model_len:
+        if self.model.max_model_len >= 1 and \
+                self.data.max_prompt_tokens + rollout.max_tokens > self.model.max_model_len:
             lines.append(f"data.max_prompt_tokens ({self.data.max_prompt_tokens}) + rollout.max_tokens "
                          f"({rollout.max_tokens}) exceeds model.max_model_len ({self.model.max_model_len})")
         return lines + self._device_problems() + self.model.problems("model.")
@@ -355,9 +356,9 @@ class Config:
         rollout, learner, cluster = self.rollout, self.learner, self.cluster
         if cluster.device == "cpu":
             wrong = {"cluster.device is cpu but rollout.num_gpus or learner.num_gpus is set":
-                     rollout.num_gpus or learner.num_gpus,
+                     rollout.num_gpus > 0 or learner.num_gpus > 0,
                      "rollout.tensor_parallel_size > 1 needs cluster.device gpu":
-                     rollout.tensor_parallel_size != 1}
+                     rollout.tensor_parallel_size > 1}
         else:
             wrong = {f"rollout.num_gpus ({rollout.num_gpus}) must cover rollout.tensor_parallel_size "
                      f"({rollout.tensor_parallel_size})": rollout.num_gpus < rollout.tensor_parallel_size,

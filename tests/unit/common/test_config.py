@@ -43,6 +43,108 @@ def test_each_mistake_gives_one_line_naming_the_field(changes, field):
     assert field in problems[0]
 
 
+# A row per rule: the field, a value just outside its bound, the line it must give (by hand).
+RULE_ROWS = [
+    ("steps", 0, "steps must be >= 1 (got 0)"),
+    ("stop_after", -1, "stop_after must be >= 0 (got -1)"),
+    ("model.max_model_len", 0, "model.max_model_len must be >= 1 (got 0)"),
+    ("data.max_prompt_tokens", 0, "data.max_prompt_tokens must be >= 1 (got 0)"),
+    ("data.eval_prompts", -1, "data.eval_prompts must be >= 0 (got -1)"),
+    ("rollout.num_cpus", 0, "rollout.num_cpus must be > 0 (got 0)"),
+    ("rollout.num_gpus", -1, "rollout.num_gpus must be >= 0 (got -1)"),
+    ("rollout.threads", -1, "rollout.threads must be >= 0 (got -1)"),
+    ("rollout.num_workers", 0, "rollout.num_workers must be >= 1 (got 0)"),
+    ("rollout.max_tokens", 0, "rollout.max_tokens must be >= 1 (got 0)"),
+    ("rollout.temperature", 0.0, "rollout.temperature must be > 0 (got 0.0)"),
+    ("rollout.top_p", 1.01, "rollout.top_p must be in (0, 1] (got 1.01)"),
+    ("rollout.tensor_parallel_size", 0, "rollout.tensor_parallel_size must be >= 1 (got 0)"),
+    ("rollout.gpu_memory_utilization", 0.0, "rollout.gpu_memory_utilization must be in (0, 1] (got 0.0)"),
+    ("rollout.kv_cache_gib", 0.0, "rollout.kv_cache_gib must be > 0 (got 0.0)"),
+    ("grpo.group_size", 1, "grpo.group_size must be >= 2 for group-relative advantages (got 1)"),
+    ("grpo.batch_size", 0, "grpo.batch_size must be >= 1 (got 0)"),
+    ("grpo.epsilon", 0.0, "grpo.epsilon must be > 0 (got 0.0)"),
+    ("grpo.epsilon_high", 0.0, "grpo.epsilon_high must be > 0 (got 0.0)"),
+    ("grpo.beta", -0.01, "grpo.beta must be >= 0 (got -0.01)"),
+    ("grpo.num_iterations", 0, "grpo.num_iterations must be >= 1 (got 0)"),
+    ("grpo.importance_sampling_cap", -1.0, "grpo.importance_sampling_cap must be >= 0 (got -1.0)"),
+    ("grpo.importance_sampling_cap", 0.5, "grpo.importance_sampling_cap must be 0 (off) or >= 1 (got 0.5)"),
+    ("buffer.max_policy_lag", -1, "buffer.max_policy_lag must be >= 0 (got -1)"),
+    ("buffer.capacity", -1, "buffer.capacity must be >= 0 (got -1)"),
+    ("buffer.capacity", 3, "buffer.capacity (3 groups) cannot hold one batch (4 groups)"),
+    ("buffer.timeout_s", 0.0, "buffer.timeout_s must be > 0 (got 0.0)"),
+    ("learner.num_cpus", 0, "learner.num_cpus must be > 0 (got 0)"),
+    ("learner.num_gpus", -1, "learner.num_gpus must be >= 0 (got -1)"),
+    ("learner.threads", -1, "learner.threads must be >= 0 (got -1)"),
+    ("learner.learning_rate", 0.0, "learner.learning_rate must be > 0 (got 0.0)"),
+    ("learner.warmup_steps", -1, "learner.warmup_steps must be >= 0 (got -1)"),
+    ("learner.weight_decay", -0.1, "learner.weight_decay must be >= 0 (got -0.1)"),
+    ("learner.max_grad_norm", -1.0, "learner.max_grad_norm must be >= 0 (got -1.0)"),
+    ("learner.micro_batch_size", 0, "learner.micro_batch_size must be >= 1 (got 0)"),
+    ("learner.checkpoint_every", -1, "learner.checkpoint_every must be >= 0 (got -1)"),
+    ("learner.keep_checkpoints", 0, "learner.keep_checkpoints must be >= 1 (got 0)"),
+    ("cluster.weight_sync_timeout_s", 0.0, "cluster.weight_sync_timeout_s must be > 0 (got 0.0)"),
+    ("cluster.weight_sync_port", 65536, "cluster.weight_sync_port must be in 0..65535 (got 65536)"),
+    ("cluster.sync_bucket_mb", 0, "cluster.sync_bucket_mb must be >= 1 (got 0)"),
+    ("cluster.num_cpus", -1, "cluster.num_cpus must be >= 0 (got -1)"),
+    ("cluster.call_timeout_s", 0.0, "cluster.call_timeout_s must be > 0 (got 0.0)"),
+    ("cluster.max_worker_restarts", -1, "cluster.max_worker_restarts must be >= 0 (got -1)"),
+    ("logging.eval_every", -1, "logging.eval_every must be >= 0 (got -1)"),
+]
+
+
+def with_value(path: str, value) -> Config:
+    cfg = Config()
+    *section, name = path.split(".")
+    setattr(getattr(cfg, section[0]) if section else cfg, name, value)
+    return cfg
+
+
+@pytest.mark.parametrize("path, value, line", RULE_ROWS, ids=[f"{p}={v}" for p, v, _ in RULE_ROWS])
+def test_each_rule_gives_its_line(path, value, line):
+    assert validate(with_value(path, value)) == [line]
+
+
+def test_every_declared_rule_has_a_row():
+    declared = {f"{name}.{field}" for name in ("model", "data", "rollout", "grpo", "buffer",
+                                                "learner", "cluster", "logging")
+                for cls in type(getattr(Config(), name)).__mro__
+                for field in vars(cls).get("RULES", {})}
+    assert declared <= {path for path, _, _ in RULE_ROWS}
+
+
+def numeric_fields() -> list[str]:
+    """Every int or float field of the config (optional ones too), as section.field."""
+    import dataclasses
+    import typing
+
+    def numeric(hint) -> bool:
+        kinds = set(typing.get_args(hint)) - {type(None)} or {hint}
+        return kinds <= {int, float}
+
+    out = [f.name for f in dataclasses.fields(Config) if numeric(typing.get_type_hints(Config)[f.name])]
+    for section in dataclasses.fields(Config):
+        cls = section.default_factory
+        if dataclasses.is_dataclass(cls):
+            hints = typing.get_type_hints(cls)
+            out += [f"{section.name}.{f.name}" for f in dataclasses.fields(cls) if numeric(hints[f.name])]
+    return out
+
+
+ANY_VALUE = {"seed"}  # every integer is a seed
+
+
+@pytest.mark.parametrize("path", [p for p in numeric_fields() if p not in ANY_VALUE])
+def test_a_negative_value_of_any_numeric_field_is_refused_in_one_line(path):
+    problems = validate(with_value(path, -1))
+    assert problems, f"{path} = -1 passes validation"
+    assert any(path in line for line in problems) and all("\n" not in line for line in problems)
+
+
+def test_the_sweep_reaches_every_section():
+    assert {p.split(".")[0] for p in numeric_fields() if "." in p} == {
+        "model", "data", "rollout", "grpo", "buffer", "learner", "cluster", "logging"}
+
+
 def test_group_size_one_line_says_why_and_what_was_given():
     assert problems_after(grpo__group_size=1) == [
         "grpo.group_size must be >= 2 for group-relative advantages (got 1)"]
