@@ -68,8 +68,17 @@ class MetricsLog:
 
 
 def plot_rewards(metrics: list[dict], out: Path, title: str, eval_before: float = math.nan) -> None:
-    """Mean reward per step with a moving average, and the eval-split reward where measured
-    (`eval_before` at step 0)."""
+    """The reward curve (`reward_figure`) as a PNG at `out`."""
+    import matplotlib.pyplot as plt
+
+    fig = reward_figure(metrics, title, eval_before)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def reward_figure(metrics: list[dict], title: str, eval_before: float = math.nan):
+    """Mean reward per step with a moving average over a tenth of the steps, and the eval-split
+    reward where measured (`eval_before` at step 0)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,5 +100,4 @@ def plot_rewards(metrics: list[dict], out: Path, title: str, eval_before: float 
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    return fig

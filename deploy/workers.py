@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+RESTART_POLL_S = 1.0  # how often a restarting worker is asked again
+
 
 class WorkersDied(Exception):
     """Rollout workers whose calls failed because their process died; Ray restarts them."""
@@ -170,7 +172,7 @@ class RolloutWorkers:
             except ray.exceptions.ActorUnavailableError:
                 if time.monotonic() > deadline:
                     raise WaitTimeout(f"waited {self.timeout:.0f} s for rollout worker {i} to restart") from None
-                time.sleep(1.0)
+                time.sleep(RESTART_POLL_S)
             except ray.exceptions.ActorDiedError:
                 raise RunError(f"rollout worker {i} died and Ray could not restart it "
                                f"(cluster.max_worker_restarts={self.max_restarts})") from None

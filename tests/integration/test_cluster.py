@@ -184,6 +184,8 @@ def test_submitted_job_trains_with_workers_on_the_second_node(cluster, tmp_path)
 
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in history] == [1, 2, 3]
+    # The engines on the other node sampled with the learner's broadcast weights at every step.
+    assert all(abs(m["is_weight"] - 1) < 1e-3 for m in history), [m["is_weight"] for m in history]
     assert (run_dir / "final" / "config.json").is_file()
 
     log = cluster.logs(job)

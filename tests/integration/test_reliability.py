@@ -97,7 +97,9 @@ def test_a_killed_rollout_worker_is_restarted_and_training_completes(tmp_path, p
     run_dir = tmp_path / "run"
     proc = start(args(run_dir, prompts_file, 8, "--cluster.weight-sync", transport,
                       "--rollout.num-workers", str(workers), "--buffer.max-policy-lag", "1",
-                      "--cluster.weight-sync-timeout-s", "30"))
+                      "--cluster.weight-sync-timeout-s", "30",
+                      "--rollout.rewards", "explicit_pos", "length",
+                      "--rollout.reward-weights", "1.0", "0.5"))
     wait_for_step(proc, run_dir, 2)
     assert len(actor_processes(proc, "ray::RolloutWorker")) == workers
     deadline = time.monotonic() + TIMEOUT
@@ -116,6 +118,9 @@ def test_a_killed_rollout_worker_is_restarted_and_training_completes(tmp_path, p
     assert last["buffer_produced"] == last["buffer_consumed"] + last["buffer_dropped_stale"] + last["buffer_size"]
     assert last["overlong_prompts"] == OVERLONG
     assert (run_dir / "final" / "model.safetensors").is_file()
+    for m in history:  # two rewards, weighted 1.0 and 0.5, reach the learner as their sum
+        assert m["reward"] == pytest.approx(m["reward/explicit_pos"] + 0.5 * m["reward/length"], abs=1e-6)
+    assert any(m["reward/length"] > 0 for m in history)
 
 
 def test_a_killed_learner_ends_the_run_with_one_line_and_resume_completes_it(tmp_path, prompts_file):

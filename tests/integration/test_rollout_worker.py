@@ -116,18 +116,48 @@ def test_broadcast_makes_engine_greedy_equal_to_the_hf_model(workers, learner, p
     assert engine_greedy(workers[0], ids, 16) == hf_greedy(learner, ids, 16)
 
 
+SHARED = "/dev/shm/grpo-ray-test.weights"
+
+
+def share_weights(learner: Learner, worker) -> None:
+    """The learner's current weights into `worker`'s engine through shared memory."""
+    learner.open_shared_weights(SHARED)
+    ray.get(worker.open_shared_weights.remote(SHARED, learner.weight_specs()), timeout=TIMEOUT)
+    learner.send_weights()
+    ray.get(worker.receive_weights.remote(learner.version), timeout=TIMEOUT)
+
+
 def test_logprobs_agree_with_the_learner_before_and_after_an_update(workers, learner, prompts):
     for seed in (2, 3):  # the engine holds the learner's weights, then an update of them
         if seed == 3:
             perturb(learner, seed)
-        path = "/dev/shm/grpo-ray-test.weights"
-        learner.open_shared_weights(path)
-        ray.get(workers[1].open_shared_weights.remote(path, learner.weight_specs()), timeout=TIMEOUT)
-        learner.send_weights()
-        ray.get(workers[1].receive_weights.remote(learner.version), timeout=TIMEOUT)
+        share_weights(learner, workers[1])
         groups, _ = ray.get(workers[1].generate.remote(prompts[:4], seed), timeout=TIMEOUT)
         assert all(g.policy_version == learner.version for g in groups)
         logp, engine_logp, mask = learner_logprobs(learner, groups)
         assert mask.sum() > 50
         assert (logp - engine_logp)[mask].abs().max().item() < 1e-4
     learner.close_weight_sync()
+
+
+def set_temperature(worker, learner: Learner, temperature: float) -> None:
+    ray.get(worker.__ray_call__.remote(
+        lambda self, t: setattr(self.cfg.rollout, "temperature", t), temperature), timeout=TIMEOUT)
+    learner.cfg.rollout.temperature = temperature
+
+
+def test_logprobs_agree_at_a_temperature_below_one(workers, learner, prompts):
+    """The engine reports log-probs of the tempered distribution it sampled from; the learner
+    must divide its logits by the same temperature (a missing or doubled division shows here)."""
+    share_weights(learner, workers[1])
+    set_temperature(workers[1], learner, 0.7)
+    try:
+        groups, _ = ray.get(workers[1].generate.remote(prompts[:4], 5), timeout=TIMEOUT)
+        logp, engine_logp, mask = learner_logprobs(learner, groups)
+        assert (logp - engine_logp)[mask].abs().max().item() < 1e-4
+        learner.cfg.rollout.temperature = 1.0  # the precondition: the temperature matters here
+        untempered, _, _ = learner_logprobs(learner, groups)
+        assert (untempered - engine_logp)[mask].abs().max().item() > 1e-2
+    finally:
+        set_temperature(workers[1], learner, 1.0)
+        learner.close_weight_sync()

@@ -160,6 +160,30 @@ def test_shared_weights_never_written_is_refused(tmp_path):
         shared.receive(0)
 
 
+def test_weights_being_written_are_refused(tmp_path):
+    named = mixed()
+    writer = SharedMemoryChannel(str(tmp_path / "weights"), specs_of(named), owner=True)
+    writer.send(named, version=1)
+
+    def interrupted():  # the learner dies, or is read from, in the middle of a write
+        yield named[0]
+        reader = SharedMemoryChannel(str(tmp_path / "weights"), specs_of(named))
+        with pytest.raises(WeightSyncError, match="is being written, expected version 2"):
+            reader.receive(2)
+        raise RuntimeError("write stopped")
+
+    with pytest.raises(RuntimeError, match="write stopped"):
+        writer.send(interrupted(), version=2)
+
+
+def test_weights_of_other_tensors_are_refused(tmp_path):
+    named = mixed()
+    SharedMemoryChannel(str(tmp_path / "weights"), specs_of(named), owner=True).send(named, version=1)
+    other = specs_of(named)[:2]  # an engine of another model: fewer bytes expected
+    with pytest.raises(WeightSyncError, match="holds no weights of this model"):
+        SharedMemoryChannel(str(tmp_path / "weights"), other).receive(1)
+
+
 def test_an_engine_reads_what_the_learner_wrote(tmp_path):
     path = str(tmp_path / "weights")
     named = mixed()

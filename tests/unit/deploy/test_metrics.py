@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from common.config import Config
-from deploy.metrics import MetricsLog, plot_rewards, read_jsonl
+from deploy.metrics import MetricsLog, plot_rewards, read_jsonl, reward_figure
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -18,18 +20,24 @@ def lines_config(steps: int = 3) -> Config:
     return cfg
 
 
-def test_plot_rewards_writes_a_png(tmp_path):
-    history = [
-        {"step": 1, "reward": -0.2, "eval_reward": math.nan},
-        {"step": 2, "reward": 0.1},
-        {"step": 3, "reward": 0.4, "eval_reward": 0.35},
-        {"step": 4, "reward": 0.8},
-    ]
-    out = tmp_path / "reward.png"
-    plot_rewards(history, out, "tiny", eval_before=-0.1)
-    data = out.read_bytes()
-    assert data[:8] == PNG_SIGNATURE
-    assert len(data) > 1000
+def test_the_reward_curve_plots_each_step_the_moving_average_and_the_eval_points(tmp_path):
+    rewards = [-0.2, 0.1, 0.4, 0.8, 0.6, 0.9, 1.0, 0.7, 0.9, 1.0, 0.95, 1.0, 0.9, 1.0, 1.0, 0.8,
+               1.0, 0.9, 1.0, 1.0]
+    history = [{"step": i + 1, "reward": r} for i, r in enumerate(rewards)]
+    history[0]["eval_reward"] = math.nan  # not measured at that step
+    history[9]["eval_reward"] = 0.35
+    history[19]["eval_reward"] = 0.95
+    fig = reward_figure(history, "tiny", eval_before=-0.1)
+    raw, smooth, evals = fig.axes[0].get_lines()
+    assert list(raw.get_xdata()) == list(range(1, 21)) and list(raw.get_ydata()) == rewards
+    # 20 steps: a window of 2, the first point alone.
+    expected = [rewards[0]] + [(rewards[i - 1] + rewards[i]) / 2 for i in range(1, 20)]
+    assert list(smooth.get_ydata()) == pytest.approx(expected)
+    assert list(evals.get_xdata()) == [0, 10, 20] and list(evals.get_ydata()) == [-0.1, 0.35, 0.95]
+    assert fig.axes[0].get_title() == "tiny"
+
+    plot_rewards(history, tmp_path / "reward.png", "tiny", eval_before=-0.1)
+    assert (tmp_path / "reward.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
 def test_metrics_log_writes_jsonl_and_one_line_per_step(tmp_path, capsys):

@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from deploy.train import default_run_dir, ray_job_id
+from deploy.train import default_run_dir, ray_job_id, summarize
 
 JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
@@ -28,3 +28,18 @@ def test_a_ray_job_writes_where_it_outlives_the_jobs_working_directory(monkeypat
     assert path.parent == tmp_path and re.fullmatch(r"\d{8}-\d{6}-raysubmit_abc123", path.name)
     monkeypatch.delenv("GRPO_RAY_RUNS")
     assert default_run_dir().parent == Path("~/grpo-ray/runs").expanduser()
+
+
+def test_summarize_reports_the_fifths_and_the_eval_split():
+    history = [{"step": i, "reward": r, "elapsed_s": 10.0 + i} for i, r in
+               enumerate([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0], start=1)]
+    history[-1]["eval_reward"] = 0.75
+    # 11 steps: a fifth is 2 steps: (0.0 + 0.1) / 2 and (0.9 + 1.0) / 2.
+    assert summarize(history, eval_before=-0.123456) == {
+        "mean reward, first fifth of steps": 0.05,
+        "mean reward, last fifth of steps": 0.95,
+        "eval-split reward before training": -0.1235,
+        "eval-split reward after training": 0.75,
+        "steps": 11,
+        "wall-clock seconds": 21.0,
+    }

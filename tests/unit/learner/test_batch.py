@@ -84,3 +84,15 @@ def test_micro_batches_advantages_are_group_advantages_of_the_rewards():
     # group 0: mean 0.5, Bessel std sqrt(0.5); group 1 is all equal -> 0
     a = 0.5 / (math.sqrt(0.5) + 1e-4)
     torch.testing.assert_close(advantages, torch.tensor([a, -a, 0.0, 0.0]))
+
+
+def test_batch_scaled_advantages_use_the_std_of_the_whole_batch():
+    groups = [
+        group(0, [1, 2], [[5], [6, 7]], rewards=[1.0, 0.0]),
+        group(1, [3], [[8, 9], [10]], rewards=[0.5, 0.5]),
+    ]
+    mbs = micro_batches(groups, size=3, scale="batch", pad_id=PAD)
+    # Centred per group: [0.5, -0.5], [0, 0]. The batch 1, 0, 0.5, 0.5 has mean 0.5 and Bessel
+    # std sqrt((0.25 + 0.25 + 0 + 0) / 3) = sqrt(1/6), not group 0's own sqrt(0.5).
+    a = 0.5 / (math.sqrt(1 / 6) + 1e-4)
+    torch.testing.assert_close(torch.cat([mb.advantages for mb in mbs]), torch.tensor([a, -a, 0.0, 0.0]))

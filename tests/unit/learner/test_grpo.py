@@ -323,6 +323,18 @@ def test_beta_adds_beta_times_kl():
     close(no_ref.kl, 0.0)
 
 
+def test_the_kl_terms_gradient_pulls_toward_the_reference():
+    # d/dlogp of beta * k3 = beta * (1 - exp(ref - logp)); here exp(ref - logp) = 0.25 / 0.5.
+    # With zero advantages only the KL term carries gradient; dapo divides by the 5 tokens.
+    logp = torch.full((2, 3), LN(0.5), requires_grad=True)
+    ref = torch.full((2, 3), LN(0.25))
+    out = grpo_loss(logp, logp.detach(), None, ref, torch.zeros(2), PAD_MASK,
+                    **loss_kwargs(beta=0.1))
+    out.loss.backward()
+    per_token = 0.1 * (1 - 0.5) / 5
+    close(logp.grad, [[per_token] * 3, [per_token, per_token, 0.0]])  # the padded token: none
+
+
 def test_metrics_are_detached_scalars():
     logp = torch.tensor(LOGP, requires_grad=True)
     out = grpo_loss(logp, old_with_garbage(), old_with_garbage(), old_with_garbage(), ADV,

@@ -43,6 +43,25 @@ def test_grpo_settings_table():
     assert "| learning rate | 0.03 |" in text
 
 
+def test_a_non_default_run_is_described_as_it_ran():
+    cfg = Config()
+    cfg.model.name = "EleutherAI/pythia-410m-deduped"
+    cfg.data.dataset = "trl-lib/tldr"
+    cfg.grpo.loss_type, cfg.grpo.beta, cfg.grpo.epsilon_high = "dr_grpo", 0.04, 0.28
+    cfg.rollout.rewards, cfg.rollout.reward_weights = ("explicit_pos", "length"), (1.0, 0.5)
+    cfg.learner.learning_rate, cfg.buffer.max_policy_lag = 2e-6, 1
+    text = render(cfg, "/tmp/x/final", RunSummary(steps=40, complete=True, results={"a": 1}))
+    assert "base_model: EleutherAI/pythia-410m-deduped" in text
+    assert "[EleutherAI/pythia-410m-deduped](https://huggingface.co/EleutherAI/pythia-410m-deduped)" in text
+    assert "trl-lib/tldr" in text
+    assert "`explicit_pos` x 1, `length` x 0.5 (weighted sum)" in text
+    for row in ("| loss type | dr_grpo |", "| beta (KL) | 0.04 |", "| epsilon_high | 0.28 |",
+                "| learning rate | 2e-06 |", "| max policy lag | 1 |"):
+        assert row in text, row
+    tags = re.search(r"tags:\n((?:- .+\n)+)", text).group(1)
+    assert "- length" in tags and "- explicit_pos" in tags
+
+
 def test_reward_and_results():
     text = card()
     assert "`explicit_pos` x 1 (weighted sum)" in text
