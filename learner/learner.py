@@ -43,12 +43,16 @@ class Learner:
         if self.device == "cpu":
             torch.set_num_threads(cpu_threads(cfg, "learner", len(os.sched_getaffinity(0))))
         torch.manual_seed(cfg.seed)
-        dtype = models.torch_dtype(cfg.model.dtype, cfg.cluster.device)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device)
+        # Mixed precision: the weights and AdamW's state stay float32 (an update of 1e-6 would
+        # round away in bfloat16 for most weights: DESIGN.md section 6); forward and backward
+        # run in the compute dtype, which is also the engines' dtype and what they are sent.
+        self.compute_dtype = models.torch_dtype(cfg.model.dtype, cfg.cluster.device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(self.device)
         self.model.train()
         self.ref_model = None
         if cfg.grpo.beta > 0:  # the reference costs a model's memory: load it only when used
-            self.ref_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device)
+            self.ref_model = AutoModelForCausalLM.from_pretrained(
+                model_path, dtype=self.compute_dtype).to(self.device)
             self.ref_model.eval().requires_grad_(False)
         self.pad_id = models.load_tokenizer(model_path).pad_token_id
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate,
@@ -56,6 +60,8 @@ class Learner:
         self.scheduler = get_scheduler(SCHEDULES[cfg.learner.lr_schedule], self.optimizer,
                                        num_warmup_steps=cfg.learner.warmup_steps * cfg.grpo.num_iterations,
                                        num_training_steps=cfg.steps * cfg.grpo.num_iterations)
+        # float16 gradients underflow without loss scaling; bfloat16 and float32 need none.
+        self.scaler = torch.amp.GradScaler(self.device, enabled=self.compute_dtype == torch.float16)
         self.version = 0
         self._channel: WeightChannel | None = None
         self._socket = None  # the broadcast group's port, bound before the group forms
@@ -75,6 +81,7 @@ class Learner:
         # Token-weighted means over every pass and micro-batch (the loss: per pass, averaged).
         totals = dict(loss=0.0, clip_fraction=0.0, kl=0.0, is_weight=0.0, entropy=0.0)
         grad_norms = []
+        before = self._engine_view()
 
         for iteration in range(grpo.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
@@ -95,7 +102,7 @@ class Learner:
                     num_sequences=num_sequences, num_tokens=num_tokens,
                     max_completion_length=self.cfg.rollout.max_tokens,
                 )
-                out.loss.backward()
+                self.scaler.scale(out.loss).backward()
                 share = int(mb.completion_mask.sum()) / max(num_tokens, 1)
                 totals["loss"] += out.loss.item() / grpo.num_iterations
                 for key, value in (("clip_fraction", out.clip_fraction), ("kl", out.kl),
@@ -107,8 +114,10 @@ class Learner:
                     old_logps[i] = logp.detach()
                     totals["entropy"] += float(masked_mean(entropy, mb.completion_mask)) * share
             max_norm = self.cfg.learner.max_grad_norm or float("inf")
+            self.scaler.unscale_(self.optimizer)
             grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)))
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             self.scheduler.step()
         self.version += 1
 
@@ -131,10 +140,22 @@ class Learner:
             "train_tokens": num_tokens,
             "train_s": seconds,
             "train_tokens_per_s": num_tokens * grpo.num_iterations / seconds,
+            "engine_weights_changed": self._changed_fraction(before),
         }
         for name in groups[0].reward_parts:
             metrics[f"reward/{name}"] = sum(sum(grp.reward_parts[name]) for grp in groups) / len(lengths)
         return metrics
+
+    def _engine_view(self) -> list[torch.Tensor]:
+        """The parameters as the engines hold them: in the compute dtype (a copy)."""
+        return [p.detach().to(self.compute_dtype, copy=True) for p in self.model.parameters()]
+
+    def _changed_fraction(self, before: list[torch.Tensor]) -> float:
+        """The fraction of parameters whose value in the engines' dtype an update changed: a
+        learning rate too small for that dtype shows here as 0, while the loss looks normal."""
+        changed = sum(int((p.detach().to(self.compute_dtype) != b).sum())
+                      for p, b in zip(self.model.parameters(), before))
+        return changed / sum(b.numel() for b in before)
 
     def _logprobs(self, model, mb: MicroBatch, entropy: bool = False,
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -144,8 +165,10 @@ class Learner:
         # Position t predicts token t + 1: keep exactly the positions before each completion
         # token (slicing the logits afterwards costs a vocabulary-sized copy in backward).
         keep = torch.arange(length - completion_len - 1, length - 1, device=mb.input_ids.device)
-        logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
-                       position_ids=mb.position_ids, logits_to_keep=keep).logits.float()
+        with torch.autocast(self.device, dtype=self.compute_dtype,
+                            enabled=self.compute_dtype != torch.float32):
+            logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                           position_ids=mb.position_ids, logits_to_keep=keep).logits.float()
         if self.cfg.rollout.temperature != 1.0:
             logits = logits / self.cfg.rollout.temperature
         # cross_entropy's fused backward is about twice as fast on a CPU as log_softmax + gather
@@ -164,7 +187,10 @@ class Learner:
     # --- sending weights -----------------------------------------------------------------------
 
     def _named_weights(self) -> list[tuple[str, torch.Tensor]]:
-        return list(self.model.state_dict().items())
+        """The weights as the engines take them: floating-point ones in the compute dtype (half
+        the bytes of float32 in bfloat16)."""
+        return [(name, t.to(self.compute_dtype) if t.is_floating_point() else t)
+                for name, t in self.model.state_dict().items()]
 
     def weight_specs(self) -> list[TensorSpec]:
         return specs_of(self._named_weights())
@@ -217,8 +243,10 @@ class Learner:
         with checkpoint.atomic_dir(final) as tmp:
             self.model.save_pretrained(tmp / "model")
             torch.save({"optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict(),
-                        "version": self.version, "rng": torch.get_rng_state()}, tmp / "learner.pt")
+                        "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                        "version": self.version, "rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state_all() if self.device == "cuda" else []},
+                       tmp / "learner.pt")
             checkpoint.write_state(tmp / "driver.json", state)
         checkpoint.prune(run_dir, self.cfg.learner.keep_checkpoints)
         return str(final)
@@ -236,10 +264,13 @@ class Learner:
             state = torch.load(directory / "learner.pt", weights_only=True)  # never unpickle code
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
         except (OSError, RuntimeError, KeyError, ValueError, SafetensorError, pickle.UnpicklingError) as e:
             raise checkpoint.CheckpointError(f"checkpoint {directory} is damaged: {e}") from None
         self.version = state["version"]
         torch.set_rng_state(state["rng"])
+        if state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         return checkpoint.read_state(directory / "driver.json")
 
     def export(self, directory: str, summary: RunSummary) -> str:

@@ -88,6 +88,37 @@ def test_a_second_pass_takes_the_first_pass_as_old_and_clips(monkeypatch):
     assert steps == {2.0}  # the optimizer stepped once per pass
 
 
+def test_bfloat16_keeps_float32_master_weights_so_a_step_of_1e_6_reaches_the_engines():
+    cfg = Config()
+    cfg.grpo.group_size, cfg.grpo.batch_size = 2, 2
+    cfg.model.dtype, cfg.learner.learning_rate = "bfloat16", 1e-6  # the reference run's
+    learner = Learner(cfg)
+    assert {p.dtype for p in learner.model.parameters()} == {torch.float32}
+    sent = dict(learner._named_weights())
+    assert {t.dtype for t in sent.values() if t.is_floating_point()} == {torch.bfloat16}
+    masters = [p.detach().clone() for p in learner.model.parameters()]
+    metrics = learner.train([group(learner, [1010, 2020, 3030], [4040, 5050, 6060])])
+
+    # What pure bfloat16 would have done: AdamW on bfloat16 weights, the same start and gradients.
+    pure = [m.to(torch.bfloat16).requires_grad_() for m in masters]
+    for weight, p in zip(pure, learner.model.parameters()):
+        weight.grad = p.grad.to(torch.bfloat16)
+    torch.optim.AdamW(pure, lr=1e-6, weight_decay=0.0).step()
+    # Weights of the usual size (|w| >= 1e-3, bf16 spacing >= 7.6e-6): a step of 1e-6 rounds away.
+    usual = [m.abs() >= 1e-3 for m in masters]
+    pure_changed = sum(int(((w != m.to(torch.bfloat16)) & u).sum()) for w, m, u in zip(pure, masters, usual))
+    engines_changed = sum(int(((p.detach().to(torch.bfloat16) != m.to(torch.bfloat16)) & u).sum())
+                          for p, m, u in zip(learner.model.parameters(), masters, usual))
+    stepped = sum(int((p.detach() != m).sum()) for p, m in zip(learner.model.parameters(), masters))
+    assert stepped > 100_000  # the precondition: the master weights took the step
+    assert pure_changed == 0  # pure bf16: the engines would get the same weights forever
+    assert engines_changed > 100  # float32 masters: the engines' bfloat16 weights move
+    total = sum(m.numel() for m in masters)
+    changed = sum(int((p.detach().to(torch.bfloat16) != m.to(torch.bfloat16)).sum())
+                  for p, m in zip(learner.model.parameters(), masters))
+    assert metrics["engine_weights_changed"] == pytest.approx(changed / total)
+
+
 def test_a_checkpoint_round_trips(learner, tmp_path):
     batch = [group(learner, [1, 2], [3, 4])]
     learner.train(batch)
