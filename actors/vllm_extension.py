@@ -37,18 +37,20 @@ class WeightSyncExtension(_VllmWorker):
                           specs: list[TensorSpec], buckets: list[list[int]], timeout_s: float,
                           secret: str) -> None:
         # One group member per tensor-parallel rank: every rank loads the full tensors and
-        # keeps its own shard.
-        self._open(BroadcastChannel(host, port, rank_offset + self.rank, world_size, specs, buckets,
-                                    device="cpu" if self.device.type == "cpu" else "cuda",
-                                    timeout_s=timeout_s, secret=secret))
+        # keeps its own shard. A group is never rejoined: the old one goes first.
+        self.close_weight_sync()
+        self._channel = BroadcastChannel(host, port, rank_offset + self.rank, world_size, specs,
+                                         buckets, device="cpu" if self.device.type == "cpu" else "cuda",
+                                         timeout_s=timeout_s, secret=secret)
 
     def open_shared_weights(self, path: str, specs: list[TensorSpec]) -> None:
-        self._open(SharedMemoryChannel(path, specs))
+        self.close_weight_sync()
+        self._channel = SharedMemoryChannel(path, specs)
 
-    def _open(self, channel: WeightChannel) -> None:
+    def close_weight_sync(self) -> None:
         if self._channel is not None:
             self._channel.close()
-        self._channel = channel
+        self._channel = None
 
     def receive_weights(self, version: int) -> None:
         if self._channel is None:

@@ -197,7 +197,8 @@ class Learner:
 
     def open_shared_weights(self, path: str) -> None:
         """Send weights through a file in shared memory at `path` (engines on this node)."""
-        self._open(SharedMemoryChannel(path, self.weight_specs(), owner=True))
+        self.close_weight_sync()  # first: closing a channel at the same path removes its file
+        self._channel = SharedMemoryChannel(path, self.weight_specs(), owner=True)
 
     def open_weight_group(self, host: str, port: int = 0) -> int:
         """Bind the broadcast group's rendezvous port (0: any free one) on `host`, this node's
@@ -211,14 +212,9 @@ class Learner:
         """Rank 0 of the weight group; returns once every engine has joined."""
         host, port = self._socket.getsockname()[:2]
         sock, self._socket = self._socket, None  # the group's store owns it now
-        self._open(BroadcastChannel(host, port, 0, world_size, self.weight_specs(), buckets,
-                                    device=self.device, timeout_s=timeout_s, secret=secret,
-                                    sock=sock))
-
-    def _open(self, channel: WeightChannel) -> None:
-        if self._channel is not None:
-            self._channel.close()
-        self._channel = channel
+        self._channel = BroadcastChannel(host, port, 0, world_size, self.weight_specs(), buckets,
+                                         device=self.device, timeout_s=timeout_s, secret=secret,
+                                         sock=sock)
 
     def send_weights(self) -> float:
         """Send the current weights as policy `self.version`; returns the seconds it took."""
@@ -228,7 +224,8 @@ class Learner:
         return time.perf_counter() - start
 
     def close_weight_sync(self) -> None:
-        """Leave the weight transport (removing the shared-memory file, if any)."""
+        """Leave the weight transport (removing the shared-memory file, if any, and aborting a
+        broadcast group's communicator)."""
         if self._channel is not None:
             self._channel.close()
         if self._socket is not None:

@@ -158,3 +158,20 @@ def test_a_checkpoint_never_unpickles_code(learner, tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="damaged"):
         learner.load_checkpoint(str(tmp_path))
     assert not Path("/tmp/grpo-ray-pwned").exists()
+
+
+def test_weights_shared_again_at_the_same_path_reach_the_engine(learner, tmp_path):
+    from common.weight_sync import SharedMemoryChannel
+
+    path = tmp_path / "weights"
+    learner.open_shared_weights(str(path))
+    learner.send_weights()
+    learner.open_shared_weights(str(path))  # again: closing the first must not remove the second
+    engine = SharedMemoryChannel(str(path), learner.weight_specs())
+    learner.version = 3
+    learner.send_weights()
+    sent = dict(learner._named_weights())
+    for name, tensor in engine.receive(3):
+        assert torch.equal(tensor, sent[name]), name
+    learner.close_weight_sync()
+    assert not path.exists()
