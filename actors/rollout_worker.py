@@ -65,10 +65,17 @@ class RolloutWorker:
         # Resolved on this worker's node (it may not be the driver's).
         model_path = str(models.resolve(cfg.model.name, cfg.model.cache_dir))
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # not a line per weight reload
+        # The engine core runs in this process, on every device, so it dies with the actor.
+        # vLLM's default starts it in a child process (vllm/v1/engine/core_client.py,
+        # EngineCoreClient.make_client: SyncMPClient) that nothing kills when the actor is
+        # killed; on a GPU it would keep its memory, and the restarted engine would fail vLLM's
+        # start-up check (vllm/v1/worker/utils.py, request_memory). With 0 it is an InprocClient;
+        # tensor-parallel workers (MultiprocExecutor) still run as children, and exit when their
+        # parent does (vllm/v1/executor/multiproc_executor.py, the workers' death pipe).
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if cfg.cluster.device == "cpu":
-            # The engine runs in this process (faster start, dies with the actor), with the
-            # threads `cpu_threads` allots, so actors sharing a machine do not fight over cores.
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            # Threads as `cpu_threads` allots them, so actors sharing a machine do not fight
+            # over cores.
             threads = cpu_threads(cfg, "rollout", len(os.sched_getaffinity(0)))
             os.environ["OMP_NUM_THREADS"] = str(threads)
             torch.set_num_threads(threads)

@@ -360,10 +360,12 @@ class Config:
                      "rollout.tensor_parallel_size > 1 needs cluster.device gpu":
                      rollout.tensor_parallel_size > 1}
         else:
-            wrong = {f"rollout.num_gpus ({rollout.num_gpus}) must cover rollout.tensor_parallel_size "
-                     f"({rollout.tensor_parallel_size})": rollout.num_gpus < rollout.tensor_parallel_size,
-                     f"learner.num_gpus must be >= 1 on a GPU cluster (got {learner.num_gpus})":
-                     learner.num_gpus < 1,
+            # GPUs that would sit idle are refused: an engine uses exactly its tensor-parallel
+            # GPUs, and the learner is one process on one GPU.
+            wrong = {f"rollout.num_gpus ({rollout.num_gpus}) must equal rollout.tensor_parallel_size "
+                     f"({rollout.tensor_parallel_size})": rollout.num_gpus != rollout.tensor_parallel_size,
+                     f"learner.num_gpus must be 1 on a GPU cluster (got {learner.num_gpus})":
+                     learner.num_gpus != 1,
                      "cluster.weight_sync shm is for CPU engines; use broadcast (NCCL) on GPU":
                      cluster.weight_sync == "shm"}
         return [line for line, broken in wrong.items() if broken]

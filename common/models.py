@@ -130,8 +130,19 @@ def default_learning_rate(name: str) -> float:
 
 
 def torch_dtype(dtype: str, device: str) -> torch.dtype:
+    """What `model.dtype` means on `device`: `auto` is float32 on a CPU, and bfloat16 on a GPU
+    that has it (compute capability 8.0 or more), else float32. Call it where the GPU is."""
     if dtype == "auto":
-        return torch.float32 if device == "cpu" else torch.bfloat16
+        if device == "cpu":
+            return torch.float32
+        # vLLM refuses bfloat16 below compute capability 8.0 (vllm/platforms/cuda.py,
+        # CudaPlatformBase.check_if_supports_dtype); torch.cuda.is_bf16_supported() would say
+        # True there, because it counts emulation.
+        capability = torch.cuda.get_device_capability()
+        chosen = torch.bfloat16 if capability >= (8, 0) else torch.float32
+        log.info("model.dtype auto: %s (GPU compute capability %d.%d)", str(chosen).removeprefix("torch."),
+                 *capability)
+        return chosen
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ModelError(f"unknown dtype `{dtype}`: expected auto, float32, bfloat16 or float16")
     return getattr(torch, dtype)

@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from common import config as config_lib
-from common import data, logs, models
+from common import data, logs, models, versions
 from common.config import Config, ConfigError
 from common.data import PromptSampler, PromptSplits
 from common.errors import RunError
@@ -115,6 +115,9 @@ def run(cfg: Config) -> RunSummary:
     run_dir = prepare_run_dir(cfg)
     logs.driver_file(run_dir)
     log.info("run directory: %s", run_dir)
+    mismatch = versions.vllm_mismatch()
+    if mismatch:
+        log.warning(mismatch)
     if cfg.resume and finished(run_dir, cfg.steps):
         log.info("the run is already complete (%d steps); its model is in %s", cfg.steps, run_dir / "final")
         return RunSummary(steps=cfg.steps, complete=True)

