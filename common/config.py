@@ -461,7 +461,8 @@ def from_args(argv: list[str], description: str | None = None) -> Config:
     cfg = parse(argv, description)
     saved = Path(cfg.run_dir) / SAVED_CONFIG
     if cfg.resume and cfg.run_dir and saved.is_file():
-        original = load(saved)
+        # stop_after belongs to the invocation that gave it, not to the run.
+        original = dataclasses.replace(load(saved), stop_after=Config.stop_after)
         cfg = parse(argv, description, base=original)
         changed = resume_changes(original, cfg)
         if changed:

@@ -327,6 +327,12 @@ def test_resume_continues_the_run_that_was_started(tmp_path):
     assert (cfg.steps, cfg.grpo.epsilon, cfg.resume) == (30, 0.1, True)  # not the defaults 40, 0.2
 
 
+def test_stop_after_belongs_to_the_invocation_that_gave_it(tmp_path):
+    run_dir = started_run(tmp_path, "--steps", "16", "--stop-after", "6")
+    assert from_args(["--run-dir", run_dir, "--resume"]).stop_after == 0  # runs to step 16
+    assert from_args(["--run-dir", run_dir, "--resume", "--stop-after", "4"]).stop_after == 4
+
+
 def test_resume_may_run_longer_and_report_differently(tmp_path):
     run_dir = started_run(tmp_path, "--steps", "30")
     cfg = from_args(["--run-dir", run_dir, "--resume", "--steps", "50", "--logging.progress",
