@@ -55,7 +55,14 @@ class WeightSyncExtension(_VllmWorker):
     def receive_weights(self, version: int) -> None:
         if self._channel is None:
             raise WeightSyncError("weights were sent before this engine joined a weight transport")
-        self._load(self._channel.specs, self._channel.receive(version))
+        try:
+            self._load(self._channel.specs, self._channel.receive(version))
+        except BaseException:
+            # Leave at once: the learner and the other engines are in a broadcast with this one,
+            # and fail now instead of at cluster.weight_sync_timeout_s; the driver then forms
+            # the group again and resends.
+            self.close_weight_sync()
+            raise
 
     def _load(self, specs: list[TensorSpec], weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy into the engine's own parameters where each one is known, then let vLLM re-pack

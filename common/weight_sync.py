@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -135,75 +136,136 @@ def listen_socket(host: str, port: int = 0) -> socket.socket:
     return sock
 
 
+def rendezvous(host: str, port: int, rank: int, world_size: int, timeout_s: float, secret: str,
+               sock: socket.socket | None = None):
+    """The store one weight group's members meet in, served by rank 0 on the socket it bound.
+    Its keys live under the group's `secret`, which only the driver's members are told, and it
+    does not wait for `world_size` connections, so a stranger who connects stands in for nobody.
+    The timeout may be below a second (a timedelta, never rounded to 0)."""
+    from torch.distributed import PrefixStore, TCPStore
+
+    store = TCPStore(host, port, world_size, is_master=rank == 0, timeout=timedelta(seconds=timeout_s),
+                     wait_for_workers=False, master_listen_fd=sock.detach() if sock is not None else None)
+    return PrefixStore(f"grpo-ray/{secret}", store)
+
+
+def stateless_group(store, rank: int, world_size: int, timeout_s: float):
+    """vLLM's StatelessProcessGroup over our own store, once every member is there. vLLM's
+    `StatelessProcessGroup.create` would serve a bare store that anyone reaching the port can
+    write to, and the NCCL unique id it passes is unpickled by every member
+    (vllm/distributed/utils.py, StatelessProcessGroup.broadcast_obj); the group is a plain
+    dataclass of rank, world size and store, so it is built here over the secret's store."""
+    from vllm.distributed.utils import StatelessProcessGroup
+
+    group = StatelessProcessGroup(rank=rank, world_size=world_size, store=store)
+    # Every member present before NCCL's ncclCommInitRank, which waits for all of them with
+    # no timeout (vllm/distributed/device_communicators/pynccl.py, PyNcclCommunicator._init_comm).
+    group.barrier(timeout=timeout_s)
+    return group
+
+
+def wait_or_abort(done: Callable[[], bool], abort: Callable[[], None], timeout_s: float) -> None:
+    """Poll `done` until it holds; past `timeout_s`, call `abort` and raise. For work that could
+    otherwise wait forever on a member that died."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if time.monotonic() > deadline:
+            abort()
+            raise WeightSyncError(f"a weight broadcast waited {timeout_s:.0f} s for a member of its "
+                                  "group (cluster.weight_sync_timeout_s); the group was aborted")
+        time.sleep(0.001)
+
+
 class BroadcastChannel(WeightChannel):
     """One member of a process group that exists only to broadcast weights from rank 0 (the
-    learner) to the engines. It lives beside vLLM's own groups without touching global state.
-
-    Only the members the driver created can join: the rendezvous keys live under a random
-    `secret` that the driver hands to each member, and on CPU the gloo connections bind the
-    node's address `host` (loopback on a single machine), not every interface."""
+    learner) to the engines: gloo on a CPU, NCCL (vLLM's PyNcclCommunicator) on a GPU. It lives
+    beside vLLM's own groups without touching global state. Only the members the driver created
+    can join (see `rendezvous`); on a CPU the gloo connections bind the node's address `host`
+    (loopback on a single machine), not every interface. No collective waits for a lost member
+    longer than `timeout_s`."""
 
     def __init__(self, host: str, port: int, rank: int, world_size: int, specs: list[TensorSpec],
-                 buckets: list[list[int]], device: str, timeout_s: float, secret: str,
+                 buckets: list[list[int]], device: str | torch.device, timeout_s: float, secret: str,
                  sock: socket.socket | None = None):
-        self.rank, self.world_size, self.device = rank, world_size, device
+        self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
         self.specs, self.buckets = specs, buckets
-        timeout = timedelta(seconds=timeout_s)
-        if device == "cpu":
-            from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore
+        self.device = torch.device(device)
+        store = rendezvous(host, port, rank, world_size, timeout_s, secret, sock)
+        self._pg = self._nccl = None
+        if self.device.type == "cpu":
+            from torch.distributed import ProcessGroupGloo
 
-            # wait_for_workers=False: a stranger that connects cannot stand in for a member;
-            # members meet only under the secret prefix.
-            store = TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout,
-                             wait_for_workers=False,
-                             master_listen_fd=sock.detach() if sock is not None else None)
             opts = ProcessGroupGloo._Options()
-            opts._timeout = timeout
+            opts._timeout = timedelta(seconds=timeout_s)  # gloo fails a collective that waits longer
             opts._devices = [ProcessGroupGloo.create_device(hostname=host)]
-            self._pg = ProcessGroupGloo(PrefixStore(f"grpo-ray/{secret}", store), rank, world_size, opts)
-            self._store, self._nccl = store, None
+            self._pg = ProcessGroupGloo(store, rank, world_size, opts)
         else:
-            from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-            from vllm.distributed.utils import StatelessProcessGroup
-
-            spg = StatelessProcessGroup.create(host, port, rank, world_size,
-                                               store_timeout=int(timeout_s), listen_socket=sock)
-            self._nccl = PyNcclCommunicator(spg, device=torch.cuda.current_device())
+            if self.device.index is None:  # the learner's "cuda": this process's device
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            self._nccl = _nccl_communicator(stateless_group(store, rank, world_size, timeout_s),
+                                            self.device)
 
     def _broadcast(self, tensor: torch.Tensor) -> None:
         if self._nccl is None:
             opts = torch.distributed.BroadcastOptions()
             opts.rootRank = 0
             self._pg.broadcast([tensor], opts).wait()
-        else:
-            self._nccl.broadcast(tensor, src=0, stream=torch.cuda.current_stream())
-            torch.cuda.current_stream().synchronize()
-
-    def _device(self) -> str | int:
-        return "cpu" if self._nccl is None else torch.cuda.current_device()
+            return
+        # PyNcclCommunicator.broadcast only enqueues the kernel, and has no timeout
+        # (vllm/distributed/device_communicators/pynccl.py, broadcast). Waiting on the stream
+        # would block forever for a member that died; a CUDA event is polled instead
+        # (torch.cuda.Event.query is cudaEventQuery, which never blocks: c10/cuda/CUDAEvent.h,
+        # CUDAEvent::query), and past the deadline the communicator is aborted
+        # (PyNcclCommunicator.destroy calls ncclCommAbort, which ends the waiting kernel).
+        stream = torch.cuda.current_stream()
+        self._nccl.broadcast(tensor, src=0, stream=stream)
+        done = torch.cuda.Event()
+        done.record(stream)
+        wait_or_abort(done.query, self._nccl.destroy, self.timeout_s)
 
     def send(self, named_tensors: NamedTensors, version: int) -> None:
         tensors = [t for _, t in named_tensors]
-        self._broadcast(torch.tensor([version], dtype=torch.int64, device=self._device()))
+        self._broadcast(torch.tensor([version], dtype=torch.int64, device=self.device))
         for bucket in self.buckets:
-            self._broadcast(flatten([tensors[i] for i in bucket]))
+            self._broadcast(flatten([tensors[i].to(self.device) for i in bucket]))
 
     def receive(self, version: int) -> Iterator[tuple[str, torch.Tensor]]:
-        sent = torch.empty(1, dtype=torch.int64, device=self._device())
+        sent = torch.empty(1, dtype=torch.int64, device=self.device)
         self._broadcast(sent)
         if int(sent) != version:
             raise WeightSyncError(f"the learner broadcast weights version {int(sent)}, "
                                   f"this engine expected version {version}")
         for bucket in self.buckets:
             bucket_specs = [self.specs[i] for i in bucket]
-            flat = torch.empty(packed_size(bucket_specs), dtype=torch.uint8, device=self._device())
+            flat = torch.empty(packed_size(bucket_specs), dtype=torch.uint8, device=self.device)
             self._broadcast(flat)
             yield from unflatten(flat, bucket_specs)
 
     def close(self) -> None:
-        if self._nccl is None and self._pg is not None:
+        if self._pg is not None:
             self._pg.shutdown()
-        self._pg = self._store = self._nccl = None
+        if self._nccl is not None:
+            # ncclCommAbort: never waits for the other members, which may be gone
+            # (pynccl.py, PyNcclCommunicator.destroy); a dropped communicator would leak.
+            self._nccl.destroy()
+        self._pg = self._nccl = None
+
+
+def _nccl_communicator(group, device: torch.device):
+    from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+    from vllm.utils.nccl import unpinned_nccl_env
+
+    # Without the NCCL settings vLLM may pin for its own communicators: the learner's process
+    # has none, and members that disagree hang (vllm/utils/nccl.py, unpinned_nccl_env).
+    with unpinned_nccl_env():
+        communicator = PyNcclCommunicator(group, device=device)
+    # It comes up disabled when NCCL cannot load or VLLM_DISABLE_PYNCCL is set, and then
+    # broadcasts nothing without a word (pynccl.py, PyNcclCommunicator.__init__ and broadcast):
+    # the engines would load uninitialised buffers.
+    if communicator.disabled:
+        raise WeightSyncError("vLLM's NCCL communicator is disabled (NCCL did not load, or "
+                              "VLLM_DISABLE_PYNCCL is set): weights cannot be broadcast to the engines")
+    return communicator
 
 
 # --- shared memory ---------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from common.data import PromptSampler
 from common.errors import RunError, WaitTimeout
 from common.types import GenerationStats, Prompt
 from deploy.weight_push import WeightPush
-from deploy.workers import RolloutWorkers, Share, WorkersDied
+from deploy.workers import RolloutWorkers, Share, TransferFailed
 
 log = logging.getLogger(__name__)
 
@@ -113,20 +113,24 @@ class Rollouts:
 
     def _sync(self, version: int, dead: list[int] | None = None) -> None:
         """Push `version` to every engine, or revive `dead` ones; whoever dies on the way is
-        waited for and revived in turn."""
+        waited for and revived in turn, and a transfer that broke with everyone alive is made
+        again on a transport started afresh."""
+        failure = None
         for _ in range(self.attempts):
             try:
-                if dead:
+                if dead is None:
+                    self.weights.push(version)
+                else:
                     self.workers.await_restart(dead)
                     self.weights.revive(dead, version)
-                else:
-                    self.weights.push(version)
                 self.synced_version = version
                 return
-            except WorkersDied as e:
-                dead = e.workers
-        raise RunError(f"the rollout workers kept dying while receiving weights version {version} "
-                       f"({self.attempts} attempts)")
+            except TransferFailed as e:
+                dead, failure = e.workers, e
+        if failure.workers or failure.cause is None:
+            raise RunError(f"the rollout workers kept dying while receiving weights version "
+                           f"{version} ({self.attempts} attempts)")
+        raise failure.cause  # the same failure every time: it is what to read
 
     def _relaunch_lost(self) -> None:
         lost, self.lost = self.lost, []

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from common.config import Config, ConfigError
 from common.weight_sync import TensorSpec, plan_buckets
 from deploy.launch import Cluster
-from deploy.workers import RolloutWorkers, Settled, WorkersDied
+from deploy.workers import RolloutWorkers, Settled, TransferFailed
 
 log = logging.getLogger(__name__)
 
@@ -32,27 +32,27 @@ class WeightPush(ABC):
     @abstractmethod
     def push(self, version: int) -> None:
         """Bring every engine to policy `version` (the learner's current one). Raises
-        WorkersDied naming the workers that died before or during the transfer."""
+        TransferFailed naming the workers that died before or during the transfer (none if the
+        transfer broke with every member alive)."""
 
     @abstractmethod
     def revive(self, workers: list[int], version: int) -> None:
-        """Bring `workers`, which Ray restarted, and every engine not at `version` to it."""
+        """Bring `workers`, which Ray restarted, and every engine not at `version` to it; with
+        no workers, start the transport afresh after a failed transfer."""
 
     def close(self) -> None:
         self.workers.get(self.learner.close_weight_sync.remote(), "the weight sync to close",
                          actor="the learner")
 
     def _check(self, settled: Settled) -> None:
-        """Raise WorkersDied for the workers that died, else the first failure, if any."""
+        """Raise TransferFailed if any side failed, naming the workers that died."""
         dead = settled.dead
         if settled.errors and not dead:
             # A restarted worker fails a transfer without dying again (it has no channel yet,
             # or the group it would meet in is gone): ask who is new.
             dead = self.workers.restarted()
-        if dead:
-            raise WorkersDied(dead)
-        if settled.errors:
-            raise settled.errors[0]
+        if dead or settled.errors:
+            raise TransferFailed(dead, cause=settled.errors[0] if settled.errors else None)
 
 
 class SharedMemoryPush(WeightPush):
@@ -111,7 +111,7 @@ class BroadcastPush(WeightPush):
     def push(self, version: int) -> None:
         restarted = self.workers.restarted()  # every member must be alive before it starts
         if restarted:
-            raise WorkersDied(restarted)
+            raise TransferFailed(restarted)
         sent = self.learner.send_weights.remote()
         received = self.workers.call("receive_weights", version)
         self._check(self.workers.settle(received, f"weights version {version} to load",

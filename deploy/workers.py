@@ -26,12 +26,13 @@ log = logging.getLogger(__name__)
 RESTART_POLL_S = 1.0  # how often a restarting worker is asked again
 
 
-class WorkersDied(Exception):
-    """Rollout workers whose calls failed because their process died; Ray restarts them."""
+class TransferFailed(Exception):
+    """A weight transfer that failed; `workers` names those that died in it (Ray restarts
+    them), and is empty when every member is alive (the transfer itself broke)."""
 
-    def __init__(self, workers: Iterable[int]):
-        self.workers = sorted(set(workers))
-        super().__init__(f"rollout worker(s) {self.workers} died")
+    def __init__(self, workers: Iterable[int] = (), cause: BaseException | None = None):
+        self.workers, self.cause = sorted(set(workers)), cause
+        super().__init__(f"rollout worker(s) {self.workers} died" if self.workers else str(cause))
 
 
 @dataclass

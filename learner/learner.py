@@ -219,8 +219,14 @@ class Learner:
     def send_weights(self) -> float:
         """Send the current weights as policy `self.version`; returns the seconds it took."""
         start = time.perf_counter()
-        with torch.no_grad():
-            self._channel.send(self._named_weights(), self.version)
+        try:
+            with torch.no_grad():
+                self._channel.send(self._named_weights(), self.version)
+        except BaseException:
+            # A member is gone: leave the group at once, so the engines still in the broadcast
+            # fail now rather than at cluster.weight_sync_timeout_s; the driver forms it again.
+            self.close_weight_sync()
+            raise
         return time.perf_counter() - start
 
     def close_weight_sync(self) -> None:

@@ -295,3 +295,121 @@ def test_a_broadcast_of_another_version_is_refused_by_the_engine():
         child.join(TIMEOUT_S)
         if child.is_alive():
             child.kill()
+
+
+# ----- the GPU path's rendezvous and deadline, proven on the CPU -----
+
+
+def _stateless_member(port: int, rank: int, secret: str, timeout_s: float, results) -> None:
+    """A member of vLLM's StatelessProcessGroup over `rendezvous`, as the NCCL path builds it."""
+    import time as clock
+
+    from common.weight_sync import rendezvous, stateless_group
+
+    start = clock.monotonic()
+    try:
+        group = stateless_group(rendezvous("127.0.0.1", port, rank, 2, timeout_s, secret), rank, 2,
+                                timeout_s)
+        results.put(("ok", group.broadcast_obj(None, src=0)))  # what NCCL's unique id travels by
+    except BaseException as e:
+        results.put((type(e).__name__, round(clock.monotonic() - start, 1)))
+
+
+def test_the_gpu_rendezvous_admits_members_and_no_stranger():
+    from common.weight_sync import rendezvous, stateless_group
+
+    ctx = mp.get_context("spawn")
+    member_results, stranger_results = ctx.Queue(), ctx.Queue()
+    sock = listen_socket("127.0.0.1")
+    port = sock.getsockname()[1]
+    stranger = ctx.Process(target=_stateless_member, args=(port, 1, "guess", 2.0, stranger_results),
+                           daemon=True)
+    stranger.start()
+    member = ctx.Process(target=_stateless_member, args=(port, 1, "s3cret", TIMEOUT_S, member_results),
+                         daemon=True)
+    member.start()
+    try:
+        group = stateless_group(rendezvous("127.0.0.1", port, 0, 2, TIMEOUT_S, "s3cret", sock), 0, 2,
+                                TIMEOUT_S)
+        group.broadcast_obj({"unique_id": 42}, src=0)
+        assert member_results.get(timeout=TIMEOUT_S) == ("ok", {"unique_id": 42})
+        failed, seconds = stranger_results.get(timeout=TIMEOUT_S)
+    finally:
+        for proc in (member, stranger):
+            proc.join(TIMEOUT_S)
+    assert failed != "ok" and seconds >= 1.5  # it waited its own 2 s, and never met the members
+
+
+def test_a_sub_second_rendezvous_timeout_is_kept_not_rounded_to_zero():
+    import time as clock
+
+    from common.weight_sync import rendezvous
+
+    sock = listen_socket("127.0.0.1")
+    store = rendezvous("127.0.0.1", sock.getsockname()[1], 0, 2, 0.5, "s3cret", sock)
+    start = clock.monotonic()
+    with pytest.raises(Exception, match="(?i)timeout"):
+        store.get("no such key")
+    assert 0.3 < clock.monotonic() - start < 5
+
+
+def test_a_wait_past_its_deadline_aborts_and_raises():
+    import time as clock
+
+    from common.weight_sync import wait_or_abort
+
+    aborted = []
+    start = clock.monotonic()
+    with pytest.raises(WeightSyncError, match="waited 0 s for a member of its group"):
+        wait_or_abort(lambda: False, lambda: aborted.append(True), 0.2)
+    assert aborted == [True] and clock.monotonic() - start < 2
+    polls = iter([False, False, True])
+    wait_or_abort(lambda: next(polls), lambda: aborted.append(False), 5.0)
+    assert aborted == [True]  # done in time: nothing aborted
+
+
+def _member(port: int, rank: int, specs, buckets, fail_after: int | None, results) -> None:
+    """Rank `rank` of a 3-member group; with `fail_after`, its load raises after that many
+    tensors, and it leaves the group as the engine extension does."""
+    import time as clock
+
+    start = clock.monotonic()
+    group = BroadcastChannel("127.0.0.1", port, rank, 3, specs, buckets, "cpu", 20.0, "s3cret")
+    try:
+        for i, _ in enumerate(group.receive(1)):
+            if fail_after is not None and i + 1 == fail_after:
+                raise RuntimeError("load failed")
+        results.put((rank, "ok", clock.monotonic() - start))
+    except BaseException as e:
+        results.put((rank, type(e).__name__, clock.monotonic() - start))
+    finally:
+        group.close()
+
+
+def test_an_engine_whose_load_fails_part_way_makes_every_side_fail_fast():
+    # Big buckets (2 x 4 MB), so the learner cannot finish into socket buffers alone.
+    named = [("a", torch.ones(1 << 20)), ("b", torch.ones(1 << 20)), ("c", torch.ones(1 << 20))]
+    specs = specs_of(named)
+    buckets = plan_buckets(specs, 4 << 20)
+    assert len(buckets) == 3
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    sock = listen_socket("127.0.0.1")
+    port = sock.getsockname()[1]
+    procs = [ctx.Process(target=_member, args=(port, rank, specs, buckets, fail, results), daemon=True)
+             for rank, fail in ((1, 1), (2, None))]
+    for proc in procs:
+        proc.start()
+    import time as clock
+
+    learner = BroadcastChannel("127.0.0.1", port, 0, 3, specs, buckets, "cpu", 20.0, "s3cret", sock)
+    start = clock.monotonic()
+    with pytest.raises(RuntimeError):
+        learner.send(named, version=1)
+    learner_s = clock.monotonic() - start
+    learner.close()
+    ends = {rank: (how, seconds) for rank, how, seconds in (results.get(timeout=60) for _ in procs)}
+    for proc in procs:
+        proc.join(60)
+    assert ends[1][0] == "RuntimeError" and ends[2][0] != "ok"
+    assert learner_s < 10 and ends[2][1] < 15, (learner_s, ends)  # not the 20 s timeout

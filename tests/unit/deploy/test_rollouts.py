@@ -11,7 +11,7 @@ from common.data import PromptSampler
 from common.errors import RunError
 from common.types import GenerationStats, Prompt
 from deploy.rollouts import Rollouts, split
-from deploy.workers import Share, WorkersDied
+from deploy.workers import Share, TransferFailed
 
 
 def test_split_sizes_differ_by_at_most_one_larger_first():
@@ -90,15 +90,17 @@ class FakeTransport:
 
     def _maybe_die(self) -> None:
         dying = self.deaths.pop(0) if self.deaths else []
+        if dying == "broken":  # a member's load raised: every side fails, nobody died
+            raise TransferFailed([], cause=RuntimeError("load failed part-way"))
         for i in dying:
             self.workers.die(i)
         if dying:
-            raise WorkersDied(dying)
+            raise TransferFailed(dying)
 
     def push(self, version: int) -> None:
         self.calls.append(("push", version))
         if self.workers.restarted():  # as both transports find out, before or during the push
-            raise WorkersDied(self.workers.restarted())
+            raise TransferFailed(self.workers.restarted())
         self._maybe_die()
 
     def revive(self, workers: list[int], version: int) -> None:
@@ -177,6 +179,20 @@ def test_a_worker_that_never_comes_back_ends_the_run_in_one_line():
     r.workers.gone.add(1)
     with pytest.raises(RunError, match="rollout worker 1 died and Ray could not restart it"):
         r.push_weights(1)
+
+
+def test_a_transfer_that_broke_with_everyone_alive_is_made_again_afresh():
+    r = rollouts(deaths=["broken"])
+    r.push_weights(3)
+    assert r.weights.calls == [("push", 3), ("revive", [], 3)]  # revive([]): the group anew
+    assert r.workers.restarts == 0 and r.synced_version == 3
+
+
+def test_a_transfer_that_keeps_breaking_ends_the_run_with_its_own_error():
+    r = rollouts(deaths=["broken"] * 100, cluster__max_worker_restarts=1)
+    with pytest.raises(RuntimeError, match="load failed part-way"):
+        r.push_weights(3)
+    assert len(r.weights.calls) == 1 + 1 * 2
 
 
 def test_workers_that_keep_dying_end_the_run_after_a_bounded_number_of_attempts():

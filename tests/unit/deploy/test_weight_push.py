@@ -10,7 +10,7 @@ import pytest
 from common.config import Config
 from common.weight_sync import TensorSpec
 from deploy.weight_push import BroadcastPush, SharedMemoryPush
-from deploy.workers import Settled, WorkersDied
+from deploy.workers import Settled, TransferFailed
 
 SPECS = [TensorSpec("w", "float32", (4,)), TensorSpec("b", "float32", (2,))]
 
@@ -91,7 +91,7 @@ def test_shared_memory_writes_each_version_once_and_every_engine_loads_it():
 def test_a_partial_shared_memory_sync_revives_only_the_worker_that_missed_it():
     push, workers, log = transport("shm")
     workers.dying = {2}
-    with pytest.raises(WorkersDied) as died:
+    with pytest.raises(TransferFailed) as died:
         push.push(1)
     assert died.value.workers == [2] and push.holds == {0: 1, 1: 1}
     log.clear()
@@ -104,22 +104,23 @@ def test_a_partial_shared_memory_sync_revives_only_the_worker_that_missed_it():
 def test_a_restarted_worker_without_a_channel_is_found_by_asking_who_is_new():
     push, workers, _ = transport("shm")
     workers.failing, workers.restarted_now = {1}, [1]  # its call fails, it did not die in it
-    with pytest.raises(WorkersDied) as died:
+    with pytest.raises(TransferFailed) as died:
         push.push(3)
     assert died.value.workers == [1]
 
 
-def test_a_failure_nobody_explains_is_raised_as_it_is():
-    push, workers, _ = transport("shm")
+def test_a_transfer_that_breaks_with_everyone_alive_fails_naming_no_one():
+    push, workers, _ = transport("broadcast")
     workers.failing = {0}
-    with pytest.raises(RuntimeError, match="worker 0: gloo timed out"):
+    with pytest.raises(TransferFailed) as failed:
         push.push(3)
+    assert failed.value.workers == [] and "worker 0: gloo timed out" in str(failed.value.cause)
 
 
 def test_a_broadcast_starts_only_when_every_member_is_alive():
     push, workers, log = transport("broadcast")
     workers.restarted_now = [1]
-    with pytest.raises(WorkersDied) as died:
+    with pytest.raises(TransferFailed) as died:
         push.push(2)
     assert died.value.workers == [1] and log == []  # nothing was sent
 
@@ -133,7 +134,7 @@ def test_a_broadcast_sends_to_every_engine_at_once():
 def test_reviving_after_a_broadcast_forms_the_group_again_with_every_member():
     push, workers, log = transport("broadcast", n=2)
     workers.dying = {0}
-    with pytest.raises(WorkersDied):
+    with pytest.raises(TransferFailed):
         push.push(2)
     log.clear()
     push.revive([0], 2)
