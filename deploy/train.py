@@ -48,14 +48,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted: continue from the last checkpoint with --resume{where}", file=sys.stderr)
         return 130
     except Exception as e:  # a failure inside an actor arrives wrapped: report its cause
-        cause = _cause(e)
+        cause = cause_of(e)
         if not isinstance(cause, RunError):
             raise  # a bug, here or in a library: its traceback is what to read
         print(f"error: {cause}", file=sys.stderr)
         return 1
 
 
-def _cause(e: BaseException) -> BaseException:
+def cause_of(e: BaseException) -> BaseException:
+    """What an actor raised, out of the task errors Ray wraps it in."""
     import ray
 
     while isinstance(e, ray.exceptions.RayTaskError) and e.cause is not None:
@@ -167,8 +168,9 @@ class Training:
 
         self.workers.start()  # the weight transport forms only once every engine is up
         self.weights = weight_push(cfg, cluster, self.workers, run_id=uuid.uuid4().hex[:12])
-        log.info("weight sync: %s (%.0f MB per update, on %s); learner on node %s, workers on %s",
-                 self.weights.name, self.weights.nbytes / 1e6, cluster.sync_host,
+        dtypes = "/".join(sorted({s.dtype for s in self.weights.specs}))
+        log.info("weight sync: %s (%.0f MB of %s per update, on %s); learner on node %s, workers on %s",
+                 self.weights.name, self.weights.nbytes / 1e6, dtypes, cluster.sync_host,
                  cluster.learner_node[0][:8], [node[:8] for node, _ in cluster.worker_nodes])
         sampler = PromptSampler(prompts.train, cfg.seed, position=self.state.step * cfg.prompts_per_step)
         self.rollouts = Rollouts(cfg, self.workers, self.weights, sampler, next_round=self.state.step)

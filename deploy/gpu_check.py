@@ -1,0 +1,236 @@
+"""First run on GPUs: in a few minutes, checks that this machine's vLLM, NCCL and GPUs do what a
+training run needs. One line per check; it stops, and exits 1, at the first that fails.
+
+    python -m deploy.gpu_check                                   # on this node's GPUs
+    python -m deploy.gpu_check --model.name EleutherAI/pythia-410m-deduped
+    python -m deploy.gpu_check --cluster.device cpu --model.name tiny   # the same checks on a CPU
+
+Any deploy.train field can be set, as on its command line. The checks: vLLM loads the model; a
+broadcast of changed weights (NCCL on GPUs) makes the engine's greedy output equal the
+learner's; vLLM's log-probs agree with the learner's within the dtype's tolerance; one learner
+step at the run's learning rate changes the weights the engine receives; a short run of
+`deploy.train` completes. The tests marked `gpu` run the same checks.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from common import config as config_lib
+from common import data, models
+from common.config import Config
+from common.errors import RunError
+from deploy.train import cause_of
+
+# Largest per-token |learner - engine| log-prob difference the check accepts, per dtype. The two
+# sides compute the same function with different kernels: in float32 they agree to about 1e-5
+# (DESIGN.md section 2); in 16-bit formats rounding differs by a few hundredths per token.
+LOGPROB_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.5, torch.float16: 0.25}
+RUN_STEPS = 5
+GREEDY_TOKENS = 8  # few enough that 16-bit kernels are not yet left to near-ties
+
+
+class CheckFailed(RunError):
+    """A check that did not pass; its message says what was seen."""
+
+
+def command_line(argv: list[str]) -> list[str]:
+    """deploy.train's arguments for the checks: one engine, small batches, the broadcast
+    transport and, on GPUs, the reference model with a GPU for the learner and one for the
+    engine; then `argv`, which may change any of them."""
+    base = ["--rollout.num-workers", "1", "--cluster.weight-sync", "broadcast", "--grpo.group-size",
+            "4", "--grpo.batch-size", "8", "--rollout.max-tokens", "16", "--logging.progress", "lines"]
+    if config_lib.parse(argv).cluster.device == "gpu":
+        base += ["--cluster.device", "gpu", "--learner.num-gpus", "1", "--rollout.num-gpus", "1",
+                 "--model.name", "EleutherAI/pythia-410m-deduped"]
+    return [*base, *argv]
+
+
+@dataclass
+class Checks:
+    """A learner and one engine, joined by the run's own weight transport."""
+
+    argv: list[str]
+    """deploy.train's command line (see `command_line`)."""
+
+    def __post_init__(self):
+        self.cfg: Config = config_lib.from_args(self.argv)
+        self.push = None
+
+    def start(self) -> str:
+        import ray
+
+        from deploy.launch import init_ray, launch
+        from deploy.weight_push import weight_push
+        from deploy.workers import RolloutWorkers
+
+        started = time.perf_counter()
+        init_ray(self.cfg)
+        self.cluster = launch(self.cfg, self.cfg.cluster.call_timeout_s)
+        self.workers = RolloutWorkers(self.cluster.workers, self.cluster.buffer, self.cfg)
+        self.workers.start()
+        self.push = weight_push(self.cfg, self.cluster, self.workers, run_id=uuid.uuid4().hex[:12])
+        self.dtype = self._learner(lambda learner: learner.compute_dtype)
+        tokenizer = models.tokenizer_for(self.cfg.model.name, self.cfg.model.cache_dir)
+        self.prompts = data.load_prompts(self.cfg.data, tokenizer).train[:4]
+        vllm = ray.get(self.cluster.workers[0].__ray_call__.remote(_vllm_version))
+        return (f"vLLM {vllm} runs {self.cfg.model.name} in {_name(self.dtype)} on "
+                f"{self.cfg.cluster.device} ({time.perf_counter() - started:.0f} s to start)")
+
+    def broadcast(self) -> str:
+        self._learner(_perturb)  # the update must change greedy output for the check to mean much
+        self.push.push(self._learner(lambda learner: learner.version))
+        ids = self.prompts[0].token_ids
+        engine, learner = self._engine(_engine_greedy, ids), self._learner(_learner_greedy, ids)
+        if engine != learner:
+            raise CheckFailed(f"after a {self.push.name} of changed weights the engine's greedy "
+                              f"tokens {engine} differ from the learner's {learner}")
+        return (f"{self.push.name} of changed weights: the engine's greedy output equals the "
+                f"learner's ({GREEDY_TOKENS} tokens)")
+
+    def logprobs(self) -> str:
+        groups = self._generate()
+        diff = self._learner(_logprob_difference, groups)
+        tolerance = LOGPROB_TOLERANCE[self.dtype]
+        if not diff["max"] <= tolerance:
+            raise CheckFailed(f"vLLM's log-probs differ from the learner's by up to {diff['max']:.3g} "
+                              f"per token (mean {diff['mean']:.3g}); {_name(self.dtype)} allows {tolerance:g}")
+        return (f"log-probs: vLLM and the learner agree within {diff['max']:.2g} per token (mean "
+                f"{diff['mean']:.2g}, {diff['tokens']} tokens; {_name(self.dtype)} allows {tolerance:g})")
+
+    def update(self) -> str:
+        import ray
+
+        metrics = ray.get(self.cluster.learner.train.remote(self._generate()))
+        self.push.push(metrics["step"])
+        changed = metrics["engine_weights_changed"]
+        if not changed > 0:
+            raise CheckFailed(f"a learner step at lr {self.cfg.learning_rate:g} changed none of the "
+                              f"weights the engines receive in {_name(self.dtype)}")
+        return (f"a step at lr {self.cfg.learning_rate:g} changed {100 * changed:.2f}% of the weights "
+                f"the engine receives, and it loaded them")
+
+    def run(self) -> str:
+        self.close()
+        with tempfile.TemporaryDirectory() as run_dir:
+            started = time.perf_counter()
+            argv = [*self.argv, "--steps", str(RUN_STEPS), "--run-dir", f"{run_dir}/run",
+                    "--learner.checkpoint-every", "0"]
+            proc = subprocess.run([sys.executable, "-m", "deploy.train", *argv], capture_output=True,
+                                  text=True)
+            if proc.returncode != 0:
+                tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
+                raise CheckFailed(f"a {RUN_STEPS}-step run exited {proc.returncode}: {tail[0]}")
+        return f"a {RUN_STEPS}-step run of deploy.train completed ({time.perf_counter() - started:.0f} s)"
+
+    def close(self) -> None:
+        import ray
+
+        from deploy.launch import shutdown
+
+        if self.push is not None:
+            self.push.close()
+            shutdown(self.cluster)
+            self.push = None
+        ray.shutdown()
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _learner(self, fn: Callable, *args):
+        import ray
+
+        return ray.get(self.cluster.learner.__ray_call__.remote(fn, *args))
+
+    def _engine(self, fn: Callable, *args):
+        import ray
+
+        return ray.get(self.cluster.workers[0].__ray_call__.remote(fn, *args))
+
+    def _generate(self) -> list:
+        import ray
+
+        return ray.get(self.cluster.workers[0].generate.remote(self.prompts, 0))[0]
+
+
+# Run inside the actors (with __ray_call__): what a check needs to see there.
+
+def _vllm_version(worker) -> str:
+    import vllm
+
+    return vllm.__version__
+
+
+def _perturb(learner) -> None:
+    """Move the learner's weights far enough that greedy outputs change, as training would."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in learner.model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator).to(p.device) * 0.01)
+    learner.version += 1
+
+
+def _engine_greedy(worker, ids: list[int]) -> list[int]:
+    from vllm import SamplingParams
+
+    out = worker.llm.generate([{"prompt_token_ids": ids}],
+                              SamplingParams(temperature=0, max_tokens=GREEDY_TOKENS), use_tqdm=False)
+    return list(out[0].outputs[0].token_ids)
+
+
+def _learner_greedy(learner, ids: list[int]) -> list[int]:
+    with torch.no_grad(), torch.autocast(learner.device, dtype=learner.compute_dtype,
+                                         enabled=learner.compute_dtype != torch.float32):
+        out = learner.model.generate(torch.tensor([ids], device=learner.device),
+                                     max_new_tokens=GREEDY_TOKENS, min_new_tokens=GREEDY_TOKENS,
+                                     do_sample=False, pad_token_id=learner.pad_id)
+    return out[0, len(ids):].tolist()
+
+
+def _logprob_difference(learner, groups) -> dict:
+    from learner.batch import collate
+
+    seqs = [(g.prompt.token_ids, ids, lps) for g in groups for ids, lps in zip(g.completion_ids, g.logprobs)]
+    mb = collate(seqs, torch.zeros(len(seqs)), learner.pad_id).to(learner.device)
+    with torch.no_grad():
+        logp, _ = learner._logprobs(learner.model, mb)
+    diff = (logp - mb.behaviour_logp)[mb.completion_mask].abs()
+    return {"max": diff.max().item(), "mean": diff.mean().item(), "tokens": diff.numel()}
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+CHECKS = ("start", "broadcast", "logprobs", "update", "run")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from common import logs
+
+    logs.console()
+    checks = Checks(command_line(sys.argv[1:] if argv is None else argv))
+    try:
+        for name in CHECKS:
+            print(f"ok    {name:<10} {getattr(checks, name)()}", flush=True)
+    except Exception as e:
+        cause = cause_of(e)
+        print(f"FAIL  {name:<10} {cause if isinstance(cause, RunError) else repr(cause)}", flush=True)
+        if not isinstance(cause, RunError):
+            traceback.print_exc()  # not a finding of the check: what to read is the traceback
+        return 1
+    finally:
+        checks.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
