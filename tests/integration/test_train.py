@@ -130,6 +130,15 @@ def test_async_grpo_with_two_workers_raises_the_reward(tmp_path):
     assert [m["step"] for m in history if "eval_reward" in m] == [5, 10, 15, 20, 24]
 
 
+def test_bfloat16_grpo_raises_the_reward_on_the_cpu(tmp_path):
+    """Mixed precision as on a GPU: float32 master weights, bfloat16 autocast, bfloat16 engines."""
+    run_dir = tmp_path / "run"
+    proc = train(run_dir, "--model.dtype", "bfloat16")
+    assert "MB of bfloat16 per update" in proc.stderr  # the engines were sent bfloat16
+    assert_learned(run_dir)
+    assert all(m["engine_weights_changed"] > 0 for m in metrics(run_dir))
+
+
 def test_resumed_run_matches_the_uninterrupted_one(sync_run, tmp_path):
     run_dir = tmp_path / "run"
     first = train(run_dir, "--stop-after", "6")
