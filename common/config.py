@@ -168,42 +168,82 @@ class RolloutConfig(ActorResources):
 
 @dataclass
 class GRPOConfig(Section):
-    """The GRPO objective: groups, advantages, the clipped ratio, KL, off-policy correction."""
+    """The GRPO objective: groups, advantages, the clipped ratio, KL, off-policy correction.
+    Field names and meanings are TRL's GRPOConfig's (README: "Coming from TRL")."""
 
     RULES = {"group_size": ">= 2 for group-relative advantages", "batch_size": ">= 1",
-             "epsilon": "> 0", "epsilon_high": "> 0", "beta": ">= 0", "num_iterations": ">= 1",
-             "importance_sampling_cap": ">= 0"}
+             "epsilon": "> 0", "epsilon_high": "> 0", "delta": "> 1", "beta": ">= 0",
+             "num_iterations": ">= 1", "sapo_temperature_pos": "> 0", "sapo_temperature_neg": "> 0",
+             "vllm_importance_sampling_clip_min": ">= 0", "vllm_importance_sampling_clip_max": "> 0",
+             "max_extra_rounds": ">= 0"}
 
     group_size: int = 8
     """Completions sampled per prompt (G); advantages are relative within a group."""
     batch_size: int = 32
     """Completions per learner step; a multiple of `group_size`."""
-    loss_type: Literal["grpo", "dapo", "dr_grpo"] = "dapo"
-    """Loss aggregation, as in TRL: `grpo` mean per sequence then over sequences; `dapo` sum
-    over all completion tokens over their count; `dr_grpo` sum over (sequences x max_tokens)."""
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"] = "dapo"
+    """The loss, as TRL defines each: `grpo` mean per sequence, then over sequences; `bnpo` sum
+    over a micro-batch's tokens over their count; `dapo` sum over all completion tokens over
+    their count; `dr_grpo` sum over (sequences x max_tokens); `cispo` the clipped ratio as a
+    detached weight of the log-prob (MiniMax-M1); `sapo` a soft gate instead of the clip."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """Divide centred rewards by the group's std, the batch's std, or nothing (Dr. GRPO)."""
     epsilon: float = 0.2
     """Lower clip range of the policy ratio: ratios below 1 - epsilon are clipped."""
     epsilon_high: float | None = None
-    """Upper clip range (DAPO clip-higher); None means `epsilon`."""
+    """Upper clip range (DAPO clip-higher); None means `epsilon`. For `cispo` the cap of the
+    ratio itself (TRL recommends 5.0)."""
+    delta: float | None = None
+    """Two-sided clip (INTELLECT-2): the unclipped ratio is capped at delta too; keep it above
+    1 + epsilon_high. None: off."""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """The policy ratio per token, or per sequence as the exponent of its mean log-ratio
+    (GSPO)."""
     beta: float = 0.0
     """Coefficient of the k3 KL penalty to the frozen reference model; 0 loads no reference."""
+    use_bias_correction_kl: bool = True
+    """Multiply the k3 KL term by the policy ratio, an unbiased estimate off-policy
+    (DeepSeek-V3.2, TRL's default); False: plain k3. Matters only with beta > 0."""
     num_iterations: int = 1
     """Optimizer passes over each batch (mu in the GRPO paper)."""
-    importance_sampling_cap: float = 3.0
-    """Truncated importance sampling: each token's loss is weighted by
-    min(exp(logp_old - logp_behaviour), cap), correcting for stale or mismatched rollouts;
-    0 turns the correction off."""
+    sapo_temperature_pos: float = 1.0
+    """`sapo`: temperature of the soft gate where the advantage is positive."""
+    sapo_temperature_neg: float = 1.05
+    """`sapo`: temperature of the soft gate where the advantage is zero or negative."""
+    vllm_importance_sampling_correction: bool = True
+    """Weight each token's loss by pi_old / pi_behaviour, where pi_behaviour is the engine's
+    log-prob of the sampled token: corrects for stale rollouts and for vLLM's numerics."""
+    vllm_importance_sampling_mode: Literal["token_truncate", "token_mask", "sequence_truncate",
+                                           "sequence_mask"] = "token_truncate"
+    """Per token or per sequence (the exponent of the summed log-differences); `truncate`
+    clamps the weight into [clip_min, clip_max], `mask` zeroes weights outside it. TRL's default
+    is `sequence_mask`; this project keeps the per-token truncation it always had."""
+    vllm_importance_sampling_clip_min: float | None = None
+    """Lower bound of the importance weight; None: none."""
+    vllm_importance_sampling_clip_max: float = 3.0
+    """Upper bound of the importance weight."""
+    mask_truncated_completions: bool = False
+    """Leave completions cut off at rollout.max_tokens (finish reason `length`) out of the
+    loss, so an unfinished answer is not trained on as a wrong one (DAPO's overlong filter)."""
+    drop_zero_std_groups: bool = False
+    """Dynamic sampling (DAPO): leave out groups whose G rewards are all equal (they carry no
+    signal) and generate more until the batch is full."""
+    max_extra_rounds: int = 4
+    """Dynamic sampling: most extra rounds of generation per step before the run stops for
+    want of groups with signal."""
 
     def problems(self, prefix: str) -> list[str]:
         lines = super().problems(prefix)
         if self.group_size >= 1 and self.batch_size >= 1 and self.batch_size % self.group_size:
             lines.append(f"{prefix}batch_size ({self.batch_size}) must be a multiple of "
                          f"{prefix}group_size ({self.group_size})")
-        if 0 < self.importance_sampling_cap < 1:
-            lines.append(f"{prefix}importance_sampling_cap must be 0 (off) or >= 1 "
-                         f"(got {self.importance_sampling_cap})")
+        low, high = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        if low is not None and low >= high > 0:
+            lines.append(f"{prefix}vllm_importance_sampling_clip_min ({low}) must be below "
+                         f"{prefix}vllm_importance_sampling_clip_max ({high})")
+        if self.loss_type == "cispo" and self.epsilon_high is None:
+            lines.append(f"{prefix}loss_type cispo caps the ratio at {prefix}epsilon_high: set it "
+                         "(TRL recommends 5.0; unset, TRL would cap it at epsilon, 0.2)")
         return lines
 
 

@@ -1,8 +1,9 @@
 """Reward functions: the built-ins, plug-ins named by `module:function`, and their weighted sum.
 
 A reward function is batched like TRL's reward_funcs:
-`fn(prompts, completions, **columns) -> list[float]`, where `columns` are the dataset's other
-columns (each a list aligned with `prompts`); functions take `**kwargs` for those they ignore.
+`fn(prompts, completions, **columns) -> list[float | None]`, where `columns` are the dataset's
+other columns (each a list aligned with `prompts`); functions take `**kwargs` for those they
+ignore, and return None for a completion they do not score.
 """
 
 from __future__ import annotations
@@ -88,7 +89,9 @@ class Scorer:
     def __call__(
         self, prompts: list[str], completions: list[str], columns: dict[str, list] | None = None
     ) -> tuple[list[float], dict[str, list[float]]]:
-        """(weighted sum per completion, {name: that function's raw scores})."""
+        """(weighted sum per completion, {name: that function's raw scores}). A function may
+        return None for a completion it does not score (TRL's convention, for multi-task data):
+        the sum is over the functions that scored it, NaN when none did."""
         columns = columns or {}
         n = len(completions)
         if len(prompts) != n:
@@ -98,8 +101,11 @@ class Scorer:
                 raise RewardError(f"column `{key}` has {len(values)} values for {n} completions")
         parts = {name: _call(name, fn, prompts, completions, columns)
                  for name, fn in zip(self.names, self._fns)}
-        total = [sum(w * parts[name][i] for name, w in zip(self.names, self.weights))
-                 for i in range(n)]
+        total = []
+        for i in range(n):
+            scored = [w * parts[name][i] for name, w in zip(self.names, self.weights)
+                      if not math.isnan(parts[name][i])]
+            total.append(sum(scored) if scored else math.nan)
         return total, parts
 
 
@@ -125,9 +131,12 @@ def _call(name: str, fn: RewardFn, prompts: list[str], completions: list[str],
         raise RewardError(f"reward `{name}` returned {len(scores)} scores for {n} completions")
     out = []
     for i, s in enumerate(scores):
+        if s is None:  # not this function's sample to score
+            out.append(math.nan)
+            continue
         if not isinstance(s, numbers.Real) or not math.isfinite(s):
             raise RewardError(f"reward `{name}` returned {_short(repr(s))} on sample {i}, "
-                              f"expected a finite number (completion: {_snippet(completions[i])})")
+                              f"expected a finite number or None (completion: {_snippet(completions[i])})")
         out.append(float(s))
     return out
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -30,9 +31,9 @@ class RolloutGroup:
     finish_reasons: list[str]
     """`stop` (end of text) or `length` (hit rollout.max_tokens), per completion."""
     rewards: list[float]
-    """Weighted sum of the reward functions, per completion."""
+    """Weighted sum of the reward functions that scored the completion; NaN if none did."""
     reward_parts: dict[str, list[float]]
-    """Each reward function's own score, per completion."""
+    """Each reward function's own score, per completion (NaN where it returned None)."""
     policy_version: int
     """Learner step whose weights generated this group."""
     worker: int = 0
@@ -41,6 +42,12 @@ class RolloutGroup:
     @property
     def size(self) -> int:
         return len(self.completion_ids)
+
+    @property
+    def zero_std(self) -> bool:
+        """Whether the scored rewards (NaN: unscored) are all equal: every advantage is then 0,
+        and the group teaches nothing."""
+        return len({r for r in self.rewards if not math.isnan(r)}) <= 1
 
     @property
     def num_tokens(self) -> int:

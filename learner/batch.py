@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from common.types import RolloutGroup
-from learner.grpo import group_advantages
+from learner.grpo import group_advantages, mask_truncated_completions, mask_unscored
 
 
 @dataclass
@@ -45,11 +45,21 @@ def advantages_of(groups: list[RolloutGroup], scale: str) -> torch.Tensor:
 
 
 def micro_batches(groups: list[RolloutGroup], size: int, scale: str, pad_id: int,
-                  ) -> list[MicroBatch]:
+                  mask_truncated: bool = False) -> list[MicroBatch]:
+    """The batch in micro-batches of `size` sequences. Completions no reward function scored
+    (NaN) are left out of the loss, and with `mask_truncated` those cut off at the token limit."""
     seqs = flat_sequences(groups)
     advantages = advantages_of(groups, scale)
-    return [collate(seqs[i : i + size], advantages[i : i + size], pad_id)
-            for i in range(0, len(seqs), size)]
+    rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float32)  # [N]
+    truncated = torch.tensor([f == "length" for g in groups for f in g.finish_reasons])  # [N]
+    out = []
+    for i in range(0, len(seqs), size):
+        mb = collate(seqs[i : i + size], advantages[i : i + size], pad_id)
+        mb.completion_mask = mask_unscored(mb.completion_mask, rewards[i : i + size])
+        if mask_truncated:
+            mb.completion_mask = mask_truncated_completions(mb.completion_mask, truncated[i : i + size])
+        out.append(mb)
+    return out
 
 
 def collate(seqs: list[tuple[list[int], list[int], list[float]]], advantages: torch.Tensor,

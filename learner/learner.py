@@ -3,6 +3,7 @@ every weight transfer. A plain class; `deploy/launch.py` makes it a Ray actor.""
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import time
@@ -14,7 +15,7 @@ from transformers import AutoModelForCausalLM, get_scheduler
 from trl.trainer.utils import entropy_from_logits
 
 from common import logs, models
-from common.config import Config, cpu_threads
+from common.config import Config, GRPOConfig, cpu_threads
 from common.types import RolloutGroup, RunState, RunSummary
 from common.weight_sync import (
     BroadcastChannel,
@@ -26,9 +27,22 @@ from common.weight_sync import (
 )
 from learner import checkpoint
 from learner.batch import MicroBatch, micro_batches
-from learner.grpo import grpo_loss, masked_mean
+from learner.grpo import grpo_loss, masked_mean, sampling_mismatch
 
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+
+def loss_options(grpo: GRPOConfig) -> dict:
+    """The `grpo_loss` options a run's GRPOConfig sets (same names as TRL's)."""
+    return dict(loss_type=grpo.loss_type, epsilon=grpo.epsilon, epsilon_high=grpo.epsilon_high,
+                delta=grpo.delta, beta=grpo.beta, importance_sampling_level=grpo.importance_sampling_level,
+                use_bias_correction_kl=grpo.use_bias_correction_kl,
+                sapo_temperature_pos=grpo.sapo_temperature_pos,
+                sapo_temperature_neg=grpo.sapo_temperature_neg,
+                vllm_importance_sampling_correction=grpo.vllm_importance_sampling_correction,
+                vllm_importance_sampling_mode=grpo.vllm_importance_sampling_mode,
+                vllm_importance_sampling_clip_min=grpo.vllm_importance_sampling_clip_min,
+                vllm_importance_sampling_clip_max=grpo.vllm_importance_sampling_clip_max)
 
 
 class Learner:
@@ -73,13 +87,15 @@ class Learner:
         start = time.perf_counter()
         grpo = self.cfg.grpo
         batches = [mb.to(self.device) for mb in
-                   micro_batches(groups, self.cfg.learner.micro_batch_size, grpo.scale_rewards, self.pad_id)]
+                   micro_batches(groups, self.cfg.learner.micro_batch_size, grpo.scale_rewards,
+                                 self.pad_id, mask_truncated=grpo.mask_truncated_completions)]
         num_sequences = sum(mb.input_ids.shape[0] for mb in batches)
         num_tokens = int(sum(mb.completion_mask.sum() for mb in batches))
         old_logps: list[torch.Tensor | None] = [None] * len(batches)
         ref_logps = [self._ref_logprobs(mb) for mb in batches]
         # Token-weighted means over every pass and micro-batch (the loss: per pass, averaged).
-        totals = dict(loss=0.0, clip_fraction=0.0, kl=0.0, is_weight=0.0, entropy=0.0)
+        totals = dict(loss=0.0, clip_fraction=0.0, kl=0.0, is_weight=0.0, is_masked=0.0,
+                      entropy=0.0, mismatch_kl=0.0, mismatch_max=0.0)
         grad_norms = []
         before = self._engine_view()
 
@@ -92,27 +108,26 @@ class Learner:
                 logp, entropy = self._logprobs(self.model, mb, entropy=first_pass)
                 out = grpo_loss(
                     logp, old_logps[i], mb.behaviour_logp, ref_logps[i], mb.advantages,
-                    mb.completion_mask, loss_type=grpo.loss_type, epsilon=grpo.epsilon,
-                    epsilon_high=grpo.epsilon_high, beta=grpo.beta,
-                    # GRPOConfig has only importance_sampling_cap so far (0: off), TRL's
-                    # token_truncate bound
-                    vllm_importance_sampling_correction=grpo.importance_sampling_cap != 0,
-                    vllm_importance_sampling_mode="token_truncate",
-                    vllm_importance_sampling_clip_max=grpo.importance_sampling_cap,
-                    num_sequences=num_sequences, num_tokens=num_tokens,
-                    max_completion_length=self.cfg.rollout.max_tokens,
+                    mb.completion_mask, **loss_options(grpo), num_sequences=num_sequences,
+                    num_tokens=num_tokens, max_completion_length=self.cfg.rollout.max_tokens,
+                    num_micro_batches=len(batches),
                 )
                 self.scaler.scale(out.loss).backward()
                 share = int(mb.completion_mask.sum()) / max(num_tokens, 1)
                 totals["loss"] += out.loss.item() / grpo.num_iterations
                 for key, value in (("clip_fraction", out.clip_fraction), ("kl", out.kl),
-                                   ("is_weight", out.is_weight)):
+                                   ("is_weight", out.is_weight), ("is_masked", out.is_masked_fraction)):
                     totals[key] += float(value) * share / grpo.num_iterations
                 if first_pass:
                     # The first pass runs on the weights that scored the batch: they are the
                     # "old" policy of every later pass, so no extra forward is needed.
                     old_logps[i] = logp.detach()
                     totals["entropy"] += float(masked_mean(entropy, mb.completion_mask)) * share
+                    # How far the engine's sampling log-probs are from the learner's, on the
+                    # tokens trained on: vLLM's numerics, and the policy lag.
+                    mismatch = sampling_mismatch(logp.detach(), mb.behaviour_logp, mb.completion_mask)
+                    totals["mismatch_kl"] += float(mismatch.kl) * share
+                    totals["mismatch_max"] = max(totals["mismatch_max"], float(mismatch.max_abs_diff))
             max_norm = self.cfg.learner.max_grad_norm or float("inf")
             self.scaler.unscale_(self.optimizer)
             grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)))
@@ -122,19 +137,21 @@ class Learner:
         self.version += 1
 
         seconds = time.perf_counter() - start
-        rewards = torch.tensor([r for grp in groups for r in grp.rewards])
+        rewards = torch.tensor([r for grp in groups for r in grp.rewards])  # NaN: unscored
+        scored = rewards[~rewards.isnan()]
         lengths = torch.tensor([len(ids) for grp in groups for ids in grp.completion_ids], dtype=torch.float)
         lags = [self.version - 1 - grp.policy_version for grp in groups]
         metrics = {
             "step": self.version,
             **totals,
-            "reward": rewards.mean().item(),
-            "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+            "reward": scored.mean().item() if scored.numel() else math.nan,
+            "reward_std": scored.std().item() if scored.numel() > 1 else 0.0,
+            "unscored_frac": 1 - scored.numel() / rewards.numel(),
             "grad_norm": grad_norms[0],
             "lr": self.scheduler.get_last_lr()[0],
             "completion_len": lengths.mean().item(),
             "truncated_frac": sum(r == "length" for grp in groups for r in grp.finish_reasons) / len(lengths),
-            "zero_std_groups": sum(max(grp.rewards) == min(grp.rewards) for grp in groups) / len(groups),
+            "zero_std_groups": sum(grp.zero_std for grp in groups) / len(groups),
             "policy_lag": sum(lags) / len(lags),
             "policy_lag_max": max(lags),
             "train_tokens": num_tokens,
@@ -143,7 +160,8 @@ class Learner:
             "engine_weights_changed": self._changed_fraction(before),
         }
         for name in groups[0].reward_parts:
-            metrics[f"reward/{name}"] = sum(sum(grp.reward_parts[name]) for grp in groups) / len(lengths)
+            parts = torch.tensor([r for grp in groups for r in grp.reward_parts[name]])
+            metrics[f"reward/{name}"] = parts.nanmean().item()
         return metrics
 
     def _engine_view(self) -> list[torch.Tensor]:

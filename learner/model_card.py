@@ -24,6 +24,14 @@ GRPO_PAPER = {
 }
 
 
+def _importance_sampling(grpo) -> str:
+    if not grpo.vllm_importance_sampling_correction:
+        return "off"
+    low = grpo.vllm_importance_sampling_clip_min
+    return f"{grpo.vllm_importance_sampling_mode} to [{low if low is not None else 0}, " \
+           f"{grpo.vllm_importance_sampling_clip_max}]"
+
+
 def render(cfg: Config, directory: str | Path, summary: RunSummary) -> str:
     """Markdown of the card: front matter (base_model, library_name, tags), quick start, the
     reward, the GRPO settings, what the run measured, framework versions, citations."""
@@ -54,8 +62,11 @@ def render(cfg: Config, directory: str | Path, summary: RunSummary) -> str:
         "max completion tokens": rollout.max_tokens, "temperature": rollout.temperature,
         "loss type": grpo.loss_type, "reward scaling": grpo.scale_rewards, "epsilon": grpo.epsilon,
         "epsilon_high": grpo.epsilon_high if grpo.epsilon_high is not None else grpo.epsilon,
+        "delta (two-sided clip)": grpo.delta, "ratio level": grpo.importance_sampling_level,
         "beta (KL)": grpo.beta, "iterations per batch": grpo.num_iterations,
-        "importance-sampling cap": grpo.importance_sampling_cap,
+        "vLLM importance sampling": _importance_sampling(grpo),
+        "mask truncated completions": grpo.mask_truncated_completions,
+        "dynamic sampling": grpo.drop_zero_std_groups,
         "max policy lag": cfg.buffer.max_policy_lag, "learning rate": cfg.learning_rate,
         "rollout workers": rollout.num_workers, "seed": cfg.seed,
     }

@@ -29,6 +29,12 @@ def fails_on_boom(prompts, completions, **kwargs):
     return [1.0 if "boom" not in c else 1 / 0 for c in completions]
 
 
+def scores_questions_only(prompts, completions, **kwargs):
+    """A task's reward: it scores completions of prompts ending in '?', and no others."""
+    return [1.0 if c.strip().endswith(".") else 0.0 if p.endswith("?") else None
+            for p, c in zip(prompts, completions)]
+
+
 def returns_nan(prompts, completions, **kwargs):
     return [math.nan if c == "bad" else 0.0 for c in completions]
 
@@ -169,3 +175,18 @@ def test_raising_reward_chains_original_exception():
     with pytest.raises(RewardError) as info:
         Scorer([f"{HERE}:fails_on_boom"])(["p"], ["boom"])
     assert isinstance(info.value.__cause__, ZeroDivisionError)
+
+
+def test_a_reward_may_leave_samples_unscored():
+    scorer = Scorer([f"{HERE}:scores_questions_only", "length"], [2.0, 0.5])
+    total, parts = scorer(["Why?", "Why?", "Say hi"], ["Because.", "no end", "hi there"])
+    # Both score the questions: 2 * 1 + 0.5 * (1 / 20); 2 * 0 + 0.5 * (2 / 20). Only `length`
+    # scores the third: 0.5 * (2 / 20).
+    assert total == pytest.approx([2.025, 0.05, 0.05])
+    assert parts[f"{HERE}:scores_questions_only"][:2] == [1.0, 0.0]
+    assert math.isnan(parts[f"{HERE}:scores_questions_only"][2])
+
+
+def test_a_sample_no_reward_scores_is_nan():
+    total, _ = Scorer([f"{HERE}:scores_questions_only"])(["Say hi"], ["hi"])
+    assert math.isnan(total[0])

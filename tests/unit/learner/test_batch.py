@@ -96,3 +96,16 @@ def test_batch_scaled_advantages_use_the_std_of_the_whole_batch():
     # std sqrt((0.25 + 0.25 + 0 + 0) / 3) = sqrt(1/6), not group 0's own sqrt(0.5).
     a = 0.5 / (math.sqrt(1 / 6) + 1e-4)
     torch.testing.assert_close(torch.cat([mb.advantages for mb in mbs]), torch.tensor([a, -a, 0.0, 0.0]))
+
+
+def test_unscored_and_truncated_completions_are_left_out_of_the_loss():
+    nan = float("nan")
+    groups = [group(0, [1, 2], [[5], [6, 7], [8, 9]], rewards=[1.0, nan, 0.0])]
+    groups[0].finish_reasons = ["stop", "stop", "length"]
+    kept = micro_batches(groups, size=3, scale="group", pad_id=PAD)[0]
+    assert kept.completion_mask.tolist() == [[True, False], [False, False], [True, True]]
+    # The unscored completion is out of the group's statistics too: 1 and 0 score as +a and -a.
+    a = 0.5 / (math.sqrt(0.5) + 1e-4)
+    torch.testing.assert_close(kept.advantages, torch.tensor([a, 0.0, -a]))
+    masked = micro_batches(groups, size=3, scale="group", pad_id=PAD, mask_truncated=True)[0]
+    assert masked.completion_mask.tolist() == [[True, False], [False, False], [False, False]]

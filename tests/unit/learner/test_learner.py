@@ -4,6 +4,7 @@ completions with positive advantage; checkpoints round-trip and never unpickle c
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,17 @@ def test_a_grpo_step_favours_the_rewarded_completion(learner):
     assert metrics["reward"] == pytest.approx(0.5) and metrics["train_tokens"] == 6
     assert metrics["is_weight"] == pytest.approx(1.0, abs=1e-4)  # behaviour == learner here
     assert metrics["grad_norm"] > 0
+
+
+def test_the_mismatch_between_engine_and_learner_is_measured_on_the_batch(learner):
+    batch = [group(learner, [1010, 2020, 3030], [4040, 5050, 6060])]
+    batch[0].logprobs[1][2] += 0.1  # the engine put one token 0.1 nats higher than the learner
+    metrics = learner.train(batch)
+    # k3 of KL(engine || learner) on that token: r = exp(learner - engine) = exp(-0.1),
+    # r - 1 - log r; the other five tokens agree. Mean over the 6 tokens trained on.
+    k3 = math.exp(-0.1) - 1 + 0.1
+    assert metrics["mismatch_kl"] == pytest.approx(k3 / 6, abs=2e-6)
+    assert metrics["mismatch_max"] == pytest.approx(0.1, abs=2e-5)
 
 
 def test_a_second_pass_takes_the_first_pass_as_old_and_clips(monkeypatch):
