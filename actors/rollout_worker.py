@@ -138,6 +138,16 @@ class RolloutWorker:
         )
         return groups, stats
 
+    def score(self, sequences: list[list[int]], starts: list[int]) -> list[list[float]]:
+        """The engine's log-prob of every token of each sequence from its `start` on, each
+        given the tokens before it (vLLM's prompt log-probs: temperature 1)."""
+        from vllm import SamplingParams
+
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in sequences],
+                                    SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+        return [[out.prompt_logprobs[i][ids[i]].logprob for i in range(start, len(ids))]
+                for out, ids, start in zip(outputs, sequences, starts)]
+
     # --- weights -----------------------------------------------------------------------------
 
     def join_weight_group(self, host: str, port: int, rank_offset: int, world_size: int,

@@ -12,13 +12,15 @@ from common.types import RolloutGroup
 
 
 class RolloutBuffer:
-    def __init__(self, capacity: int, max_policy_lag: int):
+    def __init__(self, capacity: int, max_policy_lag: int, drop_zero_std: bool = False):
         if capacity < 1:
             raise ValueError(f"buffer capacity must be >= 1 group (got {capacity})")
         self.capacity, self.max_policy_lag = capacity, max_policy_lag
+        self.drop_zero_std = drop_zero_std
+        """Dynamic sampling: leave out groups whose rewards are all equal (no signal)."""
         self._groups: deque[RolloutGroup] = deque()
         self._changed: asyncio.Condition | None = None
-        self.produced = self.consumed = self.dropped_stale = 0
+        self.produced = self.consumed = self.dropped_stale = self.dropped_zero_std = 0
 
     @property
     def _cond(self) -> asyncio.Condition:
@@ -34,8 +36,11 @@ class RolloutBuffer:
                 await self._wait(lambda: len(self._groups) < self.capacity, timeout_s,
                                  lambda: f"room in the rollout buffer (full at {self.capacity} "
                                  "groups; is the learner still consuming?)")
-                self._groups.append(group)
                 self.produced += 1
+                if self.drop_zero_std and group.zero_std:
+                    self.dropped_zero_std += 1
+                    continue
+                self._groups.append(group)
                 self._cond.notify_all()
 
     async def get(self, n: int, current_version: int, timeout_s: float | None = None,
@@ -74,4 +79,5 @@ class RolloutBuffer:
             "produced": self.produced,
             "consumed": self.consumed,
             "dropped_stale": self.dropped_stale,
+            "dropped_zero_std": self.dropped_zero_std,
         }

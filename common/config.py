@@ -228,9 +228,9 @@ class GRPOConfig(Section):
     drop_zero_std_groups: bool = False
     """Dynamic sampling (DAPO): leave out groups whose G rewards are all equal (they carry no
     signal) and generate more until the batch is full."""
-    max_extra_rounds: int = 4
-    """Dynamic sampling: most extra rounds of generation per step before the run stops for
-    want of groups with signal."""
+    max_extra_rounds: int = 10
+    """Dynamic sampling: most extra rounds of generation (each of batch_size completions) per
+    step before the run stops for want of groups with signal."""
 
     def problems(self, prefix: str) -> list[str]:
         lines = super().problems(prefix)
@@ -295,7 +295,8 @@ class LearnerConfig(ActorResources):
 class ClusterConfig(Section):
     """Where the actors run and how they talk: Ray, devices, weight sync, timeouts."""
 
-    RULES = {"weight_sync_timeout_s": "> 0", "weight_sync_port": "in 0..65535",
+    RULES = {"weight_sync_timeout_s": "> 0", "weight_check_tolerance": ">= 0",
+             "weight_sync_port": "in 0..65535",
              "sync_bucket_mb": ">= 1", "num_cpus": ">= 0", "call_timeout_s": "> 0",
              "max_worker_restarts": ">= 0"}
 
@@ -311,6 +312,10 @@ class ClusterConfig(Section):
     weight_sync_timeout_s: float = 120.0
     """Longest a weight broadcast waits for a group member; then it fails, and the group is
     formed again (a member that died mid-broadcast would otherwise stall every other)."""
+    weight_check_tolerance: float | None = None
+    """After every weight sync every engine and the learner score the same probe sequences;
+    a per-token log-prob difference above this stops the run (the engines would be sampling
+    from other weights). None: 1e-3 in float32, 0.5 in bfloat16, 0.25 in float16; 0: off."""
     weight_sync_port: int = 0
     """Port of the broadcast group's rendezvous on the learner's node; 0 takes any free one.
     Set one where a firewall only opens known ports."""

@@ -85,6 +85,8 @@ class RunState:
     """Eval-split reward before training; None until measured."""
     elapsed_s: float = 0.0
     """Wall-clock seconds of every invocation so far."""
+    prompts_taken: int | None = None
+    """Where the prompt stream stands at round `step`; None: step x prompts per step."""
 
 
 @dataclass

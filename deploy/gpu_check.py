@@ -30,11 +30,8 @@ from common import data, models
 from common.config import Config
 from common.errors import RunError
 from deploy.train import cause_of
+from deploy.weight_check import TOLERANCE
 
-# Largest per-token |learner - engine| log-prob difference the check accepts, per dtype. The two
-# sides compute the same function with different kernels: in float32 they agree to about 1e-5
-# (DESIGN.md section 2); in 16-bit formats rounding differs by a few hundredths per token.
-LOGPROB_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.5, torch.float16: 0.25}
 RUN_STEPS = 5
 GREEDY_TOKENS = 8  # few enough that 16-bit kernels are not yet left to near-ties
 
@@ -100,7 +97,7 @@ class Checks:
     def logprobs(self) -> str:
         groups = self._generate()
         diff = self._learner(_logprob_difference, groups)
-        tolerance = LOGPROB_TOLERANCE[self.dtype]
+        tolerance = TOLERANCE[_name(self.dtype)]  # the run's own weight-check defaults
         if not diff["max"] <= tolerance:
             raise CheckFailed(f"vLLM's log-probs differ from the learner's by up to {diff['max']:.3g} "
                               f"per token (mean {diff['mean']:.3g}); {_name(self.dtype)} allows {tolerance:g}")

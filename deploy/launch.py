@@ -153,7 +153,8 @@ def launch(cfg: Config, timeout_s: float) -> Cluster:
 
     capacity = cfg.buffer.capacity or (cfg.buffer.max_policy_lag + 1) * cfg.prompts_per_step
     buffer = ray.remote(RolloutBuffer).options(num_cpus=0, scheduling_strategy=at(LEARNER_BUNDLE)
-                                               ).remote(capacity, cfg.buffer.max_policy_lag)
+                                               ).remote(capacity, cfg.buffer.max_policy_lag,
+                                                        cfg.grpo.drop_zero_std_groups)
     learner = ray.remote(Learner).options(
         **p.learner, scheduling_strategy=at(LEARNER_BUNDLE)).remote(cfg)
     workers = [

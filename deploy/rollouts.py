@@ -40,6 +40,9 @@ class Rollouts:
                  sampler: PromptSampler, next_round: int = 0):
         self.cfg, self.workers, self.weights, self.sampler = cfg, workers, weights, sampler
         self.next_round = next_round
+        self.round_starts: dict[int, int] = {}  # round -> the sampler's position at its start
+        self.extra_rounds: dict[int, int] = {}  # dynamic sampling: step -> extra rounds, groups
+        self.extra_groups: dict[int, int] = {}
         self.pending: list[Share] = []
         self.lost: list[Share] = []         # shares whose worker died, to generate again
         self.stats: list[GenerationStats] = []
@@ -54,11 +57,39 @@ class Rollouts:
         """Start every round up to `buffer.max_policy_lag` ahead of training step `step`."""
         last = min(step + self.cfg.buffer.max_policy_lag, self.cfg.steps - 1)
         while self.next_round <= last:
-            prompts = self.sampler.take(self.cfg.prompts_per_step)
-            for worker, share in enumerate(split(prompts, len(self.workers))):
-                if share:
-                    self.pending.append(self.workers.generate(worker, share, self.next_round))
+            self.round_starts[self.next_round] = self.sampler.position
+            self._launch(self.cfg.prompts_per_step, self.next_round)
             self.next_round += 1
+
+    def prompts_taken(self, step: int) -> int:
+        """Where the prompt stream stands for a run resumed at `step`: at the start of round
+        `step` if it was already started, else where it is now."""
+        return self.round_starts.get(step, self.sampler.position)
+
+    def _launch(self, count: int, round_: int) -> None:
+        prompts = self.sampler.take(count)
+        for worker, share in enumerate(split(prompts, len(self.workers))):
+            if share:
+                self.pending.append(self.workers.generate(worker, share, round_))
+
+    def refill(self, step: int) -> None:
+        """Dynamic sampling: when nothing is being generated and the buffer is short of a batch
+        (groups without signal were left out), generate one more round for step `step`, as DAPO
+        generates whole batches (groups beyond the batch serve the next step, within the lag
+        bound); after grpo.max_extra_rounds such rounds the run stops."""
+        if not self.cfg.grpo.drop_zero_std_groups or self.pending or self.lost:
+            return
+        missing = self.cfg.prompts_per_step - self.workers.buffered()
+        if missing <= 0:
+            return
+        rounds = self.extra_rounds.get(step, 0)
+        if rounds >= self.cfg.grpo.max_extra_rounds:
+            raise RunError(f"dynamic sampling: after {rounds} extra rounds step {step + 1} still "
+                           f"lacks {missing} of {self.cfg.prompts_per_step} groups whose rewards "
+                           "differ (grpo.max_extra_rounds); the reward gives this policy no signal")
+        self.extra_rounds[step] = rounds + 1
+        self.extra_groups[step] = self.extra_groups.get(step, 0) + self.cfg.prompts_per_step
+        self._launch(self.cfg.prompts_per_step, step)
 
     def poll(self) -> None:
         """Collect the shares that finished; those whose worker died are lost, for now."""
@@ -73,14 +104,16 @@ class Rollouts:
             self.lost_groups += len(share.prompts)
             self.lost.append(share)
 
-    def wait(self, ref, what: str, actor: str, learner_idle: bool):
-        """The result of `ref` (a call to `actor`), watching the workers meanwhile; while the
-        learner is idle, a dead worker is revived at once (it needs the learner's weights)."""
+    def wait(self, ref, what: str, actor: str, idle_step: int | None = None):
+        """The result of `ref` (a call to `actor`), watching the workers meanwhile. With
+        `idle_step` the learner is idle, waiting for that step's batch: a dead worker is revived
+        at once (it needs the learner's weights), and a short batch refilled."""
         deadline = time.monotonic() + self.cfg.cluster.call_timeout_s
         while not self.workers.is_done(ref, POLL_S):
             self.poll()
-            if learner_idle:
+            if idle_step is not None:
                 self.recover()
+                self.refill(idle_step)
             if time.monotonic() > deadline:
                 raise WaitTimeout(f"waited {self.cfg.cluster.call_timeout_s:.0f} s for {what}")
         return self.workers.get(ref, what, actor)

@@ -122,7 +122,8 @@ def run(cfg: Config) -> RunSummary:
     if cfg.resume and finished(run_dir, cfg.steps):
         log.info("the run is already complete (%d steps); its model is in %s", cfg.steps, run_dir / "final")
         return RunSummary(steps=cfg.steps, complete=True)
-    prompts = data.load_prompts(cfg.data, models.tokenizer_for(cfg.model.name, cfg.model.cache_dir))
+    tokenizer = models.tokenizer_for(cfg.model.name, cfg.model.cache_dir)
+    prompts = data.load_prompts(cfg.data, tokenizer)
     log.info("%d train prompts, %d eval prompts (%d over data.max_prompt_tokens, %s)",
              len(prompts.train), len(prompts.eval), prompts.overlong,
              "truncated" if cfg.data.overlong == "truncate" else "skipped")
@@ -131,7 +132,7 @@ def run(cfg: Config) -> RunSummary:
              cfg.rollout.num_workers)
     cluster = launch(cfg, cfg.cluster.call_timeout_s)
     try:
-        return Training(cfg, cluster, run_dir, prompts, started).run()
+        return Training(cfg, cluster, run_dir, prompts, tokenizer, started).run()
     except ActorDied as e:
         if e.at_start:
             raise
@@ -148,9 +149,10 @@ class Training:
     evaluation and checkpoints on their schedule, and the final model at the end."""
 
     def __init__(self, cfg: Config, cluster: Cluster, run_dir: Path, prompts: PromptSplits,
-                 started: float):
+                 tokenizer, started: float):
         from deploy.metrics import MetricsLog
         from deploy.rollouts import Rollouts
+        from deploy.weight_check import WeightCheck
         from deploy.weight_push import weight_push
         from deploy.workers import RolloutWorkers
 
@@ -172,7 +174,11 @@ class Training:
         log.info("weight sync: %s (%.0f MB of %s per update, on %s); learner on node %s, workers on %s",
                  self.weights.name, self.weights.nbytes / 1e6, dtypes, cluster.sync_host,
                  cluster.learner_node[0][:8], [node[:8] for node, _ in cluster.worker_nodes])
-        sampler = PromptSampler(prompts.train, cfg.seed, position=self.state.step * cfg.prompts_per_step)
+        self.check_weights = WeightCheck(cfg, self.learner, self.workers, self.weights.specs,
+                                         prompts.eval or prompts.train, tokenizer)
+        position = self.state.prompts_taken
+        sampler = PromptSampler(prompts.train, cfg.seed, position=self.state.step * cfg.prompts_per_step
+                                if position is None else position)
         self.rollouts = Rollouts(cfg, self.workers, self.weights, sampler, next_round=self.state.step)
         self.rollouts.lost_groups = self.state.lost_groups
         self.workers.restarts = self.state.worker_restarts
@@ -194,6 +200,7 @@ class Training:
     def start(self) -> None:
         """Every engine starts from the learner's exact weights; the eval split is scored once."""
         self.rollouts.push_weights(self.state.step)
+        self.check_weights(self.state.step)
         if self.state.eval_before is None:
             self.state.eval_before = self.rollouts.evaluate(self.eval_prompts)
             self.metrics.note(f"eval reward before training: {self.state.eval_before:+.4f}")
@@ -205,24 +212,27 @@ class Training:
         self.rollouts.generate_ahead(step)
         batch = self.buffer.get.remote(cfg.prompts_per_step, step, cfg.buffer.timeout_s)
         self.rollouts.wait(batch, f"a batch of {cfg.prompts_per_step} groups for step {step + 1}",
-                           "the rollout buffer", learner_idle=True)
+                           "the rollout buffer", idle_step=step)
         metrics = self.rollouts.wait(self.learner.train.remote(batch), f"learner step {step + 1}",
-                                     "the learner", learner_idle=False)
+                                     "the learner")
         self.state.step += 1
         sync_start = time.perf_counter()
         self.rollouts.push_weights(self.state.step)
         sync_s = time.perf_counter() - sync_start
+        self.check_weights(self.state.step)
 
         gen = self.rollouts.take_stats()
         gen_tokens, gen_s = sum(s.tokens for s in gen), sum(s.seconds for s in gen)
         held = self.workers.get(self.buffer.stats.remote(), "the buffer's counts", "the rollout buffer")
         self.state.lost_groups, self.state.worker_restarts = self.rollouts.lost_groups, self.workers.restarts
+        self.state.prompts_taken = self.rollouts.prompts_taken(self.state.step)
         self.state.elapsed_s = time.perf_counter() - self.started
         return {
             **metrics, **self.constants,
             "gen_tokens_per_s": gen_tokens / gen_s if gen_s else math.nan,
             "sync_s": sync_s, "step_s": time.perf_counter() - start, "elapsed_s": self.state.elapsed_s,
             "lost_groups": self.state.lost_groups, "worker_restarts": self.state.worker_restarts,
+            "extra_groups": self.rollouts.extra_groups.pop(step, 0),
             **{f"buffer_{k}": v for k, v in held.items()},
         }
 

@@ -111,6 +111,10 @@ class RolloutWorkers:
                 lost.append(share)
         return stored, lost
 
+    def buffered(self) -> int:
+        """Groups in the buffer now."""
+        return self.get(self.buffer.stats.remote(), "the buffer's counts", actor="the rollout buffer")["size"]
+
     def generate_now(self, shares: list[list[Prompt]], round_: int) -> list[RolloutGroup]:
         """Worker i generates shares[i] (empty shares skipped); waits for every group."""
         refs = [self.handles[i].generate.remote(share, round_) for i, share in enumerate(shares) if share]

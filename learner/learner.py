@@ -26,7 +26,7 @@ from common.weight_sync import (
     specs_of,
 )
 from learner import checkpoint
-from learner.batch import MicroBatch, micro_batches
+from learner.batch import MicroBatch, collate, micro_batches
 from learner.grpo import grpo_loss, masked_mean, sampling_mismatch
 
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -175,10 +175,19 @@ class Learner:
                       for p, b in zip(self.model.parameters(), before))
         return changed / sum(b.numel() for b in before)
 
+    @torch.no_grad()
+    def score(self, sequences: list[list[int]], starts: list[int]) -> list[list[float]]:
+        """The learner's log-prob of every token of each sequence from its `start` on, each
+        given the tokens before it, at temperature 1 (as `RolloutWorker.score`)."""
+        seqs = [(ids[:start], ids[start:], []) for ids, start in zip(sequences, starts)]
+        mb = collate(seqs, torch.zeros(len(seqs)), self.pad_id).to(self.device)
+        logp, _ = self._logprobs(self.model, mb, temperature=1.0)
+        return [row[: len(ids) - start].tolist() for row, ids, start in zip(logp, sequences, starts)]
+
     def _logprobs(self, model, mb: MicroBatch, entropy: bool = False,
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-probs of the completion tokens ([B, C]) under `model` at the sampling
-        temperature, and with `entropy` each position's entropy (no gradient)."""
+                  temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs of the completion tokens ([B, C]) under `model` at `temperature` (default:
+        the sampling temperature), and with `entropy` each position's entropy (no gradient)."""
         length, completion_len = mb.input_ids.shape[1], mb.completion_ids.shape[1]
         # Position t predicts token t + 1: keep exactly the positions before each completion
         # token (slicing the logits afterwards costs a vocabulary-sized copy in backward).
@@ -187,8 +196,9 @@ class Learner:
                             enabled=self.compute_dtype != torch.float32):
             logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
                            position_ids=mb.position_ids, logits_to_keep=keep).logits.float()
-        if self.cfg.rollout.temperature != 1.0:
-            logits = logits / self.cfg.rollout.temperature
+        temperature = self.cfg.rollout.temperature if temperature is None else temperature
+        if temperature != 1.0:
+            logits = logits / temperature
         # cross_entropy's fused backward is about twice as fast on a CPU as log_softmax + gather
         # (TRL's selective_log_softmax) over a 50k vocabulary.
         logp = -F.cross_entropy(logits.flatten(0, 1), mb.completion_ids.flatten(),

@@ -128,7 +128,8 @@ def test_a_killed_rollout_worker_is_restarted_and_training_completes(tmp_path, p
     if task == "generate":
         assert last["lost_groups"] >= 1  # counted, and generated again
     assert last["buffer_consumed"] == 8 * 4
-    assert last["buffer_produced"] == last["buffer_consumed"] + last["buffer_dropped_stale"] + last["buffer_size"]
+    assert last["buffer_produced"] == last["buffer_consumed"] + last["buffer_dropped_stale"]
+                                        + last["buffer_dropped_zero_std"] + last["buffer_size"]
     assert last["overlong_prompts"] == OVERLONG
     assert (run_dir / "final" / "model.safetensors").is_file()
     for m in history:  # two rewards, weighted 1.0 and 0.5, reach the learner as their sum
@@ -183,6 +184,19 @@ def test_a_reward_that_returns_nan_stops_the_run_with_one_line(tmp_path, prompts
     assert proc.returncode == 1
     line = one_line_error(proc.stderr, "error:")
     assert "nan_on_second" in line and "sample 1" in line
+
+
+def test_a_weight_sync_that_delivers_other_weights_stops_the_run_with_one_line(tmp_path, prompts_file):
+    """One tensor arrives corrupted from weight sync 2 on (tests/integration/corrupting_reward.py):
+    the probe set scored right after that sync must stop the run before it trains on it."""
+    run_dir = tmp_path / "run"
+    proc = run(args(run_dir, prompts_file, 4, "--rollout.rewards",
+                    "tests.integration.corrupting_reward:reward"))
+    assert proc.returncode == 1
+    line = one_line_error(proc.stderr, "error:")
+    assert line.startswith("error: after weight sync 2, rollout worker 0 gives token ")
+    assert "tolerance 0.001" in line and "do not hold the learner's weights" in line
+    assert steps_logged(run_dir) == [1]  # step 2's update was made, never trained on
 
 
 def test_a_busy_weight_sync_port_is_one_line(tmp_path, prompts_file):

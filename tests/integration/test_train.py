@@ -120,7 +120,8 @@ def test_async_grpo_with_two_workers_raises_the_reward(tmp_path):
     assert all(m["policy_lag_max"] <= 1 for m in history), [m["policy_lag_max"] for m in history]
     assert history[0]["policy_lag_max"] == 0 and all(m["policy_lag"] == 1 for m in history[1:])
     for m in history:  # every group accounted for, and the buffer never over its bound
-        assert m["buffer_produced"] == m["buffer_consumed"] + m["buffer_dropped_stale"] + m["buffer_size"]
+        assert m["buffer_produced"] == m["buffer_consumed"] + m["buffer_dropped_stale"]
+                                         + m["buffer_dropped_zero_std"] + m["buffer_size"]
         assert m["buffer_size"] <= 2 * (32 // 8)  # (max_policy_lag + 1) batches of groups
     # From the configuration alone: 24 rounds of 4 prompts were generated and trained on; with
     # one step of lag none is ever too old, and none is left over.
@@ -130,13 +131,23 @@ def test_async_grpo_with_two_workers_raises_the_reward(tmp_path):
     assert [m["step"] for m in history if "eval_reward" in m] == [5, 10, 15, 20, 24]
 
 
-def test_bfloat16_grpo_raises_the_reward_on_the_cpu(tmp_path):
-    """Mixed precision as on a GPU: float32 master weights, bfloat16 autocast, bfloat16 engines."""
+def test_bfloat16_with_dynamic_sampling_raises_the_reward_on_the_cpu(tmp_path):
+    """Mixed precision as on a GPU (float32 master weights, bfloat16 autocast, bfloat16 engines),
+    and DAPO's dynamic sampling: with G = 2 most early groups score two equal rewards."""
     run_dir = tmp_path / "run"
-    proc = train(run_dir, "--model.dtype", "bfloat16")
+    proc = train(run_dir, "--model.dtype", "bfloat16", "--grpo.drop-zero-std-groups",
+                 "--grpo.group-size", "2", "--grpo.batch-size", "16")
     assert "MB of bfloat16 per update" in proc.stderr  # the engines were sent bfloat16
     assert_learned(run_dir)
-    assert all(m["engine_weights_changed"] > 0 for m in metrics(run_dir))
+    history = metrics(run_dir)
+    assert all(m["engine_weights_changed"] > 0 for m in history)
+    assert all(m["zero_std_groups"] == 0 for m in history)  # none reached the learner
+    extra, last = sum(m["extra_groups"] for m in history), history[-1]
+    assert last["buffer_dropped_zero_std"] > 0 and extra > 0  # the precondition: it had work
+    # From the configuration: 16 rounds of 8 prompts, and the extra rounds, all accounted for.
+    assert last["buffer_produced"] == STEPS * 8 + extra and last["buffer_consumed"] == STEPS * 8
+    assert last["buffer_produced"] == (last["buffer_consumed"] + last["buffer_dropped_stale"]
+                                       + last["buffer_dropped_zero_std"] + last["buffer_size"])
 
 
 def test_resumed_run_matches_the_uninterrupted_one(sync_run, tmp_path):

@@ -158,3 +158,18 @@ def test_get_more_than_capacity_raises():
 def test_capacity_below_one_raises():
     with pytest.raises(ValueError, match=r"capacity must be >= 1 group \(got 0\)"):
         RolloutBuffer(capacity=0, max_policy_lag=0)
+
+
+def test_dynamic_sampling_leaves_out_groups_whose_rewards_are_all_equal():
+    async def main():
+        buf = RolloutBuffer(capacity=4, max_policy_lag=0, drop_zero_std=True)
+        flat, signal, unscored_but_one = group(0), group(1), group(2, g=3)
+        flat.rewards = [0.5, 0.5]
+        signal.rewards = [0.0, 1.0]
+        unscored_but_one.rewards = [float("nan"), 0.3, float("nan")]  # one scored: no spread
+        await buf.put([flat, signal, unscored_but_one])
+        return await buf.get(1, current_version=0), buf.stats()
+
+    batch, s = asyncio.run(main())
+    assert indices(batch) == [1]
+    assert (s["produced"], s["dropped_zero_std"], s["consumed"], s["size"]) == (3, 2, 1, 0)

@@ -93,6 +93,7 @@ RULE_ROWS = [
     ("learner.checkpoint_every", -1, "learner.checkpoint_every must be >= 0 (got -1)"),
     ("learner.keep_checkpoints", 0, "learner.keep_checkpoints must be >= 1 (got 0)"),
     ("cluster.weight_sync_timeout_s", 0.0, "cluster.weight_sync_timeout_s must be > 0 (got 0.0)"),
+    ("cluster.weight_check_tolerance", -0.1, "cluster.weight_check_tolerance must be >= 0 (got -0.1)"),
     ("cluster.weight_sync_port", 65536, "cluster.weight_sync_port must be in 0..65535 (got 65536)"),
     ("cluster.sync_bucket_mb", 0, "cluster.sync_bucket_mb must be >= 1 (got 0)"),
     ("cluster.num_cpus", -1, "cluster.num_cpus must be >= 0 (got -1)"),

@@ -41,6 +41,7 @@ class FakeWorkers:
         self.dead: set[int] = set()       # died, restart not yet seen by the driver
         self.gone: set[int] = set()
         self.restarts = 0
+        self.rejected = 0  # groups the buffer left out for equal rewards
 
     def __len__(self) -> int:
         return self.n
@@ -58,6 +59,10 @@ class FakeWorkers:
         stored = [(s, GenerationStats(len(s.prompts), 0, 0, 0, 1.0, s.worker)) for s in shares
                   if s not in lost]
         return stored, lost
+
+    def buffered(self) -> int:
+        """Groups in the buffer: those of finished shares, less `rejected` (no signal)."""
+        return max(0, sum(len(s.prompts) for s in self.launched) - self.rejected)
 
     def is_done(self, ref, timeout_s: float) -> bool:
         """Every call takes one poll interval."""
@@ -140,7 +145,7 @@ def test_a_worker_that_dies_during_generation_is_revived_and_its_share_generated
     r.generate_ahead(0)
     lost = r.workers.launched[1]
     r.workers.die(1)
-    r.wait("batch", "a batch", "the rollout buffer", learner_idle=True)
+    r.wait("batch", "a batch", "the rollout buffer", idle_step=0)
     assert r.lost_groups == 2 and r.workers.restarts == 1
     assert r.weights.calls == [("push", 0), ("revive", [1], 0)]
     again = r.workers.launched[-1]
@@ -153,7 +158,7 @@ def test_a_lost_share_waits_while_the_learner_trains():
     r.push_weights(0)
     r.generate_ahead(0)
     r.workers.die(0)
-    r.wait("train", "learner step 1", "the learner", learner_idle=False)
+    r.wait("train", "learner step 1", "the learner")
     assert len(r.lost) == 1 and r.weights.calls == [("push", 0)]  # no weights to give yet
     r.push_weights(1)  # the next push revives it, then its share runs again
     assert r.weights.calls == [("push", 0), ("push", 1), ("revive", [0], 1)]
@@ -200,3 +205,39 @@ def test_workers_that_keep_dying_end_the_run_after_a_bounded_number_of_attempts(
     with pytest.raises(RunError, match=r"kept dying while receiving weights version 4 \(5 attempts\)"):
         r.push_weights(4)
     assert len(r.weights.calls) == 1 + 2 * 2  # each of 2 workers may be restarted twice
+
+
+# ----- dynamic sampling -----
+
+
+def test_groups_left_out_for_equal_rewards_are_generated_again_for_that_step():
+    r = rollouts(grpo__drop_zero_std_groups=True)
+    r.push_weights(0)
+    r.generate_ahead(0)
+    r.workers.rejected = 3  # of the round's 4 groups only 1 had rewards that differ
+    r.wait("batch", "a batch", "the rollout buffer", idle_step=0)
+    extra = r.workers.launched[2:]
+    assert [(s.round, len(s.prompts)) for s in extra] == [(0, 2), (0, 2)]  # a whole round more
+    assert r.extra_groups == {0: 4} and r.extra_rounds == {0: 1}
+    taken = [p.index for s in r.workers.launched for p in s.prompts]
+    assert len(set(taken)) == 8  # new prompts, not the same ones again
+    assert r.prompts_taken(1) == 8  # a run resumed at step 1 starts where this one stands
+
+
+def test_dynamic_sampling_stops_the_run_when_the_reward_gives_no_signal():
+    r = rollouts(grpo__drop_zero_std_groups=True, grpo__max_extra_rounds=2)
+    r.push_weights(0)
+    r.generate_ahead(0)
+    r.workers.rejected = 10**6  # nothing ever has signal
+    with pytest.raises(RunError, match=r"after 2 extra rounds step 1 still lacks \d+ of 4 groups"):
+        for _ in range(10):
+            r.wait(f"batch {_}", "a batch", "the rollout buffer", idle_step=0)
+
+
+def test_without_dynamic_sampling_a_short_buffer_is_left_to_wait():
+    r = rollouts()
+    r.push_weights(0)
+    r.generate_ahead(0)
+    r.workers.rejected = 3
+    r.wait("batch", "a batch", "the rollout buffer", idle_step=0)
+    assert len(r.workers.launched) == 2 and r.extra_groups == {}
