@@ -128,8 +128,8 @@ def test_a_killed_rollout_worker_is_restarted_and_training_completes(tmp_path, p
     if task == "generate":
         assert last["lost_groups"] >= 1  # counted, and generated again
     assert last["buffer_consumed"] == 8 * 4
-    assert last["buffer_produced"] == last["buffer_consumed"] + last["buffer_dropped_stale"]
-                                        + last["buffer_dropped_zero_std"] + last["buffer_size"]
+    assert last["buffer_produced"] == (last["buffer_consumed"] + last["buffer_dropped_stale"]
+                                       + last["buffer_dropped_zero_std"] + last["buffer_size"])
     assert last["overlong_prompts"] == OVERLONG
     assert (run_dir / "final" / "model.safetensors").is_file()
     for m in history:  # two rewards, weighted 1.0 and 0.5, reach the learner as their sum

@@ -120,8 +120,8 @@ def test_async_grpo_with_two_workers_raises_the_reward(tmp_path):
     assert all(m["policy_lag_max"] <= 1 for m in history), [m["policy_lag_max"] for m in history]
     assert history[0]["policy_lag_max"] == 0 and all(m["policy_lag"] == 1 for m in history[1:])
     for m in history:  # every group accounted for, and the buffer never over its bound
-        assert m["buffer_produced"] == m["buffer_consumed"] + m["buffer_dropped_stale"]
-                                         + m["buffer_dropped_zero_std"] + m["buffer_size"]
+        assert m["buffer_produced"] == (m["buffer_consumed"] + m["buffer_dropped_stale"]
+                                        + m["buffer_dropped_zero_std"] + m["buffer_size"])
         assert m["buffer_size"] <= 2 * (32 // 8)  # (max_policy_lag + 1) batches of groups
     # From the configuration alone: 24 rounds of 4 prompts were generated and trained on; with
     # one step of lag none is ever too old, and none is left over.
