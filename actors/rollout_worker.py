@@ -7,15 +7,20 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import uuid
 import zlib
+from concurrent.futures import as_completed
 
+import ray
 import torch
 
+from actors.engine_loop import EngineLoop
 from common import logs, models
 from common.config import Config, cpu_threads
 from common.rewards import Scorer
+from common.spans import Span, Spans
 from common.types import GenerationStats, Prompt, RolloutGroup
 from common.weight_sync import TensorSpec
 
@@ -44,6 +49,13 @@ def engine_args(cfg: Config, model_path: str, index: int) -> dict:
     else:
         args.update(tensor_parallel_size=cfg.rollout.tensor_parallel_size,
                     gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
+        if cfg.rollout.weight_update == "in_flight":
+            # With async scheduling (vLLM's default on GPUs, off on CPUs) step() returns batch k
+            # after launching batch k+1 with the weights of that moment, and labels its tokens
+            # with the version set after it (vllm/v1/engine/core.py,
+            # EngineCore.step_with_batch_queue and _attach_weight_version): an update between
+            # two steps would then reach one token late, labelled wrong. Off, it is exact.
+            args.update(async_scheduling=False)
         if cfg.rollout.tensor_parallel_size > 1:
             args.update(distributed_executor_backend="mp")
     return args
@@ -56,12 +68,14 @@ def request_seed(run_seed: int, round_: int, position: int) -> int:
 
 
 class RolloutWorker:
-    def __init__(self, cfg: Config, index: int = 0):
-        self.cfg, self.index = cfg, index
+    def __init__(self, cfg: Config, index: int = 0, buffer=None):
+        self.cfg, self.index, self.buffer = cfg, index, buffer
         if cfg.run_dir:
             logs.actor_file(cfg.run_dir, f"rollout-worker-{index}")
         self.version = 0
         self.incarnation = uuid.uuid4().hex
+        self.in_flight = cfg.rollout.weight_update == "in_flight"
+        self.spans = Spans(f"rollout worker {index}")
         # Resolved on this worker's node (it may not be the driver's).
         model_path = str(models.resolve(cfg.model.name, cfg.model.cache_dir))
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # not a line per weight reload
@@ -86,83 +100,117 @@ class RolloutWorker:
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
 
         self.llm = LLM(**engine_args(cfg, model_path, index))
-        self.tokenizer = self.llm.get_tokenizer()
+        # vLLM labels every token with the weight version current when it was sampled
+        # (vllm/v1/engine/core.py, EngineCore.set_weight_version; CompletionOutput.weight_versions).
+        self.llm.update_weight_version(str(self.version))
         self.scorer = Scorer(cfg.rollout.rewards, cfg.rollout.reward_weights)
+        self._scoring = threading.Lock()  # reward plug-ins need not be thread-safe
+        # In-flight updates keep up to max_in_flight groups generating; between rounds, every
+        # group submitted is admitted at once, as LLM.generate would.
+        self.loop = EngineLoop(self.llm, cfg.rollout.max_in_flight if self.in_flight else 0,
+                               self.spans, salt=lambda: f"policy-{self.version}")
 
     def ready(self) -> tuple[str, int]:
         """(incarnation, policy version): a new incarnation means Ray restarted this worker."""
         return self.incarnation, self.version
 
+    def take_spans(self) -> list[Span]:
+        return self.spans.take()
+
     # --- generation --------------------------------------------------------------------------
 
     def generate(self, prompts: list[Prompt], round_: int = 0, n: int | None = None,
                  ) -> tuple[list[RolloutGroup], GenerationStats]:
-        """G completions per prompt, scored, with their behaviour log-probs."""
+        """G completions per prompt, scored, with their behaviour log-probs; all of them, in
+        the order of `prompts`, once every group is done."""
+        return self._generate(prompts, round_, n or self.cfg.grpo.group_size, on_group=None)
+
+    def stream(self, prompts: list[Prompt], round_: int) -> GenerationStats:
+        """As `generate`, but each group goes into the buffer the moment its G completions are
+        done; returns once all are stored."""
+        self.spans.step = round_
+        stored = []
+        _, stats = self._generate(prompts, round_, self.cfg.grpo.group_size, on_group=lambda g: stored.append(
+            self.buffer.put.remote([g], self.cfg.buffer.timeout_s)))
+        ray.get(stored)
+        return stats
+
+    def _generate(self, prompts: list[Prompt], round_: int, n: int, on_group,
+                  ) -> tuple[list[RolloutGroup], GenerationStats]:
         from vllm import SamplingParams
 
-        rollout, n = self.cfg.rollout, n or self.cfg.grpo.group_size
-        params = [
-            SamplingParams(n=n, max_tokens=rollout.max_tokens, temperature=rollout.temperature,
-                           top_p=rollout.top_p, logprobs=0, seed=request_seed(self.cfg.seed, round_, i))
-            for i in range(len(prompts))
-        ]
+        rollout = self.cfg.rollout
         start = time.perf_counter()
-        outputs = self.llm.generate([{"prompt_token_ids": p.token_ids} for p in prompts], params,
-                                    use_tqdm=False)
-        seconds = time.perf_counter() - start
-
-        completions = [[c for c in out.outputs] for out in outputs]
-        texts = [c.text for group in completions for c in group]
-        columns = {k: [p.columns[k] for p in prompts for _ in range(n)] for k in prompts[0].columns} \
-            if prompts else {}
-        totals, parts = self.scorer([p.text for p in prompts for _ in range(n)], texts, columns)
-
-        groups = []
-        for i, (prompt, group) in enumerate(zip(prompts, completions)):
-            span = slice(i * n, (i + 1) * n)
-            groups.append(RolloutGroup(
-                prompt=prompt,
-                completions=texts[span],
-                completion_ids=[list(c.token_ids) for c in group],
-                logprobs=[[lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)] for c in group],
-                finish_reasons=[c.finish_reason for c in group],
-                rewards=totals[span],
-                reward_parts={name: scores[span] for name, scores in parts.items()},
-                policy_version=self.version,
-                worker=self.index,
-            ))
+        futures = {self.loop.submit(p.token_ids, SamplingParams(
+            n=n, max_tokens=rollout.max_tokens, temperature=rollout.temperature, top_p=rollout.top_p,
+            logprobs=0, seed=request_seed(self.cfg.seed, round_, i))): i for i, p in enumerate(prompts)}
+        groups: list[RolloutGroup | None] = [None] * len(prompts)
+        for future in as_completed(futures):
+            i = futures[future]
+            groups[i] = self._group(prompts[i], future.result().outputs)
+            if on_group is not None:
+                on_group(groups[i])
         stats = GenerationStats(
-            prompts=len(prompts), completions=len(prompts) * n,
-            tokens=sum(g.num_tokens for g in groups),
-            prompt_tokens=sum(len(p.token_ids) for p in prompts), seconds=seconds, worker=self.index,
-        )
+            prompts=len(prompts), completions=len(prompts) * n, tokens=sum(g.num_tokens for g in groups),
+            prompt_tokens=sum(len(p.token_ids) for p in prompts), seconds=time.perf_counter() - start,
+            worker=self.index)
         return groups, stats
+
+    def _group(self, prompt: Prompt, completions: list) -> RolloutGroup:
+        """One prompt's completions, scored, with the version that sampled each token."""
+        texts = [c.text for c in completions]
+        n = len(completions)
+        with self._scoring:
+            rewards, parts = self.scorer([prompt.text] * n, texts, {k: [v] * n for k, v in prompt.columns.items()})
+        versions = [token_versions(c) for c in completions]
+        return RolloutGroup(
+            prompt=prompt, completions=texts, completion_ids=[list(c.token_ids) for c in completions],
+            logprobs=[[lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)] for c in completions],
+            token_versions=versions, finish_reasons=[c.finish_reason for c in completions],
+            rewards=rewards, reward_parts=parts,
+            policy_version=min(v for tokens in versions for v in tokens), worker=self.index)
 
     def score(self, sequences: list[list[int]], starts: list[int]) -> list[list[float]]:
         """The engine's log-prob of every token of each sequence from its `start` on, each
         given the tokens before it (vLLM's prompt log-probs: temperature 1)."""
         from vllm import SamplingParams
 
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in sequences],
-                                    SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+        outputs = [self.loop.submit(ids, params) for ids in sequences]
         return [[out.prompt_logprobs[i][ids[i]].logprob for i in range(start, len(ids))]
-                for out, ids, start in zip(outputs, sequences, starts)]
+                for out, ids, start in zip((f.result() for f in outputs), sequences, starts)]
 
     # --- weights -----------------------------------------------------------------------------
 
     def join_weight_group(self, host: str, port: int, rank_offset: int, world_size: int,
                           specs: list[TensorSpec], buckets: list[list[int]], timeout_s: float,
                           secret: str) -> None:
-        self.llm.collective_rpc("join_weight_group", args=(host, port, rank_offset, world_size,
-                                                           specs, buckets, timeout_s, secret))
+        self.loop.call(lambda: self.llm.collective_rpc("join_weight_group", args=(
+            host, port, rank_offset, world_size, specs, buckets, timeout_s, secret)))
 
     def open_shared_weights(self, path: str, specs: list[TensorSpec]) -> None:
-        self.llm.collective_rpc("open_shared_weights", args=(path, specs))
+        self.loop.call(lambda: self.llm.collective_rpc("open_shared_weights", args=(path, specs)))
 
     def receive_weights(self, version: int) -> float:
-        """Load policy `version` from the weight transport; returns the seconds it took."""
+        """Load policy `version` from the weight transport; returns the seconds it took. In flight,
+        between two decode steps: requests being generated go on with the new weights (over the
+        KV cache of the old). Between rounds, once no request is in the engine."""
         start = time.perf_counter()
-        self.llm.collective_rpc("receive_weights", args=(version,))
-        self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
-        self.version = version
+        self.loop.call(lambda: self._reload(version), when_idle=not self.in_flight)
         return time.perf_counter() - start
+
+    def _reload(self, version: int) -> None:
+        with self.spans.span("reload"):
+            self.llm.collective_rpc("receive_weights", args=(version,))
+        self.llm.update_weight_version(str(version))  # the tokens sampled from now on
+        self.version = version  # and the cache salt of the prompts admitted from now on
+
+
+def token_versions(completion) -> list[int]:
+    """The policy version that sampled each token of a vLLM completion, from vLLM's spans."""
+    versions = [int(span.version) for span in completion.weight_versions
+                for _ in range(span.start, span.end)]
+    if len(versions) != len(completion.token_ids):
+        raise RuntimeError(f"vLLM labelled {len(versions)} of {len(completion.token_ids)} tokens "
+                           "with a weight version")
+    return versions

@@ -8,6 +8,7 @@ import asyncio
 from collections import deque
 
 from common.errors import WaitTimeout
+from common.spans import Span, Spans
 from common.types import RolloutGroup
 
 
@@ -21,6 +22,7 @@ class RolloutBuffer:
         self._groups: deque[RolloutGroup] = deque()
         self._changed: asyncio.Condition | None = None
         self.produced = self.consumed = self.dropped_stale = self.dropped_zero_std = 0
+        self.spans = Spans("rollout buffer")
 
     @property
     def _cond(self) -> asyncio.Condition:
@@ -31,6 +33,10 @@ class RolloutBuffer:
 
     async def put(self, groups: list[RolloutGroup], timeout_s: float | None = None) -> None:
         """Append groups in order, waiting for room whenever the buffer is full (back-pressure)."""
+        with self.spans.span("put"):
+            await self._put(groups, timeout_s)
+
+    async def _put(self, groups: list[RolloutGroup], timeout_s: float | None) -> None:
         async with self._cond:
             for group in groups:
                 await self._wait(lambda: len(self._groups) < self.capacity, timeout_s,
@@ -49,6 +55,11 @@ class RolloutBuffer:
         `current_version`; older ones are dropped and counted. Waits until there are `n`."""
         if n > self.capacity:
             raise ValueError(f"cannot get {n} groups from a buffer of capacity {self.capacity}")
+        self.spans.step = current_version + 1
+        with self.spans.span("get"):
+            return await self._get(n, current_version, timeout_s)
+
+    async def _get(self, n: int, current_version: int, timeout_s: float | None) -> list[RolloutGroup]:
         oldest = current_version - self.max_policy_lag
         async with self._cond:
             def enough() -> bool:
@@ -72,6 +83,9 @@ class RolloutBuffer:
             await asyncio.wait_for(self._cond.wait_for(predicate), timeout_s)
         except (asyncio.TimeoutError, TimeoutError):
             raise WaitTimeout(f"waited {timeout_s:.0f} s for {what()}") from None
+
+    def take_spans(self) -> list[Span]:
+        return self.spans.take()
 
     def stats(self) -> dict:
         return {

@@ -128,7 +128,7 @@ class RolloutConfig(ActorResources):
 
     RULES = {"num_workers": ">= 1", "max_tokens": ">= 1",
              "temperature": "> 0", "top_p": "in (0, 1]", "tensor_parallel_size": ">= 1",
-             "gpu_memory_utilization": "in (0, 1]", "kv_cache_gib": "> 0"}
+             "gpu_memory_utilization": "in (0, 1]", "kv_cache_gib": "> 0", "max_in_flight": ">= 1"}
 
     num_workers: int = 1
     """Rollout workers, each owning one vLLM engine."""
@@ -148,6 +148,14 @@ class RolloutConfig(ActorResources):
     """GPU only: fraction of each GPU's memory vLLM may take."""
     kv_cache_gib: float = 1.0
     """CPU only: KV-cache space per engine in GiB (vLLM's default would be half the RAM)."""
+    weight_update: Literal["between_rounds", "in_flight"] = "between_rounds"
+    """When a new policy reaches an engine: `between_rounds`, once it has finished what it
+    was generating; `in_flight`, between two decode steps, the completions being generated
+    going on with the new weights (their tokens carry both versions). `in_flight` needs
+    buffer.max_policy_lag >= 1."""
+    max_in_flight: int = 16
+    """`in_flight`: most groups an engine generates at once; new prompts are admitted as
+    others finish (between rounds every group of a round is admitted at once)."""
 
     def problems(self, prefix: str) -> list[str]:
         from common import rewards  # the reward plug-ins may import much
@@ -391,6 +399,9 @@ class Config:
                 and buffer.capacity < self.prompts_per_step:
             lines.append(f"buffer.capacity ({buffer.capacity} groups) cannot hold one batch "
                          f"({self.prompts_per_step} groups)")
+        if rollout.weight_update == "in_flight" and buffer.max_policy_lag < 1:
+            lines.append("rollout.weight_update in_flight needs buffer.max_policy_lag >= 1: with 0 "
+                         "nothing is being generated when the weights change")
         if self.model.max_model_len >= 1 and \
                 self.data.max_prompt_tokens + rollout.max_tokens > self.model.max_model_len:
             lines.append(f"data.max_prompt_tokens ({self.data.max_prompt_tokens}) + rollout.max_tokens "

@@ -28,6 +28,9 @@ class RolloutGroup:
     completion_ids: list[list[int]]
     logprobs: list[list[float]]
     """Behaviour log-prob of every sampled token, as the engine computed it."""
+    token_versions: list[list[int]]
+    """The policy version that sampled each token: with weights updated in flight, one
+    completion's tokens can come from two versions."""
     finish_reasons: list[str]
     """`stop` (end of text) or `length` (hit rollout.max_tokens), per completion."""
     rewards: list[float]
@@ -35,7 +38,7 @@ class RolloutGroup:
     reward_parts: dict[str, list[float]]
     """Each reward function's own score, per completion (NaN where it returned None)."""
     policy_version: int
-    """Learner step whose weights generated this group."""
+    """The oldest policy version that sampled any of its tokens: what its staleness is."""
     worker: int = 0
     """Index of the rollout worker that generated it."""
 

@@ -178,9 +178,8 @@ def _perturb(learner) -> None:
 def _engine_greedy(worker, ids: list[int]) -> list[int]:
     from vllm import SamplingParams
 
-    out = worker.llm.generate([{"prompt_token_ids": ids}],
-                              SamplingParams(temperature=0, max_tokens=GREEDY_TOKENS), use_tqdm=False)
-    return list(out[0].outputs[0].token_ids)
+    out = worker.loop.submit(ids, SamplingParams(temperature=0, max_tokens=GREEDY_TOKENS)).result()
+    return list(out.outputs[0].token_ids)
 
 
 def _learner_greedy(learner, ids: list[int]) -> list[int]:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from ray.util.placement_group import PlacementGroup
 
 LEARNER_BUNDLE = 0  # bundle 0 is the learner's (the buffer shares it); workers follow
+WORKER_CALLS = 16  # a rollout worker's calls in progress at once
 
 
 @dataclass
@@ -161,7 +162,10 @@ def launch(cfg: Config, timeout_s: float) -> Cluster:
         ray.remote(RolloutWorker).options(
             **p.worker, scheduling_strategy=at(LEARNER_BUNDLE + 1 + i),
             max_restarts=cfg.cluster.max_worker_restarts, max_task_retries=0,
-        ).remote(cfg, i)
+            # Calls run side by side (rounds generating, a weight load arriving, `ready`);
+            # the engine itself is only ever touched by its own loop (actors/engine_loop.py).
+            max_concurrency=WORKER_CALLS,
+        ).remote(cfg, i, buffer)
         for i in range(cfg.rollout.num_workers)
     ]
     nodes = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}

@@ -12,7 +12,8 @@ from common.config import Config, to_dict
 
 CONSOLE = (("reward", "reward {:+.3f}"), ("kl", "kl {:.4f}"), ("clip_fraction", "clip {:.3f}"),
            ("entropy", "entropy {:.2f}"), ("gen_tokens_per_s", "gen {:.0f} tok/s"),
-           ("step_s", "{:.1f} s/step"), ("policy_lag", "lag {:.1f}"))
+           ("step_s", "{:.1f} s/step"), ("policy_lag", "lag {:.1f}"),
+           ("engine_busy", "engines {:.0%}"), ("learner_busy", "learner {:.0%}"))
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -50,7 +51,8 @@ class MetricsLog:
             f.write(json.dumps(metrics) + "\n")
         if self.wandb is not None:
             self.wandb.log(metrics, step=metrics["step"])
-        text = "  ".join(fmt.format(metrics[k]) for k, fmt in CONSOLE if k in metrics)
+        text = "  ".join(fmt.format(metrics[k]) for k, fmt in CONSOLE
+                         if k in metrics and not math.isnan(metrics[k]))  # nan: not measured
         if self.bar is not None:
             self.bar.set_postfix_str(text, refresh=False)
             self.bar.update(metrics["step"] - self.bar.n)

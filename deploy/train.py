@@ -26,6 +26,7 @@ from common import data, logs, models, versions
 from common.config import Config, ConfigError
 from common.data import PromptSampler, PromptSplits
 from common.errors import RunError
+from common.spans import Spans, Trace, busy_fraction
 from common.types import RunState, RunSummary
 from deploy.launch import ActorDied, Cluster
 
@@ -183,6 +184,7 @@ class Training:
         self.rollouts.lost_groups = self.state.lost_groups
         self.workers.restarts = self.state.worker_restarts
         self.metrics = MetricsLog(cfg, run_dir, first_step=self.state.step)
+        self.spans, self.trace = Spans("driver"), Trace(run_dir / "trace.json")
 
     def run(self) -> RunSummary:
         try:
@@ -195,6 +197,7 @@ class Training:
             self.metrics.close()
         finally:
             self.weights.close()
+            self.trace.write()
         return self.finish()
 
     def start(self) -> None:
@@ -208,7 +211,8 @@ class Training:
     def step(self) -> dict:
         """One learner step on a batch from the buffer, then the new weights to every engine."""
         cfg, step = self.cfg, self.state.step
-        start = time.perf_counter()
+        start, began = time.perf_counter(), time.time()
+        self.spans.step = step + 1
         self.rollouts.generate_ahead(step)
         batch = self.buffer.get.remote(cfg.prompts_per_step, step, cfg.buffer.timeout_s)
         self.rollouts.wait(batch, f"a batch of {cfg.prompts_per_step} groups for step {step + 1}",
@@ -217,9 +221,11 @@ class Training:
                                      "the learner")
         self.state.step += 1
         sync_start = time.perf_counter()
-        self.rollouts.push_weights(self.state.step)
+        with self.spans.span("push weights"):
+            self.rollouts.push_weights(self.state.step)
         sync_s = time.perf_counter() - sync_start
-        self.check_weights(self.state.step)
+        with self.spans.span("check weights"):
+            self.check_weights(self.state.step)
 
         gen = self.rollouts.take_stats()
         gen_tokens, gen_s = sum(s.tokens for s in gen), sum(s.seconds for s in gen)
@@ -231,21 +237,34 @@ class Training:
             **metrics, **self.constants,
             "gen_tokens_per_s": gen_tokens / gen_s if gen_s else math.nan,
             "sync_s": sync_s, "step_s": time.perf_counter() - start, "elapsed_s": self.state.elapsed_s,
+            **self.timeline(began, time.time()),
             "lost_groups": self.state.lost_groups, "worker_restarts": self.state.worker_restarts,
             "extra_groups": self.rollouts.extra_groups.pop(step, 0),
             **{f"buffer_{k}": v for k, v in held.items()},
         }
 
+    def timeline(self, start: float, end: float) -> dict[str, float]:
+        """Every actor's spans since the last step, into the trace; the share of [start, end]
+        the engines spent generating and the learner training."""
+        spans = [*self.spans.take(), *self.workers.take_spans(),
+                 *self.workers.get(self.learner.take_spans.remote(), "the learner's spans", "the learner"),
+                 *self.workers.get(self.buffer.take_spans.remote(), "the buffer's spans", "the rollout buffer")]
+        self.trace.add(spans)
+        return {"engine_busy": busy_fraction(spans, {"generate"}, start, end, len(self.workers)),
+                "learner_busy": busy_fraction(spans, {"train"}, start, end, 1)}
+
     def maybe_eval(self, metrics: dict) -> None:
         every, step = self.cfg.logging.eval_every, self.state.step
         if step == self.cfg.steps or (every and step % every == 0):
-            metrics["eval_reward"] = self.rollouts.evaluate(self.eval_prompts)
+            with self.spans.span("evaluate"):
+                metrics["eval_reward"] = self.rollouts.evaluate(self.eval_prompts)
 
     def maybe_checkpoint(self) -> None:
         every, step = self.cfg.learner.checkpoint_every, self.state.step
         if (every and step % every == 0) or step == self.stop:
             self.workers.get(self.learner.save_checkpoint.remote(self.cfg.run_dir, self.state),
                              f"checkpoint {step} to be saved", actor="the learner")
+            self.trace.write()
 
     def finish(self) -> RunSummary:
         """At the last step: the final model with its card, the reward curve, the results."""

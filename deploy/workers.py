@@ -15,6 +15,7 @@ import ray
 
 from common.config import Config
 from common.errors import RunError, WaitTimeout
+from common.spans import Span
 from common.types import GenerationStats, Prompt, RolloutGroup
 from deploy.launch import get
 
@@ -37,13 +38,12 @@ class TransferFailed(Exception):
 
 @dataclass
 class Share:
-    """One worker's part of one round, in flight."""
+    """One worker's part of one round, in flight: done when every group is in the buffer."""
 
     round: int
     worker: int
     prompts: list[Prompt]
-    stats: ray.ObjectRef   # the generate call's GenerationStats
-    stored: ray.ObjectRef  # the buffer's put of the groups
+    done: ray.ObjectRef  # the worker's GenerationStats
 
 
 @dataclass
@@ -59,7 +59,6 @@ class RolloutWorkers:
     def __init__(self, handles: list[ActorHandle], buffer: ActorHandle, cfg: Config):
         self.handles, self.buffer = handles, buffer
         self.timeout = cfg.cluster.call_timeout_s
-        self.put_timeout = cfg.buffer.timeout_s
         self.max_restarts = cfg.cluster.max_worker_restarts
         self.incarnations: list[str] = []
         """Who each worker is: a new value means Ray restarted it."""
@@ -88,28 +87,32 @@ class RolloutWorkers:
     # --- generation ----------------------------------------------------------------------------
 
     def generate(self, worker: int, prompts: list[Prompt], round_: int) -> Share:
-        """Start `worker` on `prompts` for `round_`; its groups go straight into the buffer."""
-        groups, stats = self.handles[worker].generate.options(num_returns=2).remote(prompts, round_)
-        stored = self.buffer.put.remote(groups, self.put_timeout)
-        return Share(round_, worker, prompts, stats, stored)
+        """Start `worker` on `prompts` for `round_`; it puts each group into the buffer."""
+        return Share(round_, worker, prompts, self.handles[worker].stream.remote(prompts, round_))
 
     def finished(self, shares: list[Share]) -> tuple[list[tuple[Share, GenerationStats]], list[Share]]:
         """Of `shares`, those stored in the buffer (with their stats) and those lost because their
         worker died; any other failure raises."""
         if not shares:
             return [], []
-        ready, _ = ray.wait([s.stored for s in shares], num_returns=len(shares), timeout=0)
+        ready, _ = ray.wait([s.done for s in shares], num_returns=len(shares), timeout=0)
         stored, lost = [], []
-        for share in [s for s in shares if s.stored in ready]:
+        for share in [s for s in shares if s.done in ready]:
             try:
-                ray.get(share.stored)
-                stored.append((share, ray.get(share.stats)))
-            except ray.exceptions.RayError as e:
-                _discard(share.stats)
-                if not isinstance(e, ray.exceptions.RayActorError):
-                    raise
+                stored.append((share, ray.get(share.done)))
+            except ray.exceptions.RayActorError:
                 lost.append(share)
         return stored, lost
+
+    def take_spans(self) -> list[Span]:
+        """Every live worker's spans since the last take (a dead one's are gone with it)."""
+        spans = []
+        for handle in self.handles:
+            try:
+                spans += ray.get(handle.take_spans.remote(), timeout=self.timeout)
+            except ray.exceptions.RayActorError:
+                pass
+        return spans
 
     def buffered(self) -> int:
         """Groups in the buffer now."""
@@ -181,11 +184,3 @@ class RolloutWorkers:
             except ray.exceptions.ActorDiedError:
                 raise RunError(f"rollout worker {i} died and Ray could not restart it "
                                f"(cluster.max_worker_restarts={self.max_restarts})") from None
-
-
-def _discard(ref: ray.ObjectRef) -> None:
-    """Read a result known to hold the same error, so Ray does not also print it as unhandled."""
-    try:
-        ray.get(ref)
-    except ray.exceptions.RayError:
-        pass

@@ -16,6 +16,7 @@ from trl.trainer.utils import entropy_from_logits
 
 from common import logs, models
 from common.config import Config, GRPOConfig, cpu_threads
+from common.spans import Span, Spans
 from common.types import RolloutGroup, RunState, RunSummary
 from common.weight_sync import (
     BroadcastChannel,
@@ -77,13 +78,22 @@ class Learner:
         # float16 gradients underflow without loss scaling; bfloat16 and float32 need none.
         self.scaler = torch.amp.GradScaler(self.device, enabled=self.compute_dtype == torch.float16)
         self.version = 0
+        self.spans = Spans("learner")
         self._channel: WeightChannel | None = None
         self._socket = None  # the broadcast group's port, bound before the group forms
 
     # --- the GRPO update -----------------------------------------------------------------------
 
+    def take_spans(self) -> list[Span]:
+        return self.spans.take()
+
     def train(self, groups: list[RolloutGroup]) -> dict:
         """One GRPO step on a batch of groups: `num_iterations` optimizer steps over it."""
+        self.spans.step = self.version + 1
+        with self.spans.span("train"):
+            return self._train(groups)
+
+    def _train(self, groups: list[RolloutGroup]) -> dict:
         start = time.perf_counter()
         grpo = self.cfg.grpo
         batches = [mb.to(self.device) for mb in
@@ -140,7 +150,9 @@ class Learner:
         rewards = torch.tensor([r for grp in groups for r in grp.rewards])  # NaN: unscored
         scored = rewards[~rewards.isnan()]
         lengths = torch.tensor([len(ids) for grp in groups for ids in grp.completion_ids], dtype=torch.float)
-        lags = [self.version - 1 - grp.policy_version for grp in groups]
+        lags = [self.version - 1 - grp.policy_version for grp in groups]  # by the oldest token
+        token_lags = torch.tensor([self.version - 1 - v for grp in groups for versions in grp.token_versions
+                                   for v in versions], dtype=torch.float)
         metrics = {
             "step": self.version,
             **totals,
@@ -154,6 +166,8 @@ class Learner:
             "zero_std_groups": sum(grp.zero_std for grp in groups) / len(groups),
             "policy_lag": sum(lags) / len(lags),
             "policy_lag_max": max(lags),
+            "lag_hist": {str(lag): lags.count(lag) for lag in sorted(set(lags))},
+            "token_lag_mean": token_lags.mean().item(),
             "train_tokens": num_tokens,
             "train_s": seconds,
             "train_tokens_per_s": num_tokens * grpo.num_iterations / seconds,
@@ -248,7 +262,7 @@ class Learner:
         """Send the current weights as policy `self.version`; returns the seconds it took."""
         start = time.perf_counter()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self.spans.span("send weights"):
                 self._channel.send(self._named_weights(), self.version)
         except BaseException:
             # A member is gone: leave the group at once, so the engines still in the broadcast
@@ -271,7 +285,7 @@ class Learner:
     def save_checkpoint(self, run_dir: str, state: RunState) -> str:
         """Model, optimizer, scheduler and RNG, plus the driver's state, as one atomic checkpoint."""
         final = checkpoint.path_for(run_dir, self.version)
-        with checkpoint.atomic_dir(final) as tmp:
+        with self.spans.span("checkpoint"), checkpoint.atomic_dir(final) as tmp:
             self.model.save_pretrained(tmp / "model")
             torch.save({"optimizer": self.optimizer.state_dict(),
                         "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),

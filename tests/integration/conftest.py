@@ -48,8 +48,10 @@ def ray_local():
 def workers(ray_local, cfg):
     """Two rollout workers side by side on this machine, one CPU (and thread) each."""
     from actors.rollout_worker import RolloutWorker
+    from deploy.launch import WORKER_CALLS
 
-    actors = [ray.remote(num_cpus=1)(RolloutWorker).remote(cfg, i) for i in range(2)]
+    actors = [ray.remote(num_cpus=1, max_concurrency=WORKER_CALLS)(RolloutWorker).remote(cfg, i)
+              for i in range(2)]
     ray.get([w.ready.remote() for w in actors], timeout=300)
     yield actors
     for w in actors:

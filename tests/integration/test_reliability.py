@@ -94,15 +94,17 @@ def one_line_error(stderr: str, code: str) -> str:
 SYNC_TIMEOUT_S = 3  # below an engine's start (~20 s here): the group must wait for readiness
 
 
-@pytest.mark.parametrize("transport, workers, task", [
-    ("shm", 1, "generate"),           # killed while generating a share of a batch
-    ("broadcast", 2, "receive_weights"),  # killed in the middle of a weight broadcast
+@pytest.mark.parametrize("transport, workers, weight_update, task", [
+    ("shm", 1, "between_rounds", "stream"),             # killed while generating its share
+    ("broadcast", 2, "in_flight", "receive_weights"),  # killed in the middle of a broadcast
 ])
 def test_a_killed_rollout_worker_is_restarted_and_training_completes(tmp_path, prompts_file,
-                                                                     transport, workers, task):
+                                                                     transport, workers,
+                                                                     weight_update, task):
     run_dir = tmp_path / "run"
     proc = start(args(run_dir, prompts_file, 8, "--cluster.weight-sync", transport,
                       "--rollout.num-workers", str(workers), "--buffer.max-policy-lag", "1",
+                      "--rollout.weight-update", weight_update,
                       "--cluster.weight-sync-timeout-s", str(SYNC_TIMEOUT_S),
                       "--cluster.call-timeout-s", "600", "--cluster.sync-bucket-mb", "1",
                       "--rollout.rewards", "explicit_pos", "length",
@@ -125,7 +127,7 @@ def test_a_killed_rollout_worker_is_restarted_and_training_completes(tmp_path, p
     assert [m["step"] for m in history] == list(range(1, 9))
     last = history[-1]
     assert last["worker_restarts"] == 1
-    if task == "generate":
+    if task == "stream":
         assert last["lost_groups"] >= 1  # counted, and generated again
     assert last["buffer_consumed"] == 8 * 4
     assert last["buffer_produced"] == (last["buffer_consumed"] + last["buffer_dropped_stale"]
@@ -139,7 +141,8 @@ def test_a_killed_rollout_worker_is_restarted_and_training_completes(tmp_path, p
 
 def test_a_killed_learner_ends_the_run_with_one_line_and_resume_completes_it(tmp_path, prompts_file):
     run_dir = tmp_path / "run"
-    proc = start(args(run_dir, prompts_file, 8))
+    in_flight = ("--buffer.max-policy-lag", "1", "--rollout.weight-update", "in_flight")
+    proc = start(args(run_dir, prompts_file, 8, *in_flight))
     wait_for_step(proc, run_dir, 3)
     actor_processes(proc, "ray::Learner")[0].kill()
     code, err = finish(proc)
@@ -147,7 +150,7 @@ def test_a_killed_learner_ends_the_run_with_one_line_and_resume_completes_it(tmp
     line = one_line_error(err, "error:")
     assert "the learner died" in line and "--resume" in line
 
-    resumed = run(args(run_dir, prompts_file, 8, "--resume"))
+    resumed = run(args(run_dir, prompts_file, 8, *in_flight, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert steps_logged(run_dir) == list(range(1, 9))  # no step lost, none repeated
 

@@ -3,6 +3,8 @@ updates by broadcast and shared memory, and agreement with the learner's log-pro
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import ray
 import torch
@@ -49,9 +51,8 @@ def engine_greedy(worker, prompt_ids: list[int], max_tokens: int) -> list[int]:
     def run(self, ids, n):
         from vllm import SamplingParams
 
-        out = self.llm.generate([{"prompt_token_ids": ids}], SamplingParams(temperature=0, max_tokens=n),
-                                use_tqdm=False)
-        return list(out[0].outputs[0].token_ids)
+        out = self.loop.submit(ids, SamplingParams(temperature=0, max_tokens=n)).result()
+        return list(out.outputs[0].token_ids)
 
     return ray.get(worker.__ray_call__.remote(run, prompt_ids, max_tokens), timeout=TIMEOUT)
 
@@ -161,3 +162,43 @@ def test_logprobs_agree_at_a_temperature_below_one(workers, learner, prompts):
     finally:
         set_temperature(workers[1], learner, 1.0)
         learner.close_weight_sync()
+
+
+def set_fields(worker, **fields) -> dict:
+    """Set attributes of a worker (`max_tokens` on its rollout config); returns the old values."""
+    def swap(self, fields):
+        old = {}
+        for name, value in fields.items():
+            target = self.cfg.rollout if name == "max_tokens" else self
+            old[name] = getattr(target, name)
+            setattr(target, name, value)
+        return old
+
+    return ray.get(worker.__ray_call__.remote(swap, fields), timeout=TIMEOUT)
+
+
+def test_a_weight_update_in_flight_lands_in_the_middle_of_a_completion(workers, learner, prompts):
+    worker = workers[1]
+    share_weights(learner, worker)
+    before = learner.version
+    old = set_fields(worker, in_flight=True, max_tokens=400)
+    try:
+        generating = worker.generate.remote(prompts[:4], 11)
+        deadline = time.monotonic() + TIMEOUT
+        while not ray.get(worker.__ray_call__.remote(lambda self: self.loop.engine.get_num_unfinished_requests())):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.3)  # some tokens in
+        perturb(learner, seed=6)
+        learner.send_weights()
+        ray.get(worker.receive_weights.remote(learner.version), timeout=TIMEOUT)
+        groups, _ = ray.get(generating, timeout=TIMEOUT)
+    finally:
+        set_fields(worker, **old)
+        learner.close_weight_sync()
+    spanning = [versions for g in groups for versions in g.token_versions if len(set(versions)) == 2]
+    assert spanning, [sorted(set(v)) for g in groups for v in g.token_versions]
+    for versions in spanning:  # the old version's tokens, then the new one's
+        switch = versions.index(learner.version)
+        assert set(versions[:switch]) == {before} and set(versions[switch:]) == {learner.version}
+    assert all(g.policy_version == before for g in groups)  # a group is as old as its oldest token

@@ -81,6 +81,26 @@ def test_sync_grpo_raises_the_reward(sync_run):
     assert (sync_run / "config.yaml").is_file()
     kept = sorted(p.name for p in (sync_run / "checkpoints").iterdir())
     assert kept == ["step_000012", "step_000016"]  # keep_checkpoints = 2
+    for m in history:  # each side busy for part of every step, never both more than all of it
+        assert 0 < m["engine_busy"] < 1 and 0 < m["learner_busy"] < 1, m
+        assert m["engine_busy"] + m["learner_busy"] <= 1.05  # synchronous: they take turns
+
+
+def test_the_timeline_is_a_chrome_trace_with_spans_from_every_actor(sync_run):
+    trace = json.loads((sync_run / "trace.json").read_text())
+    rows = {e["tid"]: e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M"}
+    assert set(rows.values()) == {"driver", "learner", "rollout buffer", "rollout worker 0"}
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert all(e["dur"] >= 0 and e["ts"] > 0 and e["pid"] == 1 for e in spans)
+    by_actor = {}
+    for e in spans:
+        by_actor.setdefault(rows[e["tid"]], set()).add(e["name"])
+    assert {"train", "send weights", "checkpoint"} <= by_actor["learner"]
+    assert {"generate", "reload"} <= by_actor["rollout worker 0"]
+    assert {"put", "get"} <= by_actor["rollout buffer"]
+    assert {"push weights", "check weights", "evaluate"} <= by_actor["driver"]
+    trained = sorted(e["args"]["step"] for e in spans if e["name"] == "train")
+    assert trained == list(range(1, STEPS + 1))  # one span per step, stamped with it
 
 
 def test_the_console_shows_the_run_and_the_logs_hold_the_rest(sync_console):
@@ -110,10 +130,12 @@ def test_final_model_loads_with_pipeline_and_generates(sync_run):
     assert 'pipeline("text-generation"' in card and "| loss type | dapo |" in card
 
 
-def test_async_grpo_with_two_workers_raises_the_reward(tmp_path):
+@pytest.mark.parametrize("weight_update", ["between_rounds", "in_flight"])
+def test_async_grpo_with_two_workers_raises_the_reward(tmp_path, weight_update):
     run_dir = tmp_path / "run"
     train(run_dir, "--buffer.max-policy-lag", "1", "--steps", str(ASYNC_STEPS),
-          "--rollout.num-workers", "2", "--logging.eval-every", "5")
+          "--rollout.num-workers", "2", "--logging.eval-every", "5",
+          "--rollout.weight-update", weight_update)
     assert_learned(run_dir, ASYNC_STEPS)
     history = metrics(run_dir)
     # Every group of every step within the bound, not just on average (lags 0 and 2 average 1).

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import importlib
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from actors.rollout_worker import EXTENSION, engine_args, request_seed
+from actors.rollout_worker import EXTENSION, engine_args, request_seed, token_versions
 from common.config import Config
 
 
@@ -94,3 +95,21 @@ def test_request_seed_is_deterministic_distinct_and_in_range():
 def test_request_seed_value_is_pinned():
     # crc32(b"0:1:2") & 0x7FFFFFFF; a change here would make resumed runs sample differently
     assert request_seed(0, 1, 2) == 809654016
+
+
+def test_each_token_gets_the_version_vllm_labelled_its_span_with():
+    from vllm.outputs import WeightVersionSpan
+
+    completion = SimpleNamespace(token_ids=[5, 6, 7, 8, 9], weight_versions=[
+        WeightVersionSpan("3", 0, 2), WeightVersionSpan("4", 2, 5)])  # an update after 2 tokens
+    assert token_versions(completion) == [3, 3, 4, 4, 4]
+    completion.weight_versions = [WeightVersionSpan("3", 0, 4)]
+    with pytest.raises(RuntimeError, match="labelled 4 of 5 tokens"):
+        token_versions(completion)
+
+
+def test_in_flight_updates_turn_off_async_scheduling_on_gpus():
+    cfg = gpu_config(tp=1)
+    assert "async_scheduling" not in engine_args(cfg, "m", 0)
+    cfg.rollout.weight_update = "in_flight"
+    assert engine_args(cfg, "m", 0)["async_scheduling"] is False

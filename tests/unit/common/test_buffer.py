@@ -15,6 +15,7 @@ def group(index: int, version: int = 0, g: int = 2) -> RolloutGroup:
     return RolloutGroup(
         prompt=Prompt(index=index, text=f"p{index}", token_ids=[index]),
         completions=["x"] * g, completion_ids=[[1]] * g, logprobs=[[-0.5]] * g,
+        token_versions=[[version]] * g,
         finish_reasons=["stop"] * g, rewards=[0.0] * g, reward_parts={},
         policy_version=version,
     )

@@ -60,6 +60,9 @@ RULE_ROWS = [
     ("rollout.tensor_parallel_size", 0, "rollout.tensor_parallel_size must be >= 1 (got 0)"),
     ("rollout.gpu_memory_utilization", 0.0, "rollout.gpu_memory_utilization must be in (0, 1] (got 0.0)"),
     ("rollout.kv_cache_gib", 0.0, "rollout.kv_cache_gib must be > 0 (got 0.0)"),
+    ("rollout.max_in_flight", 0, "rollout.max_in_flight must be >= 1 (got 0)"),
+    ("rollout.weight_update", "in_flight", "rollout.weight_update in_flight needs "
+     "buffer.max_policy_lag >= 1: with 0 nothing is being generated when the weights change"),
     ("grpo.group_size", 1, "grpo.group_size must be >= 2 for group-relative advantages (got 1)"),
     ("grpo.batch_size", 0, "grpo.batch_size must be >= 1 (got 0)"),
     ("grpo.epsilon", 0.0, "grpo.epsilon must be > 0 (got 0.0)"),

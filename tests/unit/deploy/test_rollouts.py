@@ -50,7 +50,7 @@ class FakeWorkers:
         self.dead.add(worker)
 
     def generate(self, worker: int, prompts: list[Prompt], round_: int) -> Share:
-        share = Share(round_, worker, prompts, stats=None, stored=None)
+        share = Share(round_, worker, prompts, done=None)
         self.launched.append(share)
         return share
 

@@ -20,6 +20,7 @@ def group(index: int, prompt: list[int], completions: list[list[int]], rewards: 
         prompt=Prompt(index=index, text=f"p{index}", token_ids=prompt),
         completions=[""] * g, completion_ids=completions,
         logprobs=[[-0.1 * (t - 4) for t in c] for c in completions],  # token 5 -> -0.1, 6 -> -0.2
+        token_versions=[[0] * len(c) for c in completions],
         finish_reasons=["stop"] * g, rewards=rewards, reward_parts={},
         policy_version=0,
     )

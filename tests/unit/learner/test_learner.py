@@ -31,6 +31,7 @@ def group(learner: Learner, good: list[int], bad: list[int]) -> RolloutGroup:
     logp = completion_logprobs(learner, seqs)
     return RolloutGroup(prompt=prompt, completions=["good", "bad"], completion_ids=[good, bad],
                         logprobs=[logp[0][: len(good)], logp[1][: len(bad)]],
+                        token_versions=[[0] * len(good), [0] * len(bad)],
                         finish_reasons=["length", "length"], rewards=[1.0, 0.0],
                         reward_parts={"r": [1.0, 0.0]}, policy_version=0)
 

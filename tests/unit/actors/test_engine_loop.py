@@ -1,0 +1,150 @@
+"""The engine's loop with a fake engine (no vLLM): requests admitted up to the limit and refilled as
+others finish, calls run between two steps (or once idle), a crash reaching every waiter, and the
+generation spans it records."""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from actors.engine_loop import EngineLoop
+from common.spans import Spans
+
+TIMEOUT = 10
+
+
+class FakeEngine:
+    """Each request takes `steps` engine steps (its prompt's first token); every step is logged
+    with the requests it ran and whatever the loop did between steps."""
+
+    def __init__(self, fail_at_step: int | None = None):
+        self.running: dict[str, int] = {}
+        self.log: list = []
+        self.steps = 0
+        self.fail_at_step = fail_at_step
+
+    def add_request(self, request_id, prompt, params):
+        self.running[request_id] = prompt["prompt_token_ids"][0]
+
+    def step(self):
+        self.steps += 1
+        if self.steps == self.fail_at_step:
+            raise RuntimeError("engine crashed")
+        self.log.append(("step", sorted(self.running)))
+        time.sleep(0.001)
+        out = []
+        for request_id in list(self.running):
+            self.running[request_id] -= 1
+            if self.running[request_id] == 0:
+                del self.running[request_id]
+                out.append(SimpleNamespace(request_id=request_id, finished=True))
+        return out
+
+
+def loop_of(engine: FakeEngine, max_in_flight: int = 0) -> EngineLoop:
+    return EngineLoop(SimpleNamespace(llm_engine=engine), max_in_flight, Spans("engine"),
+                      salt=lambda: "policy-0")
+
+
+def params():
+    return SimpleNamespace(output_kind=None)
+
+
+@pytest.fixture(autouse=True)
+def tokens_input(monkeypatch):
+    """vllm.inputs.tokens_input, as plain data."""
+    import vllm.inputs
+
+    monkeypatch.setattr(vllm.inputs, "tokens_input",
+                        lambda ids, cache_salt: {"prompt_token_ids": ids, "cache_salt": cache_salt})
+
+
+def test_requests_are_admitted_up_to_the_limit_and_refilled_as_others_finish():
+    engine = FakeEngine()
+    loop = loop_of(engine, max_in_flight=2)
+    futures = [loop.submit([steps], params()) for steps in (1, 3, 2)]
+    for f in futures:
+        f.result(timeout=TIMEOUT)
+    ran = [ids for what, ids in engine.log if what == "step"]
+    assert ran[0] == ["0", "1"]  # two at once: the third waits
+    assert ran[1] == ["1", "2"]  # request 0 finished after one step; request 2 took its place
+    assert max(len(ids) for ids in ran) == 2
+
+
+def test_a_call_runs_between_two_steps_while_requests_keep_generating():
+    engine = FakeEngine()
+    loop = loop_of(engine)
+    slow = loop.submit([50], params())
+    while engine.steps < 5:
+        time.sleep(0.001)
+    at = loop.call(lambda: engine.steps)  # e.g. a weight update, in flight
+    assert 5 <= at < 50 and not slow.done()
+    slow.result(timeout=TIMEOUT)
+    assert engine.steps == 50
+
+
+def test_an_idle_call_waits_for_the_requests_in_the_engine_and_admits_none_meanwhile():
+    engine = FakeEngine()
+    loop = loop_of(engine)
+    first = loop.submit([20], params())
+    while engine.steps < 2:
+        time.sleep(0.001)
+    seen = {}
+
+    def update():
+        seen["steps"], seen["running"] = engine.steps, dict(engine.running)
+
+    threading.Thread(target=lambda: loop.call(update, when_idle=True)).start()
+    while engine.steps < 5:  # the call is waiting: a request submitted now must not start
+        time.sleep(0.001)
+    second = loop.submit([1], params())
+    first.result(timeout=TIMEOUT)
+    second.result(timeout=TIMEOUT)
+    assert seen == {"steps": 20, "running": {}}  # between rounds: after the first, before the second
+    assert engine.log[-1] == ("step", ["1"])
+
+
+def test_a_crash_of_the_engine_reaches_every_waiter():
+    loop = loop_of(FakeEngine(fail_at_step=3))
+    running = loop.submit([10], params())
+    with pytest.raises(RuntimeError, match="engine crashed"):
+        running.result(timeout=TIMEOUT)
+    with pytest.raises(RuntimeError, match="the engine's loop stopped"):
+        loop.submit([1], params())
+
+
+def test_a_failing_call_fails_alone():
+    engine = FakeEngine()
+    loop = loop_of(engine)
+    with pytest.raises(ZeroDivisionError):
+        loop.call(lambda: 1 / 0)
+    assert loop.submit([2], params()).result(timeout=TIMEOUT) is not None
+
+
+def test_generation_is_one_span_per_busy_stretch_split_by_calls():
+    engine = FakeEngine()
+    loop = loop_of(engine)
+    loop.submit([30], params())
+    while engine.steps < 10:
+        time.sleep(0.001)
+    loop.call(lambda: None)  # a weight update in flight splits the stretch
+    loop.submit([1], params()).result(timeout=TIMEOUT)
+    while engine.running:
+        time.sleep(0.001)
+    spans, deadline = [], time.monotonic() + TIMEOUT
+    while len(spans) < 2 and time.monotonic() < deadline:  # the second closes once idle
+        spans += loop.spans.take()
+        time.sleep(0.01)
+    assert [s.name for s in spans] == ["generate", "generate"]
+    assert spans[0].start + spans[0].seconds <= spans[1].start
+
+
+def test_the_loop_asks_vllm_for_one_final_output_per_request():
+    from vllm.sampling_params import RequestOutputKind
+
+    sampling = params()
+    loop_of(FakeEngine()).submit([1], sampling).result(timeout=TIMEOUT)
+    assert sampling.output_kind == RequestOutputKind.FINAL_ONLY
