@@ -68,8 +68,9 @@ def request_seed(run_seed: int, round_: int, position: int) -> int:
 
 
 class RolloutWorker:
-    def __init__(self, cfg: Config, index: int = 0, buffer=None):
-        self.cfg, self.index, self.buffer = cfg, index, buffer
+    def __init__(self, cfg: Config, index: int = 0, buffer: str = ""):
+        self.cfg, self.index, self.buffer_name = cfg, index, buffer
+        """The rollout buffer's Ray name: where `stream` puts the groups."""
         if cfg.run_dir:
             logs.actor_file(cfg.run_dir, f"rollout-worker-{index}")
         self.version = 0
@@ -129,9 +130,9 @@ class RolloutWorker:
         """As `generate`, but each group goes into the buffer the moment its G completions are
         done; returns once all are stored."""
         self.spans.step = round_
-        stored = []
+        buffer, stored = ray.get_actor(self.buffer_name), []
         _, stats = self._generate(prompts, round_, self.cfg.grpo.group_size, on_group=lambda g: stored.append(
-            self.buffer.put.remote([g], self.cfg.buffer.timeout_s)))
+            buffer.put.remote([g], self.cfg.buffer.timeout_s)))
         ray.get(stored)
         return stats
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -153,9 +154,12 @@ def launch(cfg: Config, timeout_s: float) -> Cluster:
         return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)
 
     capacity = cfg.buffer.capacity or (cfg.buffer.max_policy_lag + 1) * cfg.prompts_per_step
-    buffer = ray.remote(RolloutBuffer).options(num_cpus=0, scheduling_strategy=at(LEARNER_BUNDLE)
-                                               ).remote(capacity, cfg.buffer.max_policy_lag,
-                                                        cfg.grpo.drop_zero_std_groups)
+    # Named: each rollout worker finds it by name, also after a restart (a handle passed to
+    # its constructor would be kept in the object store for that, and Ray warns about it).
+    buffer_name = f"grpo-ray-buffer-{uuid.uuid4().hex[:12]}"
+    buffer = ray.remote(RolloutBuffer).options(
+        name=buffer_name, num_cpus=0, scheduling_strategy=at(LEARNER_BUNDLE),
+    ).remote(capacity, cfg.buffer.max_policy_lag, cfg.grpo.drop_zero_std_groups)
     learner = ray.remote(Learner).options(
         **p.learner, scheduling_strategy=at(LEARNER_BUNDLE)).remote(cfg)
     workers = [
@@ -165,7 +169,7 @@ def launch(cfg: Config, timeout_s: float) -> Cluster:
             # Calls run side by side (rounds generating, a weight load arriving, `ready`);
             # the engine itself is only ever touched by its own loop (actors/engine_loop.py).
             max_concurrency=WORKER_CALLS,
-        ).remote(cfg, i, buffer)
+        ).remote(cfg, i, buffer_name)
         for i in range(cfg.rollout.num_workers)
     ]
     nodes = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}

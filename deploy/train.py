@@ -197,6 +197,7 @@ class Training:
             self.metrics.close()
         finally:
             self.weights.close()
+            self.trace.add(self.spans.take())
             self.trace.write()
         return self.finish()
 
@@ -205,7 +206,8 @@ class Training:
         self.rollouts.push_weights(self.state.step)
         self.check_weights(self.state.step)
         if self.state.eval_before is None:
-            self.state.eval_before = self.rollouts.evaluate(self.eval_prompts)
+            with self.spans.span("evaluate"):
+                self.state.eval_before = self.rollouts.evaluate(self.eval_prompts)
             self.metrics.note(f"eval reward before training: {self.state.eval_before:+.4f}")
 
     def step(self) -> dict:

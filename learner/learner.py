@@ -168,6 +168,8 @@ class Learner:
             "policy_lag_max": max(lags),
             "lag_hist": {str(lag): lags.count(lag) for lag in sorted(set(lags))},
             "token_lag_mean": token_lags.mean().item(),
+            "mixed_version_frac": sum(len(set(versions)) > 1 for grp in groups
+                                      for versions in grp.token_versions) / len(lengths),
             "train_tokens": num_tokens,
             "train_s": seconds,
             "train_tokens_per_s": num_tokens * grpo.num_iterations / seconds,

@@ -8,7 +8,8 @@
 Sections (`--only`): `peak` (float32 matmul peak, measured first: every fraction of peak is
 against it), `generation` (rollout path vs HF `generate`), `scaling` (1 vs 2 rollout workers),
 `weight_sync` (shm and broadcast vs an in-memory copy), `e2e` (a GRPO step, sync and async, vs
-TRL's GRPOTrainer), `time_to_reward` (seconds to mean reward 0.9 on `tiny`, vs TRL). Writes
+TRL's GRPOTrainer), `time_to_reward` (seconds to mean reward 0.9 on `tiny`, vs TRL), `modes`
+(synchronous, rounds ahead and in-flight weight updates side by side). Writes
 bench.md, bench.json and bench.png into `--out`, after every section. Needs nothing else running
 on the machine: it measures the whole of it.
 """
@@ -29,13 +30,14 @@ if TYPE_CHECKING:
     from deploy.bench.end_to_end import EndToEndResult
     from deploy.bench.generation import GenerationResult
     from deploy.bench.machine import ModelShape
+    from deploy.bench.modes import ModesResult
     from deploy.bench.peak import PeakResult
     from deploy.bench.scaling import ScalingResult
     from deploy.bench.time_to_reward import TimeToRewardResult
     from deploy.bench.weight_sync import WeightSyncResult
 
 # Run in this order: scaling before generation lets the smoke run share one cluster.
-SECTIONS = ("peak", "scaling", "generation", "weight_sync", "e2e", "time_to_reward")
+SECTIONS = ("peak", "scaling", "generation", "weight_sync", "e2e", "time_to_reward", "modes")
 log = logging.getLogger("grpo-ray.bench")
 
 
@@ -96,6 +98,20 @@ class Bench:
     """Most steps of TRL's time-to-reward run (it stops at the first step reaching)."""
     ttr_lags: tuple[int, ...] = (0, 1)
     """Our time-to-reward runs: buffer.max_policy_lag of each (0 synchronous)."""
+    modes_preset: str = "pythia-70m-shape"
+    """Model of the modes section."""
+    modes_batch: int = 16
+    """Completions per step of the modes section."""
+    modes_tokens: int = 128
+    """Most tokens per completion in the modes section (end of text allowed: lengths vary)."""
+    modes_workers: int = 2
+    """Rollout workers of the modes section (one CPU each)."""
+    modes_steps: int = 12
+    """Steps of each mode's run."""
+    modes_lr: float = 1e-3
+    """Learning rate of the modes section's runs."""
+    modes_threshold: float = 0.5
+    """Mean reward of a step that counts as reached, in the modes section."""
     train_args: str = ""
     """Overrides for our runs and engines, as on deploy.train's command line, e.g.
     --train-args="--learner.threads 2 --rollout.threads 2"."""
@@ -105,7 +121,8 @@ class Bench:
 SMOKE = dict(preset="tiny", threads=1, repeats=1, group_size=4, gen_batches=(16,), gen_tokens=8,
              e2e_batch=8, e2e_tokens=8, e2e_lr=3e-2, e2e_lags=(0,), e2e_steps=2, e2e_warmup=1,
              trl_steps=2, sync_presets=("tiny",), ttr_preset="tiny", ttr_batch=8, ttr_tokens=8,
-             ttr_lr=3e-2, ttr_steps=2, ttr_trl_steps=2, ttr_lags=(0,))
+             ttr_lr=3e-2, ttr_steps=2, ttr_trl_steps=2, ttr_lags=(0,), modes_preset="tiny",
+             modes_batch=8, modes_tokens=16, modes_steps=3, modes_lr=3e-2)
 
 
 def parse(argv: list[str]) -> tuple[Bench, list[str]]:
@@ -277,6 +294,15 @@ class Benchmark:
                          a.ttr_steps, 0, self.extra)
         return time_to_reward.run(self.runner, cfg, self._shape(a.ttr_preset), a.ttr_threshold,
                                   a.ttr_lags, a.ttr_trl_steps)
+
+    def modes(self) -> ModesResult:
+        from deploy.bench import modes
+        from deploy.bench.end_to_end import our_config
+
+        a = self.args
+        cfg = our_config(a.modes_preset, a.group_size, a.modes_batch, a.modes_tokens, a.modes_lr,
+                         a.modes_steps, 0, ["--rollout.num-workers", str(a.modes_workers), *self.extra])
+        return modes.run(self.runner, cfg, self._shape(a.modes_preset), a.e2e_warmup, a.modes_threshold)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,6 +41,9 @@ class Step:
     """Mean reward of the step's completions."""
     tokens: float
     """Completion tokens the step trained on."""
+    phases: dict[str, float] | None = None
+    """Ours: what the step's metrics say of where its time went and of staleness (step_s,
+    train_s, sync_s, engine_busy, learner_busy, token_lag_mean, mixed_version_frac)."""
 
 
 @dataclass
@@ -53,6 +56,10 @@ class RunRecord:
     steps: list[Step]
     stop_at: float | None = None
     """The reward TRL's run stopped at (None: it ran all its steps; always None for ours)."""
+
+
+PHASES = ("step_s", "train_s", "sync_s", "engine_busy", "learner_busy", "token_lag_mean",
+          "mixed_version_frac")
 
 
 def run_mode(policy_lag: int | None) -> str:
@@ -195,7 +202,8 @@ class Runner:
         record = RunRecord(
             run_dir=str(run_dir), first_step_start_s=first["elapsed_s"] - first["step_s"],
             steps=[Step(step=m["step"], elapsed_s=m["elapsed_s"], reward=m["reward"],
-                        tokens=m["train_tokens"]) for m in history])
+                        tokens=m["train_tokens"], phases={k: m[k] for k in PHASES})
+                   for m in history])
         self.done[key] = record
         return record
 

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from deploy.bench.end_to_end import EndToEndResult
     from deploy.bench.generation import GenerationResult
     from deploy.bench.machine import ModelShape
+    from deploy.bench.modes import ModesResult
     from deploy.bench.scaling import ScalingResult
     from deploy.bench.time_to_reward import TimeToRewardResult
     from deploy.bench.weight_sync import WeightSyncResult
@@ -107,6 +108,7 @@ def markdown(results: BenchResults) -> str:
          _weight_sync),
         ("Scaling: 1 vs 2 rollout workers", s.scaling, _scaling),
         ("Time to reward", s.time_to_reward, _time_to_reward),
+        ("Weight-update modes: synchronous, rounds ahead, in flight", s.modes, _modes),
     ):
         if result is None:
             continue
@@ -242,6 +244,19 @@ def _time_to_reward(t: TimeToRewardResult) -> list[str]:
                      "startup s", "vs TRL (incl. / excl.)"], rows)]
 
 
+def _modes(m: ModesResult) -> list[str]:
+    rows = [[r.mode, r.seconds_per_step, r.completions_per_s, r.mean_completion_tokens,
+             _pct(r.engine_busy), _pct(r.learner_busy),
+             f"{r.generate_s:.2f} / {r.train_s:.2f} / {r.sync_s:.2f}", f"{r.token_lag_mean:.2f}",
+             _pct(r.mixed_version_frac),
+             "-" if r.reached_step is None else f"step {r.reached_step}, {r.seconds_to_reward:.0f} s"]
+            for r in m.modes]
+    header = ["mode", "s/step", "completions/s", "tokens per completion", "engines busy",
+              "learner busy", "generate / train / sync s per step", "token lag",
+              "completions from 2 versions", f"reward {m.threshold} reached"]
+    return [_config_line(m.config, m.model), "", *_table(header, rows)]
+
+
 # --- plot --------------------------------------------------------------------------------------
 
 
@@ -254,7 +269,7 @@ def plot(results: BenchResults, path: Path) -> None:
     s = results.sections
     charts = ((_plot_generation, s.generation), (_plot_e2e, s.e2e),
               (_plot_weight_sync, s.weight_sync), (_plot_scaling, s.scaling),
-              (_plot_ttr, s.time_to_reward))
+              (_plot_ttr, s.time_to_reward), (_plot_modes, s.modes))
     panels = [(fn, result) for fn, result in charts if _measured(result)]
     cols = 2 if len(panels) > 1 else 1
     rows = max(1, -(-len(panels) // cols))
@@ -343,3 +358,10 @@ def _plot_ttr(ax, t: TimeToRewardResult) -> None:
           [f"{side.seconds_incl_startup:.0f} s (step {side.step})" if side.reached
            else "not reached" for side in sides])
     ax.set(ylabel="seconds incl. startup", title=f"Time to mean reward {t.threshold}")
+
+
+def _plot_modes(ax, m: ModesResult) -> None:
+    _bars(ax, [r.mode for r in m.modes], [r.completions_per_s for r in m.modes],
+          [f"{r.completions_per_s:.2f} (engines {_pct(r.engine_busy)}, learner {_pct(r.learner_busy)})"
+           for r in m.modes])
+    ax.set(ylabel="completions/s", title="Weight-update modes")

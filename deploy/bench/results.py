@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from deploy.bench.end_to_end import EndToEndResult
     from deploy.bench.generation import GenerationResult
     from deploy.bench.machine import Machine
+    from deploy.bench.modes import ModesResult
     from deploy.bench.peak import PeakResult
     from deploy.bench.scaling import ScalingResult
     from deploy.bench.time_to_reward import TimeToRewardResult
@@ -34,6 +35,7 @@ class Sections:
     weight_sync: WeightSyncResult | Failed | None = None
     e2e: EndToEndResult | Failed | None = None
     time_to_reward: TimeToRewardResult | Failed | None = None
+    modes: ModesResult | Failed | None = None
 
 
 @dataclass

@@ -15,8 +15,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = ("peak", "scaling", "generation", "weight_sync", "e2e", "time_to_reward")
-CHARTS = ("generation", "e2e", "weight_sync", "scaling", "time_to_reward")  # bench.png's panels
+SECTIONS = ("peak", "scaling", "generation", "weight_sync", "e2e", "time_to_reward", "modes")
+CHARTS = ("generation", "e2e", "weight_sync", "scaling", "time_to_reward", "modes")  # bench.png's panels
 PANEL = (462, 770)  # pixels (height, width) of a panel: 4.2 x 7 inches at 110 dpi
 
 
@@ -109,5 +109,11 @@ def test_smoke_json_has_every_section_with_positive_numbers(bench):
     for run in (*ttr["ours"], ttr["trl"]):
         assert run["step"] is None or 1 <= run["step"] <= run["steps_run"]
         assert positive(run["startup_s"])
-    for name in ("generation", "scaling", "e2e", "time_to_reward"):
+    modes = s["modes"]["modes"]
+    assert [(m["policy_lag"], m["weight_update"]) for m in modes] == [
+        (0, "between_rounds"), (1, "between_rounds"), (1, "in_flight")]
+    for m in modes:
+        assert positive(m["completions_per_s"]) and 0 < m["engine_busy"] <= 1 and 0 < m["learner_busy"] <= 1
+    assert modes[0]["token_lag_mean"] == 0 and modes[1]["token_lag_mean"] > 0  # one step ahead
+    for name in ("generation", "scaling", "e2e", "time_to_reward", "modes"):
         assert s[name]["model"]["name"] == "tiny" and s[name]["config"]

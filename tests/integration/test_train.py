@@ -155,19 +155,21 @@ def test_async_grpo_with_two_workers_raises_the_reward(tmp_path, weight_update):
 
 def test_bfloat16_with_dynamic_sampling_raises_the_reward_on_the_cpu(tmp_path):
     """Mixed precision as on a GPU (float32 master weights, bfloat16 autocast, bfloat16 engines),
-    and DAPO's dynamic sampling: with G = 2 most early groups score two equal rewards."""
-    run_dir = tmp_path / "run"
+    and DAPO's dynamic sampling: with G = 2 most early groups score two equal rewards. It ends
+    before the policy saturates: then both samples agree, no group has signal, and dynamic
+    sampling rightly stops the run (as verl's DAPO recipe does)."""
+    run_dir, steps = tmp_path / "run", 12
     proc = train(run_dir, "--model.dtype", "bfloat16", "--grpo.drop-zero-std-groups",
-                 "--grpo.group-size", "2", "--grpo.batch-size", "16")
+                 "--grpo.group-size", "2", "--grpo.batch-size", "16", "--steps", str(steps))
     assert "MB of bfloat16 per update" in proc.stderr  # the engines were sent bfloat16
-    assert_learned(run_dir)
+    assert_learned(run_dir, steps)
     history = metrics(run_dir)
     assert all(m["engine_weights_changed"] > 0 for m in history)
     assert all(m["zero_std_groups"] == 0 for m in history)  # none reached the learner
     extra, last = sum(m["extra_groups"] for m in history), history[-1]
     assert last["buffer_dropped_zero_std"] > 0 and extra > 0  # the precondition: it had work
     # From the configuration: 16 rounds of 8 prompts, and the extra rounds, all accounted for.
-    assert last["buffer_produced"] == STEPS * 8 + extra and last["buffer_consumed"] == STEPS * 8
+    assert last["buffer_produced"] == steps * 8 + extra and last["buffer_consumed"] == steps * 8
     assert last["buffer_produced"] == (last["buffer_consumed"] + last["buffer_dropped_stale"]
                                        + last["buffer_dropped_zero_std"] + last["buffer_size"])
 
