@@ -98,6 +98,8 @@ class Bench:
     """Most steps of TRL's time-to-reward run (it stops at the first step reaching)."""
     ttr_lags: tuple[int, ...] = (0, 1)
     """Our time-to-reward runs: buffer.max_policy_lag of each (0 synchronous)."""
+    ttr_in_flight: bool = True
+    """Also a time-to-reward run one step ahead with weights updated in flight."""
     modes_preset: str = "pythia-70m-shape"
     """Model of the modes section."""
     modes_batch: int = 16
@@ -108,10 +110,8 @@ class Bench:
     """Rollout workers of the modes section (one CPU each)."""
     modes_steps: int = 12
     """Steps of each mode's run."""
-    modes_lr: float = 1e-3
-    """Learning rate of the modes section's runs."""
-    modes_threshold: float = 0.5
-    """Mean reward of a step that counts as reached, in the modes section."""
+    modes_lr: float | None = None
+    """Learning rate of the modes section's runs; None is the preset's."""
     train_args: str = ""
     """Overrides for our runs and engines, as on deploy.train's command line, e.g.
     --train-args="--learner.threads 2 --rollout.threads 2"."""
@@ -121,7 +121,7 @@ class Bench:
 SMOKE = dict(preset="tiny", threads=1, repeats=1, group_size=4, gen_batches=(16,), gen_tokens=8,
              e2e_batch=8, e2e_tokens=8, e2e_lr=3e-2, e2e_lags=(0,), e2e_steps=2, e2e_warmup=1,
              trl_steps=2, sync_presets=("tiny",), ttr_preset="tiny", ttr_batch=8, ttr_tokens=8,
-             ttr_lr=3e-2, ttr_steps=2, ttr_trl_steps=2, ttr_lags=(0,), modes_preset="tiny",
+             ttr_lr=3e-2, ttr_steps=2, ttr_trl_steps=2, ttr_lags=(0,), ttr_in_flight=False, modes_preset="tiny",
              modes_batch=8, modes_tokens=16, modes_steps=3, modes_lr=3e-2)
 
 
@@ -293,7 +293,7 @@ class Benchmark:
         cfg = our_config(a.ttr_preset, a.group_size, a.ttr_batch, a.ttr_tokens, a.ttr_lr,
                          a.ttr_steps, 0, self.extra)
         return time_to_reward.run(self.runner, cfg, self._shape(a.ttr_preset), a.ttr_threshold,
-                                  a.ttr_lags, a.ttr_trl_steps)
+                                  a.ttr_lags, a.ttr_trl_steps, a.ttr_in_flight)
 
     def modes(self) -> ModesResult:
         from deploy.bench import modes
@@ -302,7 +302,7 @@ class Benchmark:
         a = self.args
         cfg = our_config(a.modes_preset, a.group_size, a.modes_batch, a.modes_tokens, a.modes_lr,
                          a.modes_steps, 0, ["--rollout.num-workers", str(a.modes_workers), *self.extra])
-        return modes.run(self.runner, cfg, self._shape(a.modes_preset), a.e2e_warmup, a.modes_threshold)
+        return modes.run(self.runner, cfg, self._shape(a.modes_preset), a.e2e_warmup)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import config as config_lib
@@ -62,20 +62,23 @@ PHASES = ("step_s", "train_s", "sync_s", "engine_busy", "learner_busy", "token_l
           "mixed_version_frac")
 
 
-def run_mode(policy_lag: int | None) -> str:
-    """A run in a word: sync, async (one step of lag), lagN, or trl."""
+def run_mode(policy_lag: int | None, weight_update: str = "between_rounds") -> str:
+    """A run in a word: sync, async (one step of lag), lagN, in_flight, or trl."""
     if policy_lag is None:
         return "trl"
+    if weight_update == "in_flight":
+        return "in_flight" if policy_lag == 1 else f"in_flight_lag{policy_lag}"
     return {0: "sync", 1: "async"}.get(policy_lag, f"lag{policy_lag}")
 
 
-def run_label(policy_lag: int | None) -> str:
+def run_label(policy_lag: int | None, weight_update: str = "between_rounds") -> str:
     """A run as tables and charts name it."""
     if policy_lag is None:
         return "TRL GRPOTrainer"
     if policy_lag == 0:
         return "ours, synchronous"
-    return f"ours, {policy_lag} step{'s' if policy_lag > 1 else ''} async"
+    steps = f"{policy_lag} step{'s' if policy_lag > 1 else ''}"
+    return f"ours, in flight, {steps}" if weight_update == "in_flight" else f"ours, {steps} async"
 
 
 @dataclass
@@ -84,14 +87,16 @@ class RunOf:
 
     policy_lag: int | None
     """Our run's buffer.max_policy_lag (0 synchronous); None for TRL's GRPOTrainer."""
+    weight_update: str = field(default="between_rounds", kw_only=True)
+    """Our run's rollout.weight_update."""
 
     @property
     def mode(self) -> str:
-        return run_mode(self.policy_lag)
+        return run_mode(self.policy_lag, self.weight_update)
 
     @property
     def label(self) -> str:
-        return run_label(self.policy_lag)
+        return run_label(self.policy_lag, self.weight_update)
 
 
 @dataclass

@@ -2,8 +2,9 @@
 completions of varied length (end of text allowed) and two rollout workers: synchronous
 (on-policy rounds), rounds ahead (generation one step ahead, weights loaded between rounds) and
 in flight (continuous generation, weights loaded between two decode steps). For each: the steady
-completions/s, how busy the engines and the learner were, how stale the trained-on tokens were,
-and when the mean reward first reached the threshold."""
+completions/s, how busy the engines and the learner were, and how stale the trained-on tokens
+were. (How soon each reaches a reward level: the time-to-reward section, on a model that learns
+in seconds.)"""
 
 from __future__ import annotations
 
@@ -45,10 +46,6 @@ class ModeResult:
     """Policy versions between the learner and the tokens it trained on, on average."""
     mixed_version_frac: float
     """Share of completions whose tokens came from two policy versions."""
-    reached_step: int | None
-    """The first step whose mean reward reached the threshold; None if none did."""
-    seconds_to_reward: float | None
-    """From the start of the run to the end of `reached_step`."""
     run_dir: str
 
 
@@ -57,7 +54,6 @@ class ModesResult:
     model: ModelShape
     config: dict[str, object]
     """What the numbers were measured with, as the report labels them."""
-    threshold: float
     modes: list[ModeResult]
 
 
@@ -66,15 +62,14 @@ def _mean(values: list[float]) -> float:
 
 
 def summarize(name: str, lag: int, weight_update: str, record: RunRecord, warmup: int,
-              batch_size: int, threshold: float) -> ModeResult:
-    """A run's steady state (the steps after the first `warmup`) and its time to `threshold`."""
+              batch_size: int) -> ModeResult:
+    """A run's steady state: the steps after the first `warmup`."""
     steps = record.steps
     warmup = min(warmup, len(steps) - 1)
     start = steps[warmup - 1].elapsed_s if warmup else record.first_step_start_s
     measured = steps[warmup:]
     seconds = measured[-1].elapsed_s - start
     phases = {key: _mean([s.phases[key] for s in measured]) for key in measured[0].phases}
-    reached = next((s for s in steps if s.reward >= threshold), None)
     return ModeResult(
         mode=name, policy_lag=lag, weight_update=weight_update, steps_measured=len(measured),
         seconds_per_step=seconds / len(measured), completions_per_s=batch_size * len(measured) / seconds,
@@ -82,19 +77,17 @@ def summarize(name: str, lag: int, weight_update: str, record: RunRecord, warmup
         engine_busy=phases["engine_busy"], learner_busy=phases["learner_busy"],
         generate_s=_mean([s.phases["engine_busy"] * s.phases["step_s"] for s in measured]),
         train_s=phases["train_s"], sync_s=phases["sync_s"], token_lag_mean=phases["token_lag_mean"],
-        mixed_version_frac=phases["mixed_version_frac"],
-        reached_step=reached.step if reached else None,
-        seconds_to_reward=reached.elapsed_s if reached else None, run_dir=record.run_dir)
+        mixed_version_frac=phases["mixed_version_frac"], run_dir=record.run_dir)
 
 
-def run(runner: Runner, cfg: Config, model: ModelShape, warmup: int, threshold: float) -> ModesResult:
+def run(runner: Runner, cfg: Config, model: ModelShape, warmup: int) -> ModesResult:
     """Each mode on `cfg` (which sets the model, lengths and workers), one run each."""
     results = []
     for name, lag, weight_update in MODES:
         mode_cfg = copy.deepcopy(cfg)
         mode_cfg.buffer.max_policy_lag, mode_cfg.rollout.weight_update = lag, weight_update
         record = runner.ours(mode_cfg, f"modes-{weight_update}-lag{lag}-{cfg.model.name}")
-        result = summarize(name, lag, weight_update, record, warmup, cfg.grpo.batch_size, threshold)
+        result = summarize(name, lag, weight_update, record, warmup, cfg.grpo.batch_size)
         log.info("modes %s: %.2f completions/s, engines %.0f%% busy, learner %.0f%%, token lag %.2f",
                  name, result.completions_per_s, 100 * result.engine_busy, 100 * result.learner_busy,
                  result.token_lag_mean)
@@ -102,4 +95,4 @@ def run(runner: Runner, cfg: Config, model: ModelShape, warmup: int, threshold: 
     return ModesResult(model=model, config=run_config(cfg) | {
         "workers": cfg.rollout.num_workers, "max completion tokens": cfg.rollout.max_tokens,
         "max in flight": cfg.rollout.max_in_flight, "steps": cfg.steps,
-        "warm-up steps left out": warmup}, threshold=threshold, modes=results)
+        "warm-up steps left out": warmup}, modes=results)

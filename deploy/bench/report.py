@@ -248,12 +248,10 @@ def _modes(m: ModesResult) -> list[str]:
     rows = [[r.mode, r.seconds_per_step, r.completions_per_s, r.mean_completion_tokens,
              _pct(r.engine_busy), _pct(r.learner_busy),
              f"{r.generate_s:.2f} / {r.train_s:.2f} / {r.sync_s:.2f}", f"{r.token_lag_mean:.2f}",
-             _pct(r.mixed_version_frac),
-             "-" if r.reached_step is None else f"step {r.reached_step}, {r.seconds_to_reward:.0f} s"]
-            for r in m.modes]
+             _pct(r.mixed_version_frac)] for r in m.modes]
     header = ["mode", "s/step", "completions/s", "tokens per completion", "engines busy",
               "learner busy", "generate / train / sync s per step", "token lag",
-              "completions from 2 versions", f"reward {m.threshold} reached"]
+              "completions from 2 versions"]
     return [_config_line(m.config, m.model), "", *_table(header, rows)]
 
 

@@ -51,7 +51,8 @@ class TimeToRewardResult:
 
 
 def first_reaching(record: RunRecord, threshold: float, policy_lag: int | None,
-                   trl: TimeToRewardSide | None = None) -> TimeToRewardSide:
+                   trl: TimeToRewardSide | None = None,
+                   weight_update: str = "between_rounds") -> TimeToRewardSide:
     """The run's first step at `threshold`, and how long it took against TRL's run (`trl`; None
     if this is TRL's)."""
     startup = record.first_step_start_s
@@ -60,7 +61,7 @@ def first_reaching(record: RunRecord, threshold: float, policy_lag: int | None,
     excl = None if hit is None else hit.elapsed_s - startup
     compared = trl is not None and trl.reached and hit is not None
     return TimeToRewardSide(
-        policy_lag=policy_lag, step=None if hit is None else hit.step,
+        policy_lag=policy_lag, weight_update=weight_update, step=None if hit is None else hit.step,
         seconds_incl_startup=incl, seconds_excl_startup=excl, startup_s=startup,
         steps_run=len(record.steps), best_reward=max(s.reward for s in record.steps),
         vs_trl_incl_startup=incl / trl.seconds_incl_startup if compared else None,
@@ -69,14 +70,22 @@ def first_reaching(record: RunRecord, threshold: float, policy_lag: int | None,
 
 
 def run(runner: Runner, cfg: Config, shape: ModelShape, threshold: float, lags: tuple[int, ...],
-        trl_steps: int) -> TimeToRewardResult:
-    records = {lag: runner.ours(with_lag(cfg, lag), f"ttr-ours_{run_mode(lag)}-{cfg.model.name}")
-               for lag in lags}
+        trl_steps: int, in_flight: bool = False) -> TimeToRewardResult:
+    """Ours with each policy lag (and, with `in_flight`, one step ahead with weights updated in
+    flight), then TRL's; the first step reaching `threshold` in each."""
+    modes = [(lag, "between_rounds") for lag in lags] + ([(1, "in_flight")] if in_flight else [])
+    records = {}
+    for lag, weight_update in modes:
+        run_cfg = with_lag(cfg, lag)
+        run_cfg.rollout.weight_update = weight_update
+        records[lag, weight_update] = runner.ours(
+            run_cfg, f"ttr-ours_{run_mode(lag, weight_update)}-{cfg.model.name}")
     trl_cfg = with_lag(cfg, 0)
     trl_cfg.steps = trl_steps
     trl = first_reaching(runner.trl(trl_cfg, f"ttr-trl-{cfg.model.name}", total_threads(cfg),
                                     threshold), threshold, None)
-    ours = [first_reaching(record, threshold, lag, trl) for lag, record in records.items()]
+    ours = [first_reaching(record, threshold, lag, trl, weight_update)
+            for (lag, weight_update), record in records.items()]
     for side in [*ours, trl]:
         log.info("time to reward %s: %s", side.mode,
                  f"step {side.step}, {side.seconds_incl_startup:.1f} s incl. startup, "

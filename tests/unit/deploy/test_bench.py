@@ -255,11 +255,10 @@ def test_a_modes_run_is_summed_up_over_its_steady_steps():
     run = RunRecord(run_dir="r", first_step_start_s=10.0, steps=[
         Step(step=i + 1, elapsed_s=end, reward=reward, tokens=64, phases=p)
         for i, (end, reward, p) in enumerate(zip((19.0, 21.0, 25.0), (0.1, 0.6, 0.7), phases))])
-    m = summarize("in flight", 1, "in_flight", run, warmup=1, batch_size=16, threshold=0.5)
+    m = summarize("in flight", 1, "in_flight", run, warmup=1, batch_size=16)
     # Steps 2 and 3: 6 s from the end of step 1, 32 completions of 4 tokens each.
     assert (m.steps_measured, m.seconds_per_step, m.completions_per_s) == (2, 3.0, 32 / 6)
     assert m.mean_completion_tokens == 4.0
     assert m.engine_busy == 0.375 and m.learner_busy == 0.625 and m.train_s == 2.0
     assert m.generate_s == (0.5 * 2.0 + 0.25 * 4.0) / 2  # engine-seconds per step
     assert (m.token_lag_mean, m.mixed_version_frac) == (0.75, 0.5)
-    assert (m.reached_step, m.seconds_to_reward) == (2, 21.0)  # the first step at 0.5 or more
