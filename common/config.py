@@ -277,8 +277,13 @@ class LearnerConfig(ActorResources):
 
     RULES = {"learning_rate": "> 0", "warmup_steps": ">= 0",
              "weight_decay": ">= 0", "max_grad_norm": ">= 0", "micro_batch_size": ">= 1",
-             "checkpoint_every": ">= 0", "keep_checkpoints": ">= 1"}
+             "checkpoint_every": ">= 0", "keep_checkpoints": ">= 1", "num_ranks": ">= 1"}
 
+    num_ranks: int = 1
+    """Processes the learner runs as, the model sharded over them with FSDP2 (one GPU each on a
+    GPU cluster); each trains on its share of every batch's sequences. More than one lets a
+    model train whose weights, gradients and AdamW state do not fit one device (see the README's
+    table per Pythia size)."""
     learning_rate: float | None = None
     """AdamW learning rate; None means the model's own default (3e-2 for the random-init
     `tiny` preset, 1e-6 for Pythia-sized models)."""
@@ -399,6 +404,10 @@ class Config:
                 and buffer.capacity < self.prompts_per_step:
             lines.append(f"buffer.capacity ({buffer.capacity} groups) cannot hold one batch "
                          f"({self.prompts_per_step} groups)")
+        if self.learner.num_ranks >= 1 and grpo.batch_size % self.learner.num_ranks:
+            lines.append(f"grpo.batch_size ({grpo.batch_size}) must be a multiple of "
+                         f"learner.num_ranks ({self.learner.num_ranks}): each rank trains on an "
+                         f"equal share")
         if rollout.weight_update == "in_flight" and buffer.max_policy_lag < 1:
             lines.append("rollout.weight_update in_flight needs buffer.max_policy_lag >= 1: with 0 "
                          "nothing is being generated when the weights change")
@@ -441,13 +450,13 @@ class Config:
 def cpu_threads(cfg: Config, role: Literal["rollout", "learner"], cores: int) -> int:
     """Threads for a CPU actor of `role` on a node with `cores` cores, when `threads` is 0. In a
     synchronous run generation and training take turns, so each uses the node's cores (the
-    rollout workers share them); when they overlap, each keeps to its Ray CPUs, so that
-    actors on one machine do not fight over cores."""
+    rollout workers share them, and the learner's ranks do); when they overlap, each keeps to
+    its Ray CPUs, so that actors on one machine do not fight over cores."""
     section = cfg.rollout if role == "rollout" else cfg.learner
     if section.threads:
         return section.threads
     if cfg.buffer.max_policy_lag == 0:
-        return max(1, cores // (cfg.rollout.num_workers if role == "rollout" else 1))
+        return max(1, cores // (cfg.rollout.num_workers if role == "rollout" else cfg.learner.num_ranks))
     return max(1, int(section.num_cpus))
 
 

@@ -224,10 +224,10 @@ class BroadcastChannel(WeightChannel):
         wait_or_abort(done.query, self._nccl.destroy, self.timeout_s)
 
     def send(self, named_tensors: NamedTensors, version: int) -> None:
-        tensors = [t for _, t in named_tensors]
+        tensors = (t for _, t in named_tensors)  # one bucket's at a time: they may be made on demand
         self._broadcast(torch.tensor([version], dtype=torch.int64, device=self.device))
         for bucket in self.buckets:
-            self._broadcast(flatten([tensors[i].to(self.device) for i in bucket]))
+            self._broadcast(flatten([next(tensors).to(self.device) for _ in bucket]))
 
     def receive(self, version: int) -> Iterator[tuple[str, torch.Tensor]]:
         sent = torch.empty(1, dtype=torch.int64, device=self.device)

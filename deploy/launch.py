@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from ray.actor import ActorHandle
     from ray.util.placement_group import PlacementGroup
 
-LEARNER_BUNDLE = 0  # bundle 0 is the learner's (the buffer shares it); workers follow
+LEARNER_BUNDLE = 0  # bundles 0.. are the learner ranks' (the buffer shares rank 0's); workers follow
 WORKER_CALLS = 16  # a rollout worker's calls in progress at once
 
 
@@ -48,7 +48,8 @@ def plan(cfg: Config) -> ResourcePlan:
             b["GPU"] = float(opts["num_gpus"])
         return b
 
-    bundles = [bundle(learner, {})] + [bundle(worker, custom) for _ in range(rollout.num_workers)]
+    bundles = [bundle(learner, {}) for _ in range(cfg.learner.num_ranks)] \
+        + [bundle(worker, custom) for _ in range(rollout.num_workers)]
     return ResourcePlan(bundles=bundles, strategy=cluster.placement_strategy, learner=learner,
                         worker=worker)
 
@@ -107,11 +108,12 @@ class Cluster:
     """The run's actors and where Ray put them."""
 
     buffer: ActorHandle                            # a RolloutBuffer
-    learner: ActorHandle                           # a Learner
+    learner: ActorHandle                           # a Learner (rank 0)
     workers: list[ActorHandle]                     # RolloutWorkers
     placement_group: PlacementGroup
     learner_node: tuple[str, str]                  # (node id, node ip)
     worker_nodes: list[tuple[str, str]] = field(default_factory=list)
+    learner_ranks: list[ActorHandle] = field(default_factory=list)  # the learner's other ranks
 
     @property
     def single_node(self) -> bool:
@@ -129,7 +131,7 @@ def shutdown(cluster: Cluster) -> None:
     """Kill the run's actors and give their resources back."""
     import ray
 
-    for actor in [*cluster.workers, cluster.learner, cluster.buffer]:
+    for actor in [*cluster.workers, cluster.learner, *cluster.learner_ranks, cluster.buffer]:
         ray.kill(actor)
     ray.util.remove_placement_group(cluster.placement_group)
 
@@ -160,11 +162,12 @@ def launch(cfg: Config, timeout_s: float) -> Cluster:
     buffer = ray.remote(RolloutBuffer).options(
         name=buffer_name, num_cpus=0, scheduling_strategy=at(LEARNER_BUNDLE),
     ).remote(capacity, cfg.buffer.max_policy_lag, cfg.grpo.drop_zero_std_groups)
-    learner = ray.remote(Learner).options(
-        **p.learner, scheduling_strategy=at(LEARNER_BUNDLE)).remote(cfg)
+    ranks = cfg.learner.num_ranks
+    learners = [ray.remote(Learner).options(**p.learner, scheduling_strategy=at(LEARNER_BUNDLE + rank))
+                .remote(cfg, rank) for rank in range(ranks)]
     workers = [
         ray.remote(RolloutWorker).options(
-            **p.worker, scheduling_strategy=at(LEARNER_BUNDLE + 1 + i),
+            **p.worker, scheduling_strategy=at(LEARNER_BUNDLE + ranks + i),
             max_restarts=cfg.cluster.max_worker_restarts, max_task_retries=0,
             # Calls run side by side (rounds generating, a weight load arriving, `ready`);
             # the engine itself is only ever touched by its own loop (actors/engine_loop.py).
@@ -175,5 +178,20 @@ def launch(cfg: Config, timeout_s: float) -> Cluster:
     nodes = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
     placed = placement_group_table(pg)["bundles_to_node_id"]
     where = [(placed[i], nodes[placed[i]]) for i in range(len(p.bundles))]
-    return Cluster(buffer=buffer, learner=learner, workers=workers, placement_group=pg,
-                   learner_node=where[LEARNER_BUNDLE], worker_nodes=where[LEARNER_BUNDLE + 1 :])
+    cluster = Cluster(buffer=buffer, learner=learners[0], workers=workers, placement_group=pg,
+                      learner_node=where[LEARNER_BUNDLE], worker_nodes=where[LEARNER_BUNDLE + ranks:],
+                      learner_ranks=learners[1:])
+    if ranks > 1:
+        _join_learner_ranks(learners, where[LEARNER_BUNDLE : LEARNER_BUNDLE + ranks], timeout_s)
+    return cluster
+
+
+def _join_learner_ranks(learners: list[ActorHandle], nodes: list[tuple[str, str]], timeout_s: float) -> None:
+    """The learner ranks form their group (learner/sharding.py) at rank 0's node: loopback when
+    they all share it."""
+    host = "127.0.0.1" if len({node for node, _ in nodes}) == 1 else nodes[0][1]
+    port = get(learners[0].open_ranks.remote(host), timeout_s, "the learner to start", actor="the learner")
+    joined = [learner.join_ranks.remote(host, port, learners[1:] if rank == 0 else [])
+              for rank, learner in enumerate(learners)]
+    for rank, ref in enumerate(joined):
+        get(ref, timeout_s, f"learner rank {rank} to join the others", actor=f"learner rank {rank}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -44,14 +45,25 @@ def advantages_of(groups: list[RolloutGroup], scale: str) -> torch.Tensor:
     return group_advantages(rewards, scale).reshape(-1)
 
 
+def trained_tokens(groups: list[RolloutGroup], mask_truncated: bool = False) -> int:
+    """Completion tokens the loss counts: not those of unscored completions, nor with
+    `mask_truncated` of completions cut off at the token limit (see `micro_batches`)."""
+    return sum(len(ids) for g in groups for ids, r, f in zip(g.completion_ids, g.rewards, g.finish_reasons)
+               if not math.isnan(r) and not (mask_truncated and f == "length"))
+
+
 def micro_batches(groups: list[RolloutGroup], size: int, scale: str, pad_id: int,
-                  mask_truncated: bool = False) -> list[MicroBatch]:
-    """The batch in micro-batches of `size` sequences. Completions no reward function scored
-    (NaN) are left out of the loss, and with `mask_truncated` those cut off at the token limit."""
+                  mask_truncated: bool = False, rows: list[int] | None = None) -> list[MicroBatch]:
+    """The batch (or its sequences `rows`) in micro-batches of `size` sequences, with advantages
+    over the whole batch. Completions no reward function scored (NaN) are left out of the loss,
+    and with `mask_truncated` those cut off at the token limit."""
     seqs = flat_sequences(groups)
     advantages = advantages_of(groups, scale)
     rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float32)  # [N]
     truncated = torch.tensor([f == "length" for g in groups for f in g.finish_reasons])  # [N]
+    if rows is not None:
+        seqs, advantages = [seqs[i] for i in rows], advantages[rows]
+        rewards, truncated = rewards[rows], truncated[rows]
     out = []
     for i in range(0, len(seqs), size):
         mb = collate(seqs[i : i + size], advantages[i : i + size], pad_id)

@@ -22,6 +22,8 @@ from common.types import RunState
 
 _NAME = re.compile(r"step_(\d{6,})")
 FILES = ("model/model.safetensors", "model/config.json", "learner.pt", "driver.json")
+SHARDED_FILES = ("sharded/.metadata", "learner.pt", "driver.json")
+"""A learner of several ranks saves its model and optimizer with torch.distributed.checkpoint."""
 
 
 class CheckpointError(RunError):
@@ -55,7 +57,8 @@ def latest(run_dir: str | Path) -> Path:
     if not found:
         raise CheckpointError(f"no checkpoint to resume from in {root(run_dir)}")
     newest = found[-1]
-    missing = [f for f in FILES if not (newest / f).is_file()]
+    expected = SHARDED_FILES if (newest / "sharded").is_dir() else FILES
+    missing = [f for f in expected if not (newest / f).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {newest} is damaged: missing {', '.join(missing)}")
     check_readable(newest)
@@ -68,8 +71,9 @@ def check_readable(directory: Path) -> None:
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(directory / "model" / "model.safetensors", "pt") as f:
-            f.keys()
+        if not (directory / "sharded").is_dir():
+            with safe_open(directory / "model" / "model.safetensors", "pt") as f:
+                f.keys()
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"checkpoint {directory} is damaged: model.safetensors: {e}") from None
     if not zipfile.is_zipfile(directory / "learner.pt"):
@@ -80,14 +84,25 @@ def check_readable(directory: Path) -> None:
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yields a temporary directory to fill; renames it to `final` only if the block succeeds."""
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
-    tmp.mkdir(parents=True)
+    tmp = staging(final)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    commit(tmp, final)
+
+
+def staging(final: Path) -> Path:
+    """An empty temporary directory beside `final`, to fill and then `commit`."""
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit(tmp: Path, final: Path) -> None:
+    """Put a filled temporary directory in `final`'s place, in one rename."""
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)

@@ -7,6 +7,7 @@ import math
 import os
 import pickle
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -26,9 +27,10 @@ from common.weight_sync import (
     listen_socket,
     specs_of,
 )
-from learner import checkpoint
-from learner.batch import MicroBatch, collate, micro_batches
+from learner import checkpoint, sharding
+from learner.batch import MicroBatch, collate, flat_sequences, micro_batches, trained_tokens
 from learner.grpo import grpo_loss, masked_mean, sampling_mismatch
+from learner.sharding import on_every_rank
 
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
@@ -47,17 +49,20 @@ def loss_options(grpo: GRPOConfig) -> dict:
 
 
 class Learner:
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
+    def __init__(self, cfg: Config, rank: int = 0):
+        self.cfg, self.rank = cfg, rank
+        self.peers: list = []
+        """Rank 0's handles of the other learner ranks (learner/sharding.py)."""
+        self.sharded = cfg.learner.num_ranks > 1
         if cfg.run_dir:
-            logs.actor_file(cfg.run_dir, "learner")
+            logs.actor_file(cfg.run_dir, "learner" if rank == 0 else f"learner-rank-{rank}")
         # Resolved here, not by the driver: this may be another node (presets build, hub ids
         # download, on the node that needs them).
         self.model_path = model_path = str(models.resolve(cfg.model.name, cfg.model.cache_dir))
         self.device = "cpu" if cfg.cluster.device == "cpu" else "cuda"
         if self.device == "cpu":
             torch.set_num_threads(cpu_threads(cfg, "learner", len(os.sched_getaffinity(0))))
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed + rank)
         # Mixed precision: the weights and AdamW's state stay float32 (an update of 1e-6 would
         # round away in bfloat16 for most weights: DESIGN.md section 6); forward and backward
         # run in the compute dtype, which is also the engines' dtype and what they are sent.
@@ -70,11 +75,9 @@ class Learner:
                 model_path, dtype=self.compute_dtype).to(self.device)
             self.ref_model.eval().requires_grad_(False)
         self.pad_id = models.load_tokenizer(model_path).pad_token_id
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate,
-                                           weight_decay=cfg.learner.weight_decay, fused=True)
-        self.scheduler = get_scheduler(SCHEDULES[cfg.learner.lr_schedule], self.optimizer,
-                                       num_warmup_steps=cfg.learner.warmup_steps * cfg.grpo.num_iterations,
-                                       num_training_steps=cfg.steps * cfg.grpo.num_iterations)
+        self.optimizer = self.scheduler = None
+        if not self.sharded:  # sharded: once the ranks have met (`join_ranks`)
+            self._make_optimizer()
         # float16 gradients underflow without loss scaling; bfloat16 and float32 need none.
         self.scaler = torch.amp.GradScaler(self.device, enabled=self.compute_dtype == torch.float16)
         self.version = 0
@@ -82,11 +85,40 @@ class Learner:
         self._channel: WeightChannel | None = None
         self._socket = None  # the broadcast group's port, bound before the group forms
 
+    def _make_optimizer(self) -> None:
+        # fused AdamW takes plain tensors; over FSDP's shards (DTensors) the foreach one.
+        fused = dict(foreach=True) if self.sharded else dict(fused=True)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.learning_rate,
+                                           weight_decay=self.cfg.learner.weight_decay, **fused)
+        grpo, learner = self.cfg.grpo, self.cfg.learner
+        self.scheduler = get_scheduler(SCHEDULES[learner.lr_schedule], self.optimizer,
+                                       num_warmup_steps=learner.warmup_steps * grpo.num_iterations,
+                                       num_training_steps=self.cfg.steps * grpo.num_iterations)
+
+    # --- the ranks (learner.num_ranks > 1) ---------------------------------------------------
+
+    def open_ranks(self, host: str) -> int:
+        """Rank 0: a free port on `host` (this node's address) for the ranks to meet at."""
+        with listen_socket(host) as sock:  # released at once; the group binds it next
+            return sock.getsockname()[1]
+
+    def join_ranks(self, host: str, port: int, peers: list) -> None:
+        """Meet the other ranks, shard the model over them, and make the optimizer (over the
+        shards); rank 0 is given the others' handles."""
+        sharding.init_group(host, port, self.rank, self.cfg.learner.num_ranks, self.device,
+                            self.cfg.cluster.call_timeout_s)
+        sharding.shard(self.model, self.compute_dtype, self.device)
+        if self.ref_model is not None:
+            sharding.shard(self.ref_model, self.compute_dtype, self.device)
+        self._make_optimizer()
+        self.peers = peers
+
     # --- the GRPO update -----------------------------------------------------------------------
 
     def take_spans(self) -> list[Span]:
         return self.spans.take()
 
+    @on_every_rank
     def train(self, groups: list[RolloutGroup]) -> dict:
         """One GRPO step on a batch of groups: `num_iterations` optimizer steps over it."""
         self.spans.step = self.version + 1
@@ -95,12 +127,15 @@ class Learner:
 
     def _train(self, groups: list[RolloutGroup]) -> dict:
         start = time.perf_counter()
-        grpo = self.cfg.grpo
+        grpo, ranks = self.cfg.grpo, self.cfg.learner.num_ranks
+        # This rank's share of the sequences; the normalisers are the whole batch's.
+        lengths = [len(p) + len(c) for p, c, _ in flat_sequences(groups)]
+        rows = sharding.deal(lengths, ranks)[self.rank] if self.sharded else None
         batches = [mb.to(self.device) for mb in
                    micro_batches(groups, self.cfg.learner.micro_batch_size, grpo.scale_rewards,
-                                 self.pad_id, mask_truncated=grpo.mask_truncated_completions)]
-        num_sequences = sum(mb.input_ids.shape[0] for mb in batches)
-        num_tokens = int(sum(mb.completion_mask.sum() for mb in batches))
+                                 self.pad_id, mask_truncated=grpo.mask_truncated_completions, rows=rows)]
+        num_sequences = len(lengths)
+        num_tokens = trained_tokens(groups, grpo.mask_truncated_completions)
         old_logps: list[torch.Tensor | None] = [None] * len(batches)
         ref_logps = [self._ref_logprobs(mb) for mb in batches]
         # Token-weighted means over every pass and micro-batch (the loss: per pass, averaged).
@@ -120,7 +155,7 @@ class Learner:
                     logp, old_logps[i], mb.behaviour_logp, ref_logps[i], mb.advantages,
                     mb.completion_mask, **loss_options(grpo), num_sequences=num_sequences,
                     num_tokens=num_tokens, max_completion_length=self.cfg.rollout.max_tokens,
-                    num_micro_batches=len(batches),
+                    num_micro_batches=len(batches) * ranks,
                 )
                 self.scaler.scale(out.loss).backward()
                 share = int(mb.completion_mask.sum()) / max(num_tokens, 1)
@@ -140,11 +175,17 @@ class Learner:
                     totals["mismatch_max"] = max(totals["mismatch_max"], float(mismatch.max_abs_diff))
             max_norm = self.cfg.learner.max_grad_norm or float("inf")
             self.scaler.unscale_(self.optimizer)
-            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)))
+            grad_norms.append(float(sharding.full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))))
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
         self.version += 1
+        changed = self._changed_count(before)
+        if self.sharded:  # each rank measured its own sequences and its own shards
+            maxima = {"mismatch_max": totals.pop("mismatch_max")}
+            totals, maxima = sharding.reduce_sums({**totals, **changed}, maxima)
+            changed = {key: totals.pop(key) for key in ("changed", "parameters")}
+            totals.update(maxima)
 
         seconds = time.perf_counter() - start
         rewards = torch.tensor([r for grp in groups for r in grp.rewards])  # NaN: unscored
@@ -173,7 +214,7 @@ class Learner:
             "train_tokens": num_tokens,
             "train_s": seconds,
             "train_tokens_per_s": num_tokens * grpo.num_iterations / seconds,
-            "engine_weights_changed": self._changed_fraction(before),
+            "engine_weights_changed": changed["changed"] / changed["parameters"],
         }
         for name in groups[0].reward_parts:
             parts = torch.tensor([r for grp in groups for r in grp.reward_parts[name]])
@@ -181,16 +222,17 @@ class Learner:
         return metrics
 
     def _engine_view(self) -> list[torch.Tensor]:
-        """The parameters as the engines hold them: in the compute dtype (a copy)."""
-        return [p.detach().to(self.compute_dtype, copy=True) for p in self.model.parameters()]
+        """This rank's parameters (its shards) as the engines hold them: in the compute dtype."""
+        return [_local(p).to(self.compute_dtype, copy=True) for p in self.model.parameters()]
 
-    def _changed_fraction(self, before: list[torch.Tensor]) -> float:
-        """The fraction of parameters whose value in the engines' dtype an update changed: a
-        learning rate too small for that dtype shows here as 0, while the loss looks normal."""
-        changed = sum(int((p.detach().to(self.compute_dtype) != b).sum())
+    def _changed_count(self, before: list[torch.Tensor]) -> dict[str, int]:
+        """How many parameters (of this rank's) an update changed as the engines see them: a
+        learning rate too small for their dtype shows as none, while the loss looks normal."""
+        changed = sum(int((_local(p).to(self.compute_dtype) != b).sum())
                       for p, b in zip(self.model.parameters(), before))
-        return changed / sum(b.numel() for b in before)
+        return {"changed": changed, "parameters": sum(b.numel() for b in before)}
 
+    @on_every_rank
     @torch.no_grad()
     def score(self, sequences: list[list[int]], starts: list[int]) -> list[list[float]]:
         """The learner's log-prob of every token of each sequence from its `start` on, each
@@ -198,6 +240,7 @@ class Learner:
         seqs = [(ids[:start], ids[start:], []) for ids, start in zip(sequences, starts)]
         mb = collate(seqs, torch.zeros(len(seqs)), self.pad_id).to(self.device)
         logp, _ = self._logprobs(self.model, mb, temperature=1.0)
+        sharding.reshard(self.model)
         return [row[: len(ids) - start].tolist() for row, ids, start in zip(logp, sequences, starts)]
 
     def _logprobs(self, model, mb: MicroBatch, entropy: bool = False,
@@ -226,18 +269,27 @@ class Learner:
 
     @torch.no_grad()
     def _ref_logprobs(self, mb: MicroBatch) -> torch.Tensor | None:
-        return None if self.ref_model is None else self._logprobs(self.ref_model, mb)[0]
+        if self.ref_model is None:
+            return None
+        logp = self._logprobs(self.ref_model, mb)[0]
+        sharding.reshard(self.ref_model)
+        return logp
 
     # --- sending weights -----------------------------------------------------------------------
 
-    def _named_weights(self) -> list[tuple[str, torch.Tensor]]:
-        """The weights as the engines take them: floating-point ones in the compute dtype (half
-        the bytes of float32 in bfloat16)."""
-        return [(name, t.to(self.compute_dtype) if t.is_floating_point() else t)
-                for name, t in self.model.state_dict().items()]
+    def _named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The weights as the engines take them, one at a time: whole (a sharded one gathered
+        from every rank, so every rank must go through them all), in the dtype they are sent in."""
+        for name, t in self.model.state_dict().items():
+            yield name, sharding.full(t).to(self._sent_dtype(t))
+
+    def _sent_dtype(self, t: torch.Tensor) -> torch.dtype:
+        """Floating-point weights go in the compute dtype (half the bytes of float32 in bfloat16)."""
+        return self.compute_dtype if t.is_floating_point() else t.dtype
 
     def weight_specs(self) -> list[TensorSpec]:
-        return specs_of(self._named_weights())
+        return specs_of((name, torch.empty(t.shape, dtype=self._sent_dtype(t), device="meta"))
+                        for name, t in self.model.state_dict().items())
 
     def open_shared_weights(self, path: str) -> None:
         """Send weights through a file in shared memory at `path` (engines on this node)."""
@@ -260,9 +312,15 @@ class Learner:
                                          device=self.device, timeout_s=timeout_s, secret=secret,
                                          sock=sock)
 
+    @on_every_rank
     def send_weights(self) -> float:
-        """Send the current weights as policy `self.version`; returns the seconds it took."""
+        """Send the current weights as policy `self.version`; returns the seconds it took. The
+        other ranks only help gather the shards."""
         start = time.perf_counter()
+        if self.rank != 0:
+            for _ in self._named_weights():
+                pass
+            return time.perf_counter() - start
         try:
             with torch.no_grad(), self.spans.span("send weights"):
                 self._channel.send(self._named_weights(), self.version)
@@ -284,50 +342,119 @@ class Learner:
 
     # --- checkpoints and export ----------------------------------------------------------------
 
+    @on_every_rank
     def save_checkpoint(self, run_dir: str, state: RunState) -> str:
-        """Model, optimizer, scheduler and RNG, plus the driver's state, as one atomic checkpoint."""
+        """Model, optimizer, scheduler and RNG, plus the driver's state, as one atomic checkpoint:
+        the model in safetensors (one rank) or with torch.distributed.checkpoint (its shards)."""
         final = checkpoint.path_for(run_dir, self.version)
-        with self.spans.span("checkpoint"), checkpoint.atomic_dir(final) as tmp:
-            self.model.save_pretrained(tmp / "model")
-            torch.save({"optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                        "version": self.version, "rng": torch.get_rng_state(),
-                        "cuda_rng": torch.cuda.get_rng_state_all() if self.device == "cuda" else []},
-                       tmp / "learner.pt")
-            checkpoint.write_state(tmp / "driver.json", state)
-        checkpoint.prune(run_dir, self.cfg.learner.keep_checkpoints)
+        with self.spans.span("checkpoint"):
+            if self.sharded:
+                self._save_sharded(final, state)
+            else:
+                with checkpoint.atomic_dir(final) as tmp:
+                    self.model.save_pretrained(tmp / "model")
+                    self._save_rest(tmp, state, [self._rng()])
+        if self.rank == 0:
+            checkpoint.prune(run_dir, self.cfg.learner.keep_checkpoints)
         return str(final)
 
+    def _save_sharded(self, final: Path, state: RunState) -> None:
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        tmp = checkpoint.staging(final) if self.rank == 0 else final.with_name(final.name + ".tmp")
+        dist.barrier()  # rank 0 has made the directory
+        model, optimizer = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model, "optimizer": optimizer}, checkpoint_id=str(tmp / "sharded"))
+        rngs = [None] * self.cfg.learner.num_ranks
+        dist.all_gather_object(rngs, self._rng())
+        if self.rank == 0:
+            self._save_rest(tmp, state, rngs)
+            checkpoint.commit(tmp, final)
+        dist.barrier()  # nobody goes on before the checkpoint is whole
+
+    def _rng(self) -> dict:
+        return {"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if self.device == "cuda" else []}
+
+    def _save_rest(self, directory: Path, state: RunState, rngs: list[dict]) -> None:
+        """What every layout has: scheduler, loss scaler, version, each rank's RNG, and the
+        driver's state (and, with one rank, the optimizer)."""
+        torch.save({"optimizer": None if self.sharded else self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                    "version": self.version, "rngs": rngs}, directory / "learner.pt")
+        checkpoint.write_state(directory / "driver.json", state)
+
+    @on_every_rank
     def load_checkpoint(self, run_dir: str) -> RunState:
-        """Restore the newest checkpoint in `run_dir`; returns the driver's state saved with it."""
+        """Restore the newest checkpoint in `run_dir` (saved by as many ranks as this learner
+        has); returns the driver's state saved with it."""
         from safetensors import SafetensorError
 
         directory = checkpoint.latest(run_dir)
         try:
-            # Through from_pretrained: saved files use the checkpoint names (embed_out), the
-            # module uses its own (lm_head), and transformers maps one to the other.
-            saved = AutoModelForCausalLM.from_pretrained(directory / "model", dtype=self.model.dtype)
-            self.model.load_state_dict(saved.state_dict())
+            if self.sharded:
+                self._load_sharded(directory)
+            else:
+                # Through from_pretrained: saved files use the checkpoint names (embed_out), the
+                # module uses its own (lm_head), and transformers maps one to the other.
+                saved = AutoModelForCausalLM.from_pretrained(directory / "model", dtype=torch.float32)
+                self.model.load_state_dict(saved.state_dict())
             state = torch.load(directory / "learner.pt", weights_only=True)  # never unpickle code
-            self.optimizer.load_state_dict(state["optimizer"])
+            if not self.sharded:
+                self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
-        except (OSError, RuntimeError, KeyError, ValueError, SafetensorError, pickle.UnpicklingError) as e:
-            raise checkpoint.CheckpointError(f"checkpoint {directory} is damaged: {e}") from None
+            rng = state["rngs"][self.rank]
+        except (OSError, RuntimeError, KeyError, ValueError, IndexError, TypeError, SafetensorError,
+                pickle.UnpicklingError) as e:
+            raise checkpoint.CheckpointError(f"checkpoint {directory} is damaged, or of another "
+                                             f"learner.num_ranks: {_short(e)}") from None
         self.version = state["version"]
-        torch.set_rng_state(state["rng"])
-        if state["cuda_rng"]:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"]:
+            torch.cuda.set_rng_state_all(rng["cuda"])
         return checkpoint.read_state(directory / "driver.json")
 
+    def _load_sharded(self, directory: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model, optimizer = get_state_dict(self.model, self.optimizer)
+        loaded = {"model": model, "optimizer": optimizer}
+        dcp.load(loaded, checkpoint_id=str(directory / "sharded"))
+        set_state_dict(self.model, self.optimizer, model_state_dict=loaded["model"],
+                       optim_state_dict=loaded["optimizer"])
+
+    @on_every_rank
     def export(self, directory: str, summary: RunSummary) -> str:
         """The final model as a Hugging Face directory (weights, tokenizer with its chat
         template, generation config) with a model card; loads with `transformers.pipeline`."""
         from learner import model_card
 
         directory = Path(directory)
-        self.model.save_pretrained(directory)
+        if self.sharded:  # gathered on rank 0, one tensor at a time, into its host memory
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            whole = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True,
+                                                                                cpu_offload=True))
+            if self.rank != 0:
+                return ""
+            self.model.save_pretrained(directory, state_dict=whole)
+        else:
+            self.model.save_pretrained(directory)
         models.load_tokenizer(self.model_path).save_pretrained(directory)
         card = model_card.render(self.cfg, directory, summary)
         (directory / "README.md").write_text(card)
         return str(directory)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter (its FSDP shard), detached."""
+    return (tensor.to_local() if hasattr(tensor, "to_local") else tensor).detach()
+
+
+def _short(error: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -174,6 +174,21 @@ def test_bfloat16_with_dynamic_sampling_raises_the_reward_on_the_cpu(tmp_path):
                                        + last["buffer_dropped_zero_std"] + last["buffer_size"])
 
 
+def test_a_learner_of_two_ranks_learns_syncs_and_resumes(tmp_path):
+    """The model sharded over two learner processes (FSDP2 over gloo): the engines get its
+    whole weights every step, a sharded checkpoint resumes the run, and it learns."""
+    run_dir = tmp_path / "run"
+    train(run_dir, "--learner.num-ranks", "2", "--stop-after", "8")
+    saved = run_dir / "checkpoints" / "step_000008"
+    assert len(list((saved / "sharded").glob("*.distcp"))) == 2  # each rank wrote its shards
+    train(run_dir, "--resume", short=False)
+    assert_learned(run_dir)
+    history = metrics(run_dir)
+    # The engines sampled with the sharded learner's exact weights (gathered for every sync).
+    assert all(abs(m["is_weight"] - 1) < 1e-3 for m in history), [m["is_weight"] for m in history]
+    assert (run_dir / "final" / "model.safetensors").is_file()
+
+
 def test_resumed_run_matches_the_uninterrupted_one(sync_run, tmp_path):
     run_dir = tmp_path / "run"
     first = train(run_dir, "--stop-after", "6")

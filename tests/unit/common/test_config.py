@@ -95,6 +95,9 @@ RULE_ROWS = [
     ("learner.micro_batch_size", 0, "learner.micro_batch_size must be >= 1 (got 0)"),
     ("learner.checkpoint_every", -1, "learner.checkpoint_every must be >= 0 (got -1)"),
     ("learner.keep_checkpoints", 0, "learner.keep_checkpoints must be >= 1 (got 0)"),
+    ("learner.num_ranks", 0, "learner.num_ranks must be >= 1 (got 0)"),
+    ("learner.num_ranks", 3, "grpo.batch_size (32) must be a multiple of learner.num_ranks (3): "
+                             "each rank trains on an equal share"),
     ("cluster.weight_sync_timeout_s", 0.0, "cluster.weight_sync_timeout_s must be > 0 (got 0.0)"),
     ("cluster.weight_check_tolerance", -0.1, "cluster.weight_check_tolerance must be >= 0 (got -0.1)"),
     ("cluster.weight_sync_port", 65536, "cluster.weight_sync_port must be in 0..65535 (got 65536)"),
@@ -394,6 +397,8 @@ def test_cpu_threads_take_the_node_in_turns_when_synchronous():
     assert cpu_threads(cfg, "rollout", cores=8) == 2  # the workers generate at the same time
     cfg.rollout.num_workers = 16
     assert cpu_threads(cfg, "rollout", cores=8) == 1  # never zero
+    cfg.learner.num_ranks = 2
+    assert cpu_threads(cfg, "learner", cores=8) == 4  # the learner's ranks train at the same time
 
 
 def test_cpu_threads_keep_to_ray_cpus_when_overlapping():

@@ -44,6 +44,13 @@ def test_plan_cpu_one_bundle_per_worker():
     assert p.total_cpus == 7.0
 
 
+def test_plan_one_bundle_per_learner_rank_before_the_workers():
+    cfg = gpu_config()
+    cfg.learner.num_ranks = 4
+    p = plan(cfg)
+    assert p.bundles == [{"CPU": 8.0, "GPU": 1.0}] * 4 + [{"CPU": 4.0, "GPU": 2.0}] * 4
+
+
 def test_plan_rollout_resource_pins_workers_not_learner():
     cfg = gpu_config()
     cfg.cluster.rollout_resource = "rollout"
