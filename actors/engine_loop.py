@@ -15,9 +15,9 @@ LLM.generate, which is the same loop (vllm/entrypoints/common/offline.py, _run_e
 from __future__ import annotations
 
 import itertools
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -49,7 +49,7 @@ class EngineLoop:
         self.max_in_flight = max_in_flight
         """Most requests in the engine at once; 0: every request submitted."""
         self.spans, self.salt = spans, salt
-        self._waiting: queue.SimpleQueue[Request] = queue.SimpleQueue()
+        self._waiting: deque[Request] = deque()  # guarded by _lock, as _calls
         self._calls: list[_Call] = []
         self._running: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -62,17 +62,30 @@ class EngineLoop:
 
     def submit(self, prompt_ids: list[int], params) -> Future:
         """The request's final vLLM output (a RequestOutput), once generated."""
+        return self.submit_all([(prompt_ids, params)])[0]
+
+    def submit_all(self, requests: list[tuple[list[int], object]],
+                   on_done: Callable[[Future], object] | None = None) -> list[Future]:
+        """`submit` for several requests, which enter the engine at the same step (room
+        allowing): a round's batch is then the same in every run, and so are its numerics and
+        samples; one at a time, the engine could step on the first few before the rest came.
+        `on_done` is called with each future as it completes, on the engine's thread: in the
+        engine's order, the same in every run (which `as_completed` does not keep)."""
         from vllm.sampling_params import RequestOutputKind
 
-        # One output per request, with all n samples, when the last is done; vLLM's default
-        # (cumulative) finishes a request with its last sample's output alone
-        # (vllm/v1/engine/parallel_sampling.py, ParentRequest.get_outputs).
-        params.output_kind = RequestOutputKind.FINAL_ONLY
-        request = Request(prompt_ids, params)
+        for _, params in requests:
+            # One output per request, with all n samples, when the last is done; vLLM's default
+            # (cumulative) finishes a request with its last sample's output alone
+            # (vllm/v1/engine/parallel_sampling.py, ParentRequest.get_outputs).
+            params.output_kind = RequestOutputKind.FINAL_ONLY
+        batch = [Request(ids, params) for ids, params in requests]
+        for request in batch if on_done else ():
+            request.done.add_done_callback(on_done)
         self._raise_if_failed()
-        self._waiting.put(request)
+        with self._lock:
+            self._waiting.extend(batch)
         self._wake.set()
-        return request.done
+        return [request.done for request in batch]
 
     def call(self, fn: Callable[[], object], when_idle: bool = False):
         """Run `fn` on the engine's thread between two steps and return its result; with
@@ -99,7 +112,7 @@ class EngineLoop:
         torch._C.set_num_threads(threads)
         try:
             while True:
-                if not self._running and self._waiting.empty() and not self._calls:
+                if not self._running and not self._waiting and not self._calls:
                     self._mark_idle()
                     self._wake.wait()
                     self._wake.clear()
@@ -113,10 +126,11 @@ class EngineLoop:
                 request.done.set_exception(e)
             with self._lock:
                 calls, self._calls = self._calls, []
+                waiting, self._waiting = list(self._waiting), deque()
             for call in calls:
                 call.done.set_exception(e)
-            while not self._waiting.empty():
-                self._waiting.get().done.set_exception(e)
+            for request in waiting:
+                request.done.set_exception(e)
 
     def _step(self) -> None:
         if self._busy_since is None:
@@ -147,10 +161,11 @@ class EngineLoop:
         from vllm.inputs import tokens_input
 
         with self._lock:
-            draining = any(c.when_idle for c in self._calls)
-        while not draining and not self._waiting.empty() and \
-                (not self.max_in_flight or len(self._running) < self.max_in_flight):
-            request = self._waiting.get()
+            if any(c.when_idle for c in self._calls):  # draining
+                return
+            room = self.max_in_flight - len(self._running) if self.max_in_flight else len(self._waiting)
+            admitted = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+        for request in admitted:
             request_id = str(next(self._ids))
             try:
                 # The cache salt names the weights: prompt blocks cached under older weights are

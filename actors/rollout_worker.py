@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 import uuid
 import zlib
-from concurrent.futures import as_completed
+from concurrent.futures import Future
 
 import ray
 import torch
@@ -61,10 +62,13 @@ def engine_args(cfg: Config, model_path: str, index: int) -> dict:
     return args
 
 
-def request_seed(run_seed: int, round_: int, position: int) -> int:
+def request_seed(run_seed: int, round_: int, prompt: int) -> int:
     """A distinct, reproducible sampling seed per request: a fixed seed for every request would
-    replay one random stream, and none at all would make a resumed run sample differently."""
-    return zlib.crc32(f"{run_seed}:{round_}:{position}".encode()) & 0x7FFFFFFF
+    replay one random stream, and none at all would make a resumed run sample differently.
+    Keyed by the prompt's index, not its place in a worker's share: two workers' shares, or a
+    round and its dynamic-sampling extra rounds, never replay each other's stream, and the
+    seeds do not depend on how many workers split the round."""
+    return zlib.crc32(f"{run_seed}:{round_}:{prompt}".encode()) & 0x7FFFFFFF
 
 
 class RolloutWorker:
@@ -142,12 +146,16 @@ class RolloutWorker:
 
         rollout = self.cfg.rollout
         start = time.perf_counter()
-        futures = {self.loop.submit(p.token_ids, SamplingParams(
+        finished: queue.SimpleQueue[Future] = queue.SimpleQueue()  # in the engine's order
+        submitted = self.loop.submit_all([(p.token_ids, SamplingParams(
             n=n, max_tokens=rollout.max_tokens, temperature=rollout.temperature, top_p=rollout.top_p,
-            logprobs=0, seed=request_seed(self.cfg.seed, round_, i))): i for i, p in enumerate(prompts)}
+            logprobs=0, seed=request_seed(self.cfg.seed, round_, p.index))) for p in prompts],
+            on_done=finished.put)
+        position = {future: i for i, future in enumerate(submitted)}
         groups: list[RolloutGroup | None] = [None] * len(prompts)
-        for future in as_completed(futures):
-            i = futures[future]
+        for _ in submitted:
+            future = finished.get()
+            i = position[future]
             groups[i] = self._group(prompts[i], future.result().outputs)
             if on_group is not None:
                 on_group(groups[i])
@@ -177,7 +185,7 @@ class RolloutWorker:
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=0)
-        outputs = [self.loop.submit(ids, params) for ids in sequences]
+        outputs = self.loop.submit_all([(ids, params) for ids in sequences])
         return [[out.prompt_logprobs[i][ids[i]].logprob for i in range(start, len(ids))]
                 for out, ids, start in zip((f.result() for f in outputs), sequences, starts)]
 

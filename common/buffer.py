@@ -22,6 +22,7 @@ class RolloutBuffer:
         self._groups: deque[RolloutGroup] = deque()
         self._changed: asyncio.Condition | None = None
         self.produced = self.consumed = self.dropped_stale = self.dropped_zero_std = 0
+        self._short = 0  # groups the waiting `get` still lacks
         self.spans = Spans("rollout buffer")
 
     @property
@@ -67,7 +68,8 @@ class RolloutBuffer:
                 fresh = deque(g for g in self._groups if g.policy_version >= oldest)
                 self.dropped_stale += len(self._groups) - len(fresh)
                 self._groups = fresh
-                return len(self._groups) >= n
+                self._short = max(0, n - len(self._groups))
+                return not self._short
 
             await self._wait(enough, timeout_s,
                              lambda: f"{n} rollout groups (have {len(self._groups)}; are the "
@@ -86,6 +88,11 @@ class RolloutBuffer:
 
     def take_spans(self) -> list[Span]:
         return self.spans.take()
+
+    def short(self) -> int:
+        """Groups the waiting `get` still lacks; 0 once it has them (or if none waits). Asked
+        here and not computed from `size`, which a `get` may empty between two calls."""
+        return self._short
 
     def stats(self) -> dict:
         return {

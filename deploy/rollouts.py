@@ -79,7 +79,7 @@ class Rollouts:
         bound); after grpo.max_extra_rounds such rounds the run stops."""
         if not self.cfg.grpo.drop_zero_std_groups or self.pending or self.lost:
             return
-        missing = self.cfg.prompts_per_step - self.workers.buffered()
+        missing = self.workers.short()
         if missing <= 0:
             return
         rounds = self.extra_rounds.get(step, 0)

@@ -114,9 +114,9 @@ class RolloutWorkers:
                 pass
         return spans
 
-    def buffered(self) -> int:
-        """Groups in the buffer now."""
-        return self.get(self.buffer.stats.remote(), "the buffer's counts", actor="the rollout buffer")["size"]
+    def short(self) -> int:
+        """Groups the batch being waited for still lacks."""
+        return self.get(self.buffer.short.remote(), "the buffer's counts", actor="the rollout buffer")
 
     def generate_now(self, shares: list[list[Prompt]], round_: int) -> list[RolloutGroup]:
         """Worker i generates shares[i] (empty shares skipped); waits for every group."""

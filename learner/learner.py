@@ -128,6 +128,10 @@ class Learner:
     def _train(self, groups: list[RolloutGroup]) -> dict:
         start = time.perf_counter()
         grpo, ranks = self.cfg.grpo, self.cfg.learner.num_ranks
+        # Groups reach the buffer as they finish, in an order that varies from run to run, and
+        # float sums depend on order: in a fixed one, a rerun or a resumed run makes the same
+        # update bit for bit.
+        groups = sorted(groups, key=lambda g: (g.policy_version, g.worker, g.prompt.index))
         # This rank's share of the sequences; the normalisers are the whole batch's.
         lengths = [len(p) + len(c) for p, c, _ in flat_sequences(groups)]
         rows = sharding.deal(lengths, ranks)[self.rank] if self.sharded else None

@@ -65,13 +65,48 @@ def tokens_input(monkeypatch):
 def test_requests_are_admitted_up_to_the_limit_and_refilled_as_others_finish():
     engine = FakeEngine()
     loop = loop_of(engine, max_in_flight=2)
-    futures = [loop.submit([steps], params()) for steps in (1, 3, 2)]
+    futures = loop.submit_all([([steps], params()) for steps in (1, 3, 2)])
     for f in futures:
         f.result(timeout=TIMEOUT)
     ran = [ids for what, ids in engine.log if what == "step"]
     assert ran[0] == ["0", "1"]  # two at once: the third waits
     assert ran[1] == ["1", "2"]  # request 0 finished after one step; request 2 took its place
     assert max(len(ids) for ids in ran) == 2
+
+
+class SlowParams(SimpleNamespace):
+    """Sampling parameters that take a while to prepare, as a real submitter does between
+    requests: time enough for the engine to step in between."""
+
+    def __setattr__(self, name, value):
+        time.sleep(0.005)
+        super().__setattr__(name, value)
+
+
+def test_a_batch_submitted_together_enters_the_engine_at_one_step_while_it_runs():
+    engine = FakeEngine()
+    loop = loop_of(engine)
+    running = loop.submit([200], params())  # the engine steps every millisecond meanwhile
+    while engine.steps < 3:
+        time.sleep(0.001)
+    for f in loop.submit_all([([5], SlowParams()) for _ in range(10)]):
+        f.result(timeout=TIMEOUT)
+    batch = [str(i) for i in range(1, 11)]
+    first_step = next(ids for what, ids in engine.log if what == "step" and set(ids) & set(batch))
+    assert set(batch) <= set(first_step)  # all ten in the step that ran the first of them
+    assert not running.done()  # the precondition: the engine was stepping all along
+    running.result(timeout=TIMEOUT)
+
+
+def test_completions_are_reported_in_the_engines_order():
+    """Which groups fill a batch can depend on the order they are reported in: it must be the
+    engine's, the same in every run, not the order of a set of futures."""
+    order = []
+    futures = loop_of(FakeEngine()).submit_all([([steps], params()) for steps in (2, 1, 2, 1, 3, 1)],
+                                               on_done=order.append)
+    for f in futures:
+        f.result(timeout=TIMEOUT)
+    assert [futures.index(f) for f in order] == [1, 3, 5, 0, 2, 4]  # one step: requests 1, 3, 5 in the order they ran
 
 
 def test_a_call_runs_between_two_steps_while_requests_keep_generating():

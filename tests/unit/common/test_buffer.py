@@ -174,3 +174,24 @@ def test_dynamic_sampling_leaves_out_groups_whose_rewards_are_all_equal():
     batch, s = asyncio.run(main())
     assert indices(batch) == [1]
     assert (s["produced"], s["dropped_zero_std"], s["consumed"], s["size"]) == (3, 2, 1, 0)
+
+
+def test_short_counts_what_the_waiting_get_lacks_and_nothing_once_it_returned():
+    """Dynamic sampling asks for another round while the batch is short. Read from the size, a
+    batch just taken would look like a shortage (the size drops to the leftovers) and start a
+    round nobody needs, more or less often depending on timing."""
+    async def main():
+        buf = RolloutBuffer(capacity=8, max_policy_lag=0)
+        seen = [buf.short()]  # no get waiting
+        getting = asyncio.ensure_future(buf.get(3, current_version=0))
+        await asyncio.sleep(0)
+        seen.append(buf.short())
+        await buf.put([group(0, version=0), group(1, version=0)])
+        await asyncio.sleep(0)
+        seen.append(buf.short())
+        await buf.put([group(2), group(3), group(4)])  # a surplus: two left over
+        await getting
+        return seen + [buf.short()], buf.stats()["size"]
+
+    seen, left = asyncio.run(main())
+    assert seen == [0, 3, 1, 0] and left == 2  # the precondition: size alone reads short

@@ -60,9 +60,10 @@ class FakeWorkers:
                   if s not in lost]
         return stored, lost
 
-    def buffered(self) -> int:
-        """Groups in the buffer: those of finished shares, less `rejected` (no signal)."""
-        return max(0, sum(len(s.prompts) for s in self.launched) - self.rejected)
+    def short(self) -> int:
+        """Groups the batch of 4 being waited for lacks: every finished share's, less `rejected`
+        (no signal)."""
+        return max(0, 4 - (sum(len(s.prompts) for s in self.launched) - self.rejected))
 
     def is_done(self, ref, timeout_s: float) -> bool:
         """Every call takes one poll interval."""
