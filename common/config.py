@@ -327,8 +327,9 @@ class ClusterConfig(Section):
     formed again (a member that died mid-broadcast would otherwise stall every other)."""
     weight_check_tolerance: float | None = None
     """After every weight sync every engine and the learner score the same probe sequences;
-    a per-token log-prob difference above this stops the run (the engines would be sampling
-    from other weights). None: 1e-3 in float32, 0.5 in bfloat16, 0.25 in float16; 0: off."""
+    a mean per-token log-prob difference above this stops the run (the engines would be
+    sampling from other weights). None: 1e-3 in float32, 0.1 in bfloat16, 0.05 in float16;
+    0: off."""
     weight_sync_port: int = 0
     """Port of the broadcast group's rendezvous on the learner's node; 0 takes any free one.
     Set one where a firewall only opens known ports."""

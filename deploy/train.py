@@ -227,7 +227,7 @@ class Training:
             self.rollouts.push_weights(self.state.step)
         sync_s = time.perf_counter() - sync_start
         with self.spans.span("check weights"):
-            self.check_weights(self.state.step)
+            agreement = self.check_weights(self.state.step)
 
         gen = self.rollouts.take_stats()
         gen_tokens, gen_s = sum(s.tokens for s in gen), sum(s.seconds for s in gen)
@@ -236,7 +236,7 @@ class Training:
         self.state.prompts_taken = self.rollouts.prompts_taken(self.state.step)
         self.state.elapsed_s = time.perf_counter() - self.started
         return {
-            **metrics, **self.constants,
+            **metrics, **self.constants, **agreement,
             "gen_tokens_per_s": gen_tokens / gen_s if gen_s else math.nan,
             "sync_s": sync_s, "step_s": time.perf_counter() - start, "elapsed_s": self.state.elapsed_s,
             **self.timeline(began, time.time()),

@@ -13,10 +13,12 @@ from common.types import Prompt
 from common.weight_sync import TensorSpec
 from deploy.workers import RolloutWorkers
 
-# Largest per-token |learner - engine| log-prob difference accepted, by the weights' dtype. The
-# two compute the same function with different kernels: in float32 they agree to about 1e-5
-# (DESIGN.md section 2); in 16-bit formats they differ by up to a few hundredths per token.
-TOLERANCE = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.25}
+# Largest mean |learner - engine| log-prob difference per probe token accepted, by the weights'
+# dtype. The two compute the same function with different kernels: in float32 they agree to
+# about 1e-5 per token (DESIGN.md section 2). In 16-bit formats the mean stays within a few
+# hundredths, but a token the policy finds very unlikely (log-prob -16) can be a whole unit
+# apart after some training, rounding alone: the mean is the statistic, not the worst token.
+TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.05}
 PROBE_PROMPTS = 2
 PROBE_COMPLETION = " I think that is a good question, and the answer is not a simple one."
 
@@ -26,23 +28,27 @@ class WeightCheckFailed(RunError):
 
 
 @dataclass
-class Worst:
-    """The largest difference between two scorings of the probe set, and where it is."""
+class Agreement:
+    """How two scorings of the probe set differ: on average per token, and at the worst token."""
 
-    difference: float
+    mean: float
+    worst: float
     probe: int
     token: int
     learner: float
     engine: float
 
 
-def worst_difference(learner: list[list[float]], engine: list[list[float]]) -> Worst:
-    """The token whose log-probs differ most between the learner's and an engine's scoring."""
-    worst = Worst(-1.0, -1, -1, 0.0, 0.0)
+def compare(learner: list[list[float]], engine: list[list[float]]) -> Agreement:
+    """The mean |difference| of two scorings of the probe set, and the token that differs most."""
+    worst = Agreement(0.0, -1.0, -1, -1, 0.0, 0.0)
+    total, tokens = 0.0, 0
     for probe, (ours, theirs) in enumerate(zip(learner, engine, strict=True)):
         for token, (a, b) in enumerate(zip(ours, theirs, strict=True)):
-            if abs(a - b) > worst.difference:
-                worst = Worst(abs(a - b), probe, token, a, b)
+            total, tokens = total + abs(a - b), tokens + 1
+            if abs(a - b) > worst.worst:
+                worst = Agreement(0.0, abs(a - b), probe, token, a, b)
+    worst.mean = total / max(tokens, 1)
     return worst
 
 
@@ -58,19 +64,24 @@ class WeightCheck:
         tolerance = cfg.cluster.weight_check_tolerance
         self.tolerance = TOLERANCE[self.dtype] if tolerance is None else tolerance
 
-    def __call__(self, version: int) -> None:
-        """Every engine, now at `version`, against the learner; raises WeightCheckFailed."""
+    def __call__(self, version: int) -> dict[str, float]:
+        """Every engine, now at `version`, against the learner: the largest mean and per-token
+        differences, as metrics; raises WeightCheckFailed over the tolerance."""
         if not self.tolerance:
-            return
+            return {}
         learner = self.workers.get(self.learner.score.remote(self.sequences, self.starts),
                                    "the learner to score the probe set", actor="the learner")
         engines = self.workers.call("score", self.sequences, self.starts)
+        seen = []
         for i, ref in engines.items():
-            worst = worst_difference(learner, self.workers.get(ref, f"rollout worker {i} to score the probe set"))
-            if worst.difference > self.tolerance:
+            a = compare(learner, self.workers.get(ref, f"rollout worker {i} to score the probe set"))
+            if a.mean > self.tolerance:
                 raise WeightCheckFailed(
-                    f"after weight sync {version}, rollout worker {i} gives token {worst.token} of "
-                    f"probe {worst.probe} a log-prob of {worst.engine:.4f} and the learner "
-                    f"{worst.learner:.4f}: {worst.difference:.3g} apart, over the {self.dtype} "
+                    f"after weight sync {version}, rollout worker {i} scores the probe set "
+                    f"{a.mean:.3g} apart from the learner per token (worst: token {a.token} of "
+                    f"probe {a.probe}, {a.engine:.4f} against {a.learner:.4f}), over the {self.dtype} "
                     f"tolerance {self.tolerance:g} (cluster.weight_check_tolerance); the engines "
                     "do not hold the learner's weights")
+            seen.append(a)
+        return {"probe_logprob_diff_mean": max(a.mean for a in seen),
+                "probe_logprob_diff_max": max(a.worst for a in seen)}

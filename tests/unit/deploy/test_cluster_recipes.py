@@ -97,3 +97,29 @@ def test_runtime_env_keeps_the_venv_and_runs_out_of_the_upload():
     for heavy in (".venv/", ".git/", "runs/", "wandb/"):
         assert heavy in env["excludes"]
     assert all(isinstance(v, str) for v in env["env_vars"].values())  # Ray refuses other types
+
+
+def test_every_run_file_validates():
+    for run_file in sorted((ROOT / "deploy" / "configs").glob("*.yaml")):
+        assert config_lib.validate(config_lib.load(run_file)) == [], run_file.name
+
+
+def test_the_6_9b_recipe_shards_its_learner_state_to_fit_80_gb_gpus():
+    """Pythia-6.9B's float32 weights, gradients and two AdamW moments (16 bytes a parameter)
+    need 110 GB: the recipe's ranks must bring each GPU's share well under 80 GB, leaving room
+    for activations. The parameter count comes from transformers (on the meta device)."""
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    run_file = ROOT / "deploy" / "configs" / "pythia-6.9b.yaml"
+    cfg = config_lib.load(run_file)
+    with torch.device("meta"):  # pythia-6.9b-deduped's config.json, without the download
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=4096, num_hidden_layers=32,
+                                                 num_attention_heads=32, intermediate_size=16384,
+                                                 vocab_size=50432, rotary_pct=0.25))
+    params = sum(p.numel() for p in model.parameters())
+    assert 6.8e9 < params < 6.9e9
+    per_rank_gb = 16 * params / cfg.learner.num_ranks / 1e9
+    assert 16 * params / 1e9 > 80  # the precondition: one GPU could not hold it
+    assert per_rank_gb < 0.4 * 80, per_rank_gb
+    assert cfg.learner.num_gpus == 1 and gpus_needed(run_file) == 8  # one node of eight
