@@ -3,6 +3,7 @@ training run needs. One line per check; it stops, and exits 1, at the first that
 
     python -m deploy.gpu_check                                   # on this node's GPUs
     python -m deploy.gpu_check --model.name EleutherAI/pythia-410m-deduped
+    python -m deploy.gpu_check --learner.num-ranks 2              # a sharded learner, a GPU each
     python -m deploy.gpu_check --cluster.device cpu --model.name tiny   # the same checks on a CPU
 
 Any deploy.train field can be set, as on its command line. The checks: vLLM loads the model; a
@@ -31,6 +32,7 @@ from common.config import Config
 from common.errors import RunError
 from deploy.train import cause_of
 from deploy.weight_check import TOLERANCE
+from learner.sharding import reshard
 
 RUN_STEPS = 5
 GREEDY_TOKENS = 8  # few enough that 16-bit kernels are not yet left to near-ties
@@ -145,9 +147,12 @@ class Checks:
     # --- helpers ---------------------------------------------------------------------------
 
     def _learner(self, fn: Callable, *args):
+        """`fn(learner, *args)` on every learner rank (a sharded model's forward needs them
+        all); rank 0's result."""
         import ray
 
-        return ray.get(self.cluster.learner.__ray_call__.remote(fn, *args))
+        ranks = [self.cluster.learner, *self.cluster.learner_ranks]
+        return ray.get([rank.__ray_call__.remote(fn, *args) for rank in ranks])[0]
 
     def _engine(self, fn: Callable, *args):
         import ray
@@ -169,11 +174,15 @@ def _vllm_version(worker) -> str:
 
 
 def _perturb(learner) -> None:
-    """Move the learner's weights far enough that greedy outputs change, as training would."""
+    """Move the learner's weights far enough that greedy outputs change, as training would. The
+    same noise on every rank; a sharded parameter takes its rank's part of it."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in learner.model.parameters():
-            p.add_(torch.randn(p.shape, generator=generator).to(p.device) * 0.01)
+            noise = torch.randn(p.shape, generator=generator).to(p.device) * 0.01
+            p.add_(distribute_tensor(noise, p.device_mesh, p.placements) if isinstance(p, DTensor) else noise)
     learner.version += 1
 
 
@@ -190,6 +199,7 @@ def _learner_greedy(learner, ids: list[int]) -> list[int]:
         out = learner.model.generate(torch.tensor([ids], device=learner.device),
                                      max_new_tokens=GREEDY_TOKENS, min_new_tokens=GREEDY_TOKENS,
                                      do_sample=False, pad_token_id=learner.pad_id)
+    reshard(learner.model)  # a sharded model's weights back to shards
     return out[0, len(ids):].tolist()
 
 
@@ -200,6 +210,7 @@ def _logprob_difference(learner, groups) -> dict:
     mb = collate(seqs, torch.zeros(len(seqs)), learner.pad_id).to(learner.device)
     with torch.no_grad():
         logp, _ = learner._logprobs(learner.model, mb)
+    reshard(learner.model)  # a sharded model's weights back to shards
     diff = (logp - mb.behaviour_logp)[mb.completion_mask].abs()
     return {"max": diff.max().item(), "mean": diff.mean().item(), "tokens": diff.numel()}
 

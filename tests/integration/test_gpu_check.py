@@ -34,6 +34,15 @@ def test_the_checks_pass_on_the_cpu():
     assert "gloo" in lines[1] or "broadcast" in lines[1]
 
 
+def test_the_checks_pass_on_the_cpu_with_a_sharded_learner():
+    """Two learner ranks (FSDP2 over gloo): the weights the engine gets from the sharded model
+    give the learner's greedy output and log-probs, and a step of it reaches the engine."""
+    lines = gpu_check("--cluster.device", "cpu", "--model.name", "tiny", "--rollout.kv-cache-gib", "0.5",
+                      "--learner.num-ranks", "2")
+    assert_every_check_passed(lines)
+    assert "greedy output equals the learner's" in lines[1]
+
+
 @pytest.mark.gpu
 def test_the_checks_pass_on_a_gpu():
     assert_every_check_passed(gpu_check())

@@ -174,19 +174,28 @@ def test_bfloat16_with_dynamic_sampling_raises_the_reward_on_the_cpu(tmp_path):
                                        + last["buffer_dropped_zero_std"] + last["buffer_size"])
 
 
-def test_a_learner_of_two_ranks_learns_syncs_and_resumes(tmp_path):
-    """The model sharded over two learner processes (FSDP2 over gloo): the engines get its
-    whole weights every step, a sharded checkpoint resumes the run, and it learns."""
-    run_dir = tmp_path / "run"
+def test_a_learner_of_two_ranks_learns_syncs_and_resumes_exactly(tmp_path):
+    """The model sharded over two learner processes (FSDP2 over gloo): it learns, the engines get
+    its whole weights every step, and a run stopped at a sharded checkpoint and resumed ends
+    with the uninterrupted run's weights, bit for bit."""
+    straight, run_dir = tmp_path / "straight", tmp_path / "run"
+    train(straight, "--learner.num-ranks", "2")
+    assert_learned(straight)
+    history = metrics(straight)
+    # The engines sampled with the sharded learner's exact weights (gathered for every sync):
+    # their log-probs are the learner's on the sampled tokens and on the probe set.
+    assert all(abs(m["is_weight"] - 1) < 1e-3 for m in history), [m["is_weight"] for m in history]
+    assert max(m["probe_logprob_diff_max"] for m in history) < 1e-4
+
     train(run_dir, "--learner.num-ranks", "2", "--stop-after", "8")
     saved = run_dir / "checkpoints" / "step_000008"
     assert len(list((saved / "sharded").glob("*.distcp"))) == 2  # each rank wrote its shards
     train(run_dir, "--resume", short=False)
-    assert_learned(run_dir)
-    history = metrics(run_dir)
-    # The engines sampled with the sharded learner's exact weights (gathered for every sync).
-    assert all(abs(m["is_weight"] - 1) < 1e-3 for m in history), [m["is_weight"] for m in history]
-    assert (run_dir / "final" / "model.safetensors").is_file()
+    assert [m["reward"] for m in metrics(run_dir)] == [m["reward"] for m in history]
+    final, expected = load_file(run_dir / "final" / "model.safetensors"), \
+        load_file(straight / "final" / "model.safetensors")
+    assert final.keys() == expected.keys()
+    assert all(torch.equal(final[name], expected[name]) for name in expected)
 
 
 def test_resumed_run_matches_the_uninterrupted_one(sync_run, tmp_path):

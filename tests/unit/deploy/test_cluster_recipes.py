@@ -8,6 +8,7 @@ import json
 import shlex
 from pathlib import Path
 
+import pytest
 import yaml
 
 from common import config as config_lib
@@ -104,22 +105,29 @@ def test_every_run_file_validates():
         assert config_lib.validate(config_lib.load(run_file)) == [], run_file.name
 
 
-def test_the_6_9b_recipe_shards_its_learner_state_to_fit_80_gb_gpus():
-    """Pythia-6.9B's float32 weights, gradients and two AdamW moments (16 bytes a parameter)
-    need 110 GB: the recipe's ranks must bring each GPU's share well under 80 GB, leaving room
-    for activations. The parameter count comes from transformers (on the meta device)."""
+# Recipe, its model's shape (the hub config.json's sizes, without the download), the memory of
+# the GPUs it is written for.
+SHARDED = [("pythia-1.4b.yaml", dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16,
+                                     intermediate_size=8192, vocab_size=50304), 1.41e9, 24),
+           ("pythia-6.9b.yaml", dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                                     intermediate_size=16384, vocab_size=50432), 6.86e9, 80)]
+
+
+@pytest.mark.parametrize(("name", "shape", "params", "gpu_gb"), SHARDED)
+def test_a_sharded_recipe_fits_its_learner_state_on_its_gpus(name, shape, params, gpu_gb):
+    """Float32 weights, gradients and two AdamW moments (16 bytes a parameter) outgrow one of
+    the recipe's GPUs: its ranks must bring each GPU's share under 40% of it, leaving room for
+    activations. The parameter count comes from transformers (on the meta device)."""
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    run_file = ROOT / "deploy" / "configs" / "pythia-6.9b.yaml"
+    run_file = ROOT / "deploy" / "configs" / name
     cfg = config_lib.load(run_file)
-    with torch.device("meta"):  # pythia-6.9b-deduped's config.json, without the download
-        model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=4096, num_hidden_layers=32,
-                                                 num_attention_heads=32, intermediate_size=16384,
-                                                 vocab_size=50432, rotary_pct=0.25))
-    params = sum(p.numel() for p in model.parameters())
-    assert 6.8e9 < params < 6.9e9
-    per_rank_gb = 16 * params / cfg.learner.num_ranks / 1e9
-    assert 16 * params / 1e9 > 80  # the precondition: one GPU could not hold it
-    assert per_rank_gb < 0.4 * 80, per_rank_gb
+    with torch.device("meta"):
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(**shape, rotary_pct=0.25))
+    counted = sum(p.numel() for p in model.parameters())
+    assert counted == pytest.approx(params, rel=0.01)
+    state_gb = 16 * counted / 1e9
+    assert state_gb > 0.4 * gpu_gb  # the precondition: one rank would not do
+    assert state_gb / cfg.learner.num_ranks < 0.4 * gpu_gb
     assert cfg.learner.num_gpus == 1 and gpus_needed(run_file) == 8  # one node of eight
