@@ -9,7 +9,8 @@ Sections (`--only`): `peak` (float32 matmul peak, measured first: every fraction
 against it), `generation` (rollout path vs HF `generate`), `scaling` (1 vs 2 rollout workers),
 `weight_sync` (shm and broadcast vs an in-memory copy), `e2e` (a GRPO step, sync and async, vs
 TRL's GRPOTrainer), `time_to_reward` (seconds to mean reward 0.9 on `tiny`, vs TRL), `modes`
-(synchronous, rounds ahead and in-flight weight updates side by side). Writes
+(synchronous, rounds ahead and in-flight weight updates side by side), `ranks` (the learner's
+step on 1 and 2 FSDP2 ranks, with its share in collectives). Writes
 bench.md, bench.json and bench.png into `--out`, after every section. Needs nothing else running
 on the machine: it measures the whole of it.
 """
@@ -32,12 +33,13 @@ if TYPE_CHECKING:
     from deploy.bench.machine import ModelShape
     from deploy.bench.modes import ModesResult
     from deploy.bench.peak import PeakResult
+    from deploy.bench.ranks import RanksResult
     from deploy.bench.scaling import ScalingResult
     from deploy.bench.time_to_reward import TimeToRewardResult
     from deploy.bench.weight_sync import WeightSyncResult
 
 # Run in this order: scaling before generation lets the smoke run share one cluster.
-SECTIONS = ("peak", "scaling", "generation", "weight_sync", "e2e", "time_to_reward", "modes")
+SECTIONS = ("peak", "scaling", "generation", "weight_sync", "e2e", "time_to_reward", "modes", "ranks")
 log = logging.getLogger("grpo-ray.bench")
 
 
@@ -45,7 +47,7 @@ log = logging.getLogger("grpo-ray.bench")
 class Bench:
     only: str = ""
     """Comma-separated sections to run, of peak, generation, scaling, weight_sync, e2e,
-    time_to_reward; empty runs them all."""
+    time_to_reward, modes, ranks; empty runs them all."""
     out: str = "bench-out"
     """Directory for bench.md, bench.json, bench.png and the runs' directories."""
     smoke: bool = False
@@ -112,6 +114,14 @@ class Bench:
     """Steps of each mode's run."""
     modes_lr: float | None = None
     """Learning rate of the modes section's runs; None is the preset's."""
+    ranks_preset: str = "pythia-70m-shape"
+    """Model of the ranks section (the learner alone, on 1 and 2 ranks)."""
+    ranks_batch: int = 16
+    """Completions per learner step in the ranks section."""
+    ranks_tokens: int = 64
+    """Prompt and completion tokens each, in the ranks section."""
+    ranks_steps: int = 3
+    """Timed learner steps per rank count (after one warm-up step, before one profiled)."""
     train_args: str = ""
     """Overrides for our runs and engines, as on deploy.train's command line, e.g.
     --train-args="--learner.threads 2 --rollout.threads 2"."""
@@ -122,7 +132,8 @@ SMOKE = dict(preset="tiny", threads=1, repeats=1, group_size=4, gen_batches=(16,
              e2e_batch=8, e2e_tokens=8, e2e_lr=3e-2, e2e_lags=(0,), e2e_steps=2, e2e_warmup=1,
              trl_steps=2, sync_presets=("tiny",), ttr_preset="tiny", ttr_batch=8, ttr_tokens=8,
              ttr_lr=3e-2, ttr_steps=2, ttr_trl_steps=2, ttr_lags=(0,), ttr_in_flight=False, modes_preset="tiny",
-             modes_batch=8, modes_tokens=16, modes_steps=3, modes_lr=3e-2)
+             modes_batch=8, modes_tokens=16, modes_steps=3, modes_lr=3e-2, ranks_preset="tiny",
+             ranks_batch=8, ranks_tokens=8, ranks_steps=1)
 
 
 def parse(argv: list[str]) -> tuple[Bench, list[str]]:
@@ -303,6 +314,14 @@ class Benchmark:
         cfg = our_config(a.modes_preset, a.group_size, a.modes_batch, a.modes_tokens, a.modes_lr,
                          a.modes_steps, 0, ["--rollout.num-workers", str(a.modes_workers), *self.extra])
         return modes.run(self.runner, cfg, self._shape(a.modes_preset), a.e2e_warmup)
+
+    def ranks(self) -> RanksResult:
+        from deploy.bench import ranks
+        from deploy.bench.end_to_end import our_config
+
+        a = self.args
+        cfg = our_config(a.ranks_preset, a.group_size, a.ranks_batch, a.ranks_tokens, None, 1, 0, self.extra)
+        return ranks.run(cfg, self._shape(a.ranks_preset), a.threads, a.ranks_steps, a.ranks_tokens)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from deploy.bench.generation import GenerationResult
     from deploy.bench.machine import ModelShape
     from deploy.bench.modes import ModesResult
+    from deploy.bench.ranks import RanksResult
     from deploy.bench.scaling import ScalingResult
     from deploy.bench.time_to_reward import TimeToRewardResult
     from deploy.bench.weight_sync import WeightSyncResult
@@ -109,6 +110,7 @@ def markdown(results: BenchResults) -> str:
         ("Scaling: 1 vs 2 rollout workers", s.scaling, _scaling),
         ("Time to reward", s.time_to_reward, _time_to_reward),
         ("Weight-update modes: synchronous, rounds ahead, in flight", s.modes, _modes),
+        ("The learner on 1 and 2 ranks (FSDP2)", s.ranks, _ranks),
     ):
         if result is None:
             continue
@@ -253,6 +255,13 @@ def _modes(m: ModesResult) -> list[str]:
               "learner busy", "generate / train / sync s per step", "token lag",
               "completions from 2 versions"]
     return [_config_line(m.config, m.model), "", *_table(header, rows)]
+
+
+def _ranks(r: RanksResult) -> list[str]:
+    rows = [[x.ranks, x.threads_per_rank, x.seconds_per_step, x.communication_s,
+             _pct(x.communication_share)] for x in r.ranks]
+    header = ["ranks", "threads each", "s/step", "s in collectives (one step)", "share of the step"]
+    return [_config_line(r.config, r.model), "", *_table(header, rows)]
 
 
 # --- plot --------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from deploy.bench.machine import Machine
     from deploy.bench.modes import ModesResult
     from deploy.bench.peak import PeakResult
+    from deploy.bench.ranks import RanksResult
     from deploy.bench.scaling import ScalingResult
     from deploy.bench.time_to_reward import TimeToRewardResult
     from deploy.bench.weight_sync import WeightSyncResult
@@ -36,6 +37,7 @@ class Sections:
     e2e: EndToEndResult | Failed | None = None
     time_to_reward: TimeToRewardResult | Failed | None = None
     modes: ModesResult | Failed | None = None
+    ranks: RanksResult | Failed | None = None
 
 
 @dataclass

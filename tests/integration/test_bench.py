@@ -15,7 +15,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = ("peak", "scaling", "generation", "weight_sync", "e2e", "time_to_reward", "modes")
+SECTIONS = ("peak", "scaling", "generation", "weight_sync", "e2e", "time_to_reward", "modes", "ranks")
 CHARTS = ("generation", "e2e", "weight_sync", "scaling", "time_to_reward", "modes")  # bench.png's panels
 PANEL = (462, 770)  # pixels (height, width) of a panel: 4.2 x 7 inches at 110 dpi
 
@@ -115,5 +115,8 @@ def test_smoke_json_has_every_section_with_positive_numbers(bench):
     for m in modes:
         assert positive(m["completions_per_s"]) and 0 < m["engine_busy"] <= 1 and 0 < m["learner_busy"] <= 1
     assert modes[0]["token_lag_mean"] == 0 and modes[1]["token_lag_mean"] > 0  # one step ahead
-    for name in ("generation", "scaling", "e2e", "time_to_reward", "modes"):
+    one, two = s["ranks"]["ranks"]
+    assert (one["ranks"], two["ranks"]) == (1, 2) and positive(one["seconds_per_step"])
+    assert one["communication_s"] == 0 and 0 < two["communication_share"] < 1  # FSDP's ranges found
+    for name in ("generation", "scaling", "e2e", "time_to_reward", "modes", "ranks"):
         assert s[name]["model"]["name"] == "tiny" and s[name]["config"]
