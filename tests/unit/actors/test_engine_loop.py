@@ -53,6 +53,20 @@ def params():
     return SimpleNamespace(output_kind=None)
 
 
+def wait_for_step(engine: FakeEngine, step: int) -> None:
+    while engine.steps < step:
+        time.sleep(0.001)
+
+
+def started(length: int, steps: int) -> tuple[FakeEngine, EngineLoop, object]:
+    """A loop whose engine is `steps` steps into a request `length` steps long (its future)."""
+    engine = FakeEngine()
+    loop = loop_of(engine)
+    future = loop.submit([length], params())
+    wait_for_step(engine, steps)
+    return engine, loop, future
+
+
 @pytest.fixture(autouse=True)
 def tokens_input(monkeypatch):
     """vllm.inputs.tokens_input, as plain data."""
@@ -84,11 +98,7 @@ class SlowParams(SimpleNamespace):
 
 
 def test_a_batch_submitted_together_enters_the_engine_at_one_step_while_it_runs():
-    engine = FakeEngine()
-    loop = loop_of(engine)
-    running = loop.submit([200], params())  # the engine steps every millisecond meanwhile
-    while engine.steps < 3:
-        time.sleep(0.001)
+    engine, loop, running = started(200, 3)  # the engine steps every millisecond meanwhile
     for f in loop.submit_all([([5], SlowParams()) for _ in range(10)]):
         f.result(timeout=TIMEOUT)
     batch = [str(i) for i in range(1, 11)]
@@ -110,11 +120,7 @@ def test_completions_are_reported_in_the_engines_order():
 
 
 def test_a_call_runs_between_two_steps_while_requests_keep_generating():
-    engine = FakeEngine()
-    loop = loop_of(engine)
-    slow = loop.submit([50], params())
-    while engine.steps < 5:
-        time.sleep(0.001)
+    engine, loop, slow = started(50, 5)
     at = loop.call(lambda: engine.steps)  # e.g. a weight update, in flight
     assert 5 <= at < 50 and not slow.done()
     slow.result(timeout=TIMEOUT)
@@ -122,19 +128,14 @@ def test_a_call_runs_between_two_steps_while_requests_keep_generating():
 
 
 def test_an_idle_call_waits_for_the_requests_in_the_engine_and_admits_none_meanwhile():
-    engine = FakeEngine()
-    loop = loop_of(engine)
-    first = loop.submit([20], params())
-    while engine.steps < 2:
-        time.sleep(0.001)
+    engine, loop, first = started(20, 2)
     seen = {}
 
     def update():
         seen["steps"], seen["running"] = engine.steps, dict(engine.running)
 
     threading.Thread(target=lambda: loop.call(update, when_idle=True)).start()
-    while engine.steps < 5:  # the call is waiting: a request submitted now must not start
-        time.sleep(0.001)
+    wait_for_step(engine, 5)  # the call is waiting: a request submitted now must not start
     second = loop.submit([1], params())
     first.result(timeout=TIMEOUT)
     second.result(timeout=TIMEOUT)
@@ -160,11 +161,7 @@ def test_a_failing_call_fails_alone():
 
 
 def test_generation_is_one_span_per_busy_stretch_split_by_calls():
-    engine = FakeEngine()
-    loop = loop_of(engine)
-    loop.submit([30], params())
-    while engine.steps < 10:
-        time.sleep(0.001)
+    engine, loop, _ = started(30, 10)
     loop.call(lambda: None)  # a weight update in flight splits the stretch
     loop.submit([1], params()).result(timeout=TIMEOUT)
     while engine.running:
