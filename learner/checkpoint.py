@@ -93,9 +93,14 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     commit(tmp, final)
 
 
+def staging_path(final: Path) -> Path:
+    """Where `final` is filled before `commit` puts it in place."""
+    return final.with_name(final.name + ".tmp")
+
+
 def staging(final: Path) -> Path:
     """An empty temporary directory beside `final`, to fill and then `commit`."""
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = staging_path(final)
     shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
     tmp.mkdir(parents=True)
     return tmp

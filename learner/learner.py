@@ -367,7 +367,7 @@ class Learner:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        tmp = checkpoint.staging(final) if self.rank == 0 else final.with_name(final.name + ".tmp")
+        tmp = checkpoint.staging(final) if self.rank == 0 else checkpoint.staging_path(final)
         dist.barrier()  # rank 0 has made the directory
         model, optimizer = get_state_dict(self.model, self.optimizer)
         dcp.save({"model": model, "optimizer": optimizer}, checkpoint_id=str(tmp / "sharded"))
