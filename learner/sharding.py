@@ -36,8 +36,13 @@ def deal(lengths: list[int], ranks: int) -> list[list[int]]:
 
 def init_group(host: str, port: int, rank: int, world_size: int, device: str, timeout_s: float) -> None:
     """Join the learner ranks' process group (gloo on CPUs, NCCL on GPUs)."""
-    dist.init_process_group("gloo" if device == "cpu" else "nccl", init_method=f"tcp://{host}:{port}",
-                            rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    # On GPUs, CUDA tensors (FSDP's collectives) go over NCCL and CPU tensors (the metrics'
+    # sums, the checkpoint's RNG states, barriers) over gloo: a group of "nccl" alone has no
+    # backend for CPU tensors (torch/distributed/distributed_c10d.py, BackendConfig; object
+    # collectives and barriers then take the CPU one: _get_object_coll_device).
+    backend = "gloo" if device == "cpu" else "cpu:gloo,cuda:nccl"
+    dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=timeout_s))
 
 
 def shard(model: torch.nn.Module, compute_dtype: torch.dtype, device: str) -> None:
