@@ -325,13 +325,18 @@ class Learner:
             for _ in self._named_weights():
                 pass
             return time.perf_counter() - start
+        weights = self._named_weights()
         try:
             with torch.no_grad(), self.spans.span("send weights"):
-                self._channel.send(self._named_weights(), self.version)
+                self._channel.send(weights, self.version)
         except BaseException:
             # A member is gone: leave the group at once, so the engines still in the broadcast
             # fail now rather than at cluster.weight_sync_timeout_s; the driver forms it again.
             self.close_weight_sync()
+            if self.sharded:  # the other ranks gather every tensor with this one: finish with them
+                with torch.no_grad():
+                    for _ in weights:
+                        pass
             raise
         return time.perf_counter() - start
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -58,7 +59,21 @@ def config(ranks: int) -> Config:
     cfg.learner.max_grad_norm = 0.5  # clipping over the ranks' shards takes part
     cfg.learner.learning_rate = 1e-2
     cfg.grpo.beta = 0.04  # the reference model is sharded too
+    cfg.cluster.call_timeout_s = 30  # the ranks' collectives: a rank left waiting fails, not hangs
     return cfg
+
+
+class BrokenChannel:
+    """A weight channel whose send fails after three tensors, as when an engine dies in the
+    middle of a broadcast."""
+
+    def send(self, named_tensors, version: int) -> None:
+        for _ in range(3):
+            next(named_tensors)
+        raise ConnectionError("an engine left the broadcast")
+
+    def close(self) -> None:
+        pass
 
 
 def probe() -> tuple[list[list[int]], list[int]]:
@@ -109,8 +124,18 @@ def two_ranks(rank: int, port: int, out: Path) -> None:
     again = learner.train(data[-1])
     learner.export(str(out / "again"), RunSummary(steps=STEPS, complete=True))
     if rank == 0:
+        learner._channel = BrokenChannel()
+    start, send_failed = time.perf_counter(), False
+    try:
+        learner.send_weights()  # rank 1 gathers every tensor; rank 0's send stops after three
+    except ConnectionError:
+        send_failed = True
+    send_s = time.perf_counter() - start
+    scores_later = learner.score(*probe())  # the ranks are still in step
+    if rank == 0:
         torch.save({"metrics": metrics, "again": again, "restored_step": restored.step,
-                    "scores": scores, "scores_after": scores_after},
+                    "scores": scores, "scores_after": scores_after, "send_failed": send_failed,
+                    "send_s": send_s, "scores_later": scores_later},
                    out / "rank0.pt")
 
 
@@ -190,3 +215,13 @@ def test_a_sharded_checkpoint_restores_the_step_exactly(sharded):
     saved_dir = sharded / "run" / "checkpoints" / f"step_{STEPS - 1:06d}"
     assert len(list((saved_dir / "sharded").glob("*.distcp"))) == 2  # each rank wrote its shards
     assert not (saved_dir / "model").exists()
+
+
+def test_a_broadcast_that_fails_on_rank_0_leaves_the_ranks_in_step(sharded):
+    """Rank 0's send stops part-way (an engine died): the other rank is gathering every tensor
+    with it, so rank 0 must go through the rest too, at once, not leave it waiting on a
+    collective until the timeout; afterwards both ranks still compute together."""
+    saved = torch.load(sharded / "rank0.pt")
+    assert saved["send_failed"]
+    assert saved["send_s"] < 10  # not the ranks' 30 s timeout
+    assert saved["scores_later"] == saved["scores_after"]  # the same weights, scored together
