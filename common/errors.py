@@ -11,3 +11,10 @@ class RunError(Exception):
 
 class WaitTimeout(RunError, TimeoutError):
     """A bounded wait ran out; the message names what was waited for."""
+
+
+def one_line(text: str, limit: int) -> str:
+    """`text` on one line and cut at `limit` characters: what a one-line failure quotes of
+    another message (an exception's, a value's repr)."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -15,7 +15,7 @@ import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from common.errors import RunError
+from common.errors import RunError, one_line
 
 RewardFn = Callable[..., list[float]]
 
@@ -120,9 +120,9 @@ def _call(name: str, fn: RewardFn, prompts: list[str], completions: list[str],
     except Exception as e:
         i, err = _first_failing_sample(fn, prompts, completions, columns)
         if err is None:
-            raise RewardError(f"reward `{name}` raised {_short(repr(e))} on a batch of {n} "
+            raise RewardError(f"reward `{name}` raised {one_line(repr(e), 200)} on a batch of {n} "
                               "(no single sample fails alone)") from e
-        raise RewardError(f"reward `{name}` raised {_short(repr(err))} on sample {i} "
+        raise RewardError(f"reward `{name}` raised {one_line(repr(err), 200)} on sample {i} "
                           f"(completion: {_snippet(completions[i])})") from err
     if not isinstance(scores, (list, tuple)):
         raise RewardError(f"reward `{name}` returned a {type(scores).__name__}, "
@@ -135,7 +135,7 @@ def _call(name: str, fn: RewardFn, prompts: list[str], completions: list[str],
             out.append(math.nan)
             continue
         if not isinstance(s, numbers.Real) or not math.isfinite(s):
-            raise RewardError(f"reward `{name}` returned {_short(repr(s))} on sample {i}, "
+            raise RewardError(f"reward `{name}` returned {one_line(repr(s), 200)} on sample {i}, "
                               f"expected a finite number or None (completion: {_snippet(completions[i])})")
         out.append(float(s))
     return out
@@ -156,10 +156,6 @@ def _first_failing_sample(fn: RewardFn, prompts: list[str], completions: list[st
 
 def _snippet(text: str, limit: int = 60) -> str:
     return repr(text[:limit] + ("..." if len(text) > limit else ""))
-
-
-def _short(text: str, limit: int = 200) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # ---- built-ins ----

@@ -17,6 +17,7 @@ from trl.trainer.utils import entropy_from_logits
 
 from common import logs, models
 from common.config import Config, GRPOConfig, cpu_threads
+from common.errors import one_line
 from common.spans import Span, Spans
 from common.types import RolloutGroup, RunState, RunSummary
 from common.weight_sync import (
@@ -419,7 +420,7 @@ class Learner:
         except (OSError, RuntimeError, KeyError, ValueError, IndexError, TypeError, SafetensorError,
                 pickle.UnpicklingError) as e:
             raise checkpoint.CheckpointError(f"checkpoint {directory} is damaged, or of another "
-                                             f"learner.num_ranks: {_short(e)}") from None
+                                             f"learner.num_ranks: {one_line(str(e), 300)}") from None
         self.version = state["version"]
         torch.set_rng_state(rng["cpu"])
         if rng["cuda"]:
@@ -462,8 +463,3 @@ class Learner:
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's part of a parameter (its FSDP shard), detached."""
     return (tensor.to_local() if hasattr(tensor, "to_local") else tensor).detach()
-
-
-def _short(error: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(error).split())
-    return text if len(text) <= limit else text[:limit] + "..."

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import random
-import socket
 import statistics
 import tempfile
 import time
@@ -20,6 +19,7 @@ import torch
 
 from common.config import Config
 from common.types import Prompt, RolloutGroup
+from common.weight_sync import listen_socket
 from deploy.bench.machine import ModelShape
 
 log = logging.getLogger(__name__)
@@ -94,18 +94,14 @@ def _rank(rank: int, cfg: Config, port: int, groups: list[RolloutGroup], steps: 
                    out / "rank0.pt")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure(cfg: Config, groups: list[RolloutGroup], ranks: int, cores: int, steps: int) -> RankResult:
     import torch.multiprocessing as mp
 
     cfg.learner.num_ranks, cfg.learner.threads = ranks, max(1, cores // ranks)
+    with listen_socket("127.0.0.1") as sock:  # released at once; rank 0 binds it next
+        port = sock.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_rank, args=(cfg, _free_port(), groups, steps, Path(tmp)), nprocs=ranks,
+        mp.start_processes(_rank, args=(cfg, port, groups, steps, Path(tmp)), nprocs=ranks,
                            start_method="spawn")
         saved = torch.load(Path(tmp) / "rank0.pt")
     comm = saved["collective_s"] if ranks > 1 else 0.0
