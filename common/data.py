@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -220,7 +220,7 @@ class PromptSampler:
         out = []
         for _ in range(n):
             epoch, i = divmod(self.position, len(self.prompts))
-            out.append(self.prompts[self._permutation(epoch)[i]])
+            out.append(replace(self.prompts[self._permutation(epoch)[i]], position=self.position))
             self.position += 1
         return out
 

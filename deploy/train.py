@@ -216,7 +216,10 @@ class Training:
         start, began = time.perf_counter(), time.time()
         self.spans.step = step + 1
         self.rollouts.generate_ahead(step)
-        batch = self.buffer.get.remote(cfg.prompts_per_step, step, cfg.buffer.timeout_s)
+        # A synchronous batch is chosen in prompt-stream order from this step's first round on,
+        # so dynamic sampling picks the same groups whichever arrive first.
+        first = self.rollouts.round_starts[step] if cfg.buffer.max_policy_lag == 0 else None
+        batch = self.buffer.get.remote(cfg.prompts_per_step, step, cfg.buffer.timeout_s, first)
         self.rollouts.wait(batch, f"a batch of {cfg.prompts_per_step} groups for step {step + 1}",
                            "the rollout buffer", idle_step=step)
         metrics = self.rollouts.wait(self.learner.train.remote(batch), f"learner step {step + 1}",

@@ -296,6 +296,14 @@ def test_sampler_resume_from_position_continues_the_stream():
     assert head + indices(resumed.take(60)) == uninterrupted
 
 
+def test_sampler_stamps_each_prompt_with_its_place_in_the_stream():
+    prompts = make_prompts(5)
+    s = PromptSampler(prompts, seed=0, position=3)
+    taken = s.take(4)  # crosses into the second epoch, where the same rows come again
+    assert [p.position for p in taken] == [3, 4, 5, 6]
+    assert all(p.position == -1 for p in prompts)  # the split itself is left as it was
+
+
 def test_sampler_refuses_no_prompts():
     with pytest.raises(DataError):
         PromptSampler([], seed=0)
