@@ -98,6 +98,12 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=address, **quiet)
         return
     cpus = cfg.cluster.num_cpus or max(int(plan(cfg).total_cpus + 0.999), os.cpu_count() or 1)
+    # Ray's raylet starts workers at niceness 15 (its `worker_niceness` setting, read from
+    # RAY_worker_niceness), below the driver and anything else on the machine: beside one busy
+    # process per core, the actors, which do all of the run's work, got 4% of the CPU. They run
+    # at the driver's priority instead, unless the user says otherwise (Ray's job manager does
+    # the same for its supervisors: dashboard/modules/job/job_manager.py).
+    os.environ.setdefault("RAY_worker_niceness", "0")
     # address="local": without it, ray.init() joins any cluster `ray start` left on this machine.
     ray.init(address="local", num_cpus=cpus, num_gpus=None if cfg.cluster.device == "gpu" else 0,
              include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)
