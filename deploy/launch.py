@@ -98,15 +98,19 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=address, **quiet)
         return
     cpus = cfg.cluster.num_cpus or max(int(plan(cfg).total_cpus + 0.999), os.cpu_count() or 1)
-    # Ray's raylet starts workers at niceness 15 (its `worker_niceness` setting, read from
-    # RAY_worker_niceness), below the driver and anything else on the machine: beside one busy
-    # process per core, the actors, which do all of the run's work, got 4% of the CPU. They run
-    # at the driver's priority instead, unless the user says otherwise (Ray's job manager does
-    # the same for its supervisors: dashboard/modules/job/job_manager.py).
-    os.environ.setdefault("RAY_worker_niceness", "0")
+    actors_at_driver_priority()
     # address="local": without it, ray.init() joins any cluster `ray start` left on this machine.
     ray.init(address="local", num_cpus=cpus, num_gpus=None if cfg.cluster.device == "gpu" else 0,
              include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)
+
+
+def actors_at_driver_priority() -> None:
+    """Before a local Ray starts: its workers run at the driver's priority. Ray's raylet starts
+    them at niceness 15 (its `worker_niceness` setting, read from RAY_worker_niceness), below
+    anything else on the machine: beside one busy process per core, the actors, which do all of
+    the run's work, got 4% of the CPU. Ray's job manager does the same for its supervisors
+    (dashboard/modules/job/job_manager.py); a value the user set still wins."""
+    os.environ.setdefault("RAY_worker_niceness", "0")
 
 
 @dataclass

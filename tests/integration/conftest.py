@@ -37,7 +37,10 @@ def prompts(cfg):
 
 @pytest.fixture(scope="session")
 def ray_local():
+    from deploy.launch import actors_at_driver_priority
+
     os.environ.update(ENV)
+    actors_at_driver_priority()  # as a run's own: CI machines are shared
     ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": ENV})
     yield

@@ -119,6 +119,8 @@ def cluster(tmp_path_factory):
         # whenever ~/.ray/auth_token exists, and a worker node must then present the same token.
         "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
         "RAY_USAGE_STATS_ENABLED": "0", MARK: mark,
+        # Workers at normal priority, as a run's own local Ray: CI machines are shared.
+        "RAY_worker_niceness": "0",
         # Where a job without --run-dir writes (the drivers of its jobs inherit it).
         "GRPO_RAY_RUNS": str(temp / "runs"),
     })

@@ -5,6 +5,7 @@ learner killed, the driver killed; and bad input, each ending in one line and a 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -92,6 +93,19 @@ def one_line_error(stderr: str, code: str) -> str:
 
 
 SYNC_TIMEOUT_S = 3  # below an engine's start (~20 s here): the group must wait for readiness
+
+
+def test_a_local_runs_actors_are_not_starved_by_other_work_on_the_machine():
+    """The actors do all of a run's work: they run at the driver's priority (Ray's default,
+    niceness 15, gave them 4% of the CPU beside one busy process per core)."""
+    probe = ("import os, ray; from common.config import Config; from deploy.launch import init_ray; "
+             "init_ray(Config()); print(ray.get(ray.remote(num_cpus=0)(lambda: os.nice(0)).remote()), "
+             "os.nice(0))")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={k: v for k, v in os.environ.items() if not k.startswith("RAY_")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    actor, driver = proc.stdout.split()
+    assert actor == driver
 
 
 @pytest.mark.parametrize("transport, workers, weight_update, task", [
