@@ -134,9 +134,24 @@ class Rollouts:
 
     def push_weights(self, version: int) -> None:
         """Bring every engine to policy `version`, reviving workers that died."""
-        self.poll()
+        if self.cfg.buffer.max_policy_lag == 0:
+            self._drain()
+        else:
+            self.poll()
         self._sync(version)
         self._relaunch_lost()
+
+    def _drain(self) -> None:
+        """Wait until every share in flight is stored (or lost). In a synchronous run they are
+        only finishing a dynamic-sampling round beyond the batch, which the engines' reload waits
+        for anyway; after it the buffer's counts at the step's end are the same in every run."""
+        deadline = time.monotonic() + self.cfg.cluster.call_timeout_s
+        while self.pending:
+            if time.monotonic() > deadline:
+                raise WaitTimeout(f"waited {self.cfg.cluster.call_timeout_s:.0f} s for rollout "
+                                  f"worker {self.pending[0].worker} to store round {self.pending[0].round}")
+            self.workers.is_done(self.pending[0].done, POLL_S)
+            self.poll()
 
     def recover(self) -> None:
         """Revive the workers whose shares were lost, then generate those shares again."""

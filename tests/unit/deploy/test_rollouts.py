@@ -235,6 +235,30 @@ def test_dynamic_sampling_stops_the_run_when_the_reward_gives_no_signal():
             r.wait(f"batch {_}", "a batch", "the rollout buffer", idle_step=0)
 
 
+def test_a_synchronous_push_waits_for_the_groups_beyond_the_batch_to_be_stored():
+    """A dynamic-sampling round may still be storing groups the batch did not need when the
+    learner is done: a synchronous step waits for them, so the buffer's counts at its end do
+    not depend on when those puts land (generation ahead of training does not wait)."""
+    class StillStoring(FakeWorkers):
+        """A share is stored only once the driver has waited on it."""
+
+        def generate(self, worker, prompts, round_):
+            share = super().generate(worker, prompts, round_)
+            share.done = object()
+            return share
+
+        def finished(self, shares):
+            polled = getattr(self, "polled", set())
+            return super().finished([s for s in shares if s.done in polled])
+
+    for lag, in_flight_after_push in ((0, 0), (1, 4)):
+        r = rollouts(buffer__max_policy_lag=lag)
+        r.workers = StillStoring(2)
+        r.generate_ahead(0)
+        r.push_weights(1)
+        assert len(r.pending) == in_flight_after_push, lag
+
+
 def test_without_dynamic_sampling_a_short_buffer_is_left_to_wait():
     r = rollouts()
     r.push_weights(0)
