@@ -153,25 +153,48 @@ def test_async_grpo_with_two_workers_raises_the_reward(tmp_path, weight_update):
     assert [m["step"] for m in history if "eval_reward" in m] == [5, 10, 15, 20, 24]
 
 
+TIMED = {"elapsed_s", "step_s", "sync_s", "train_s", "gen_tokens_per_s", "train_tokens_per_s",
+         "engine_busy", "learner_busy"}
+
+
 def test_bfloat16_with_dynamic_sampling_raises_the_reward_on_the_cpu(tmp_path):
     """Mixed precision as on a GPU (float32 master weights, bfloat16 autocast, bfloat16 engines),
-    and DAPO's dynamic sampling: with G = 2 most early groups score two equal rewards. It ends
-    before the policy saturates: then both samples agree, no group has signal, and dynamic
-    sampling rightly stops the run (as verl's DAPO recipe does)."""
-    run_dir, steps = tmp_path / "run", 12
-    proc = train(run_dir, "--model.dtype", "bfloat16", "--grpo.drop-zero-std-groups",
-                 "--grpo.group-size", "2", "--grpo.batch-size", "16", "--steps", str(steps))
+    and DAPO's dynamic sampling: with G = 2 most early groups score two equal rewards. Once the
+    policy saturates both samples agree, no group has signal, and dynamic sampling rightly stops
+    the run (as verl's DAPO recipe does): a run that learns fast ends that way. Over 12 steps,
+    seeds 0 to 4 rose by 0.70 to 1.0 on an AMD EPYC (avx512_bf16), and seed 3 saturated at step
+    9 and was stopped at 12; on an Intel AMX machine one rose only 0.27. Run again, its first
+    steps are the same bit for bit: which surplus groups fill a batch and when an extra round
+    starts are functions of the run, not of timing."""
+    run_dir = tmp_path / "run"
+    command = ["--model.dtype", "bfloat16", "--grpo.drop-zero-std-groups", "--grpo.group-size", "2",
+               "--grpo.batch-size", "16"]
+    proc = train(run_dir, *command, check=False)
     assert "MB of bfloat16 per update" in proc.stderr  # the engines were sent bfloat16
-    assert_learned(run_dir, steps)
     history = metrics(run_dir)
+    if proc.returncode == 0:
+        assert_learned(run_dir)
+    else:  # stopped for want of signal: only once it had learned everything
+        assert proc.stderr.splitlines()[-1].startswith("error: dynamic sampling: after 10 extra rounds "
+                                                       f"step {len(history) + 1} still lacks"), proc.stderr[-3000:]
+        first, last = fifths(history)
+        assert history[-1]["reward"] > 0.95 and last > first + 0.3, [m["reward"] for m in history]
     assert all(m["engine_weights_changed"] > 0 for m in history)
     assert all(m["zero_std_groups"] == 0 for m in history)  # none reached the learner
     extra, last = sum(m["extra_groups"] for m in history), history[-1]
     assert last["buffer_dropped_zero_std"] > 0 and extra > 0  # the precondition: it had work
-    # From the configuration: 16 rounds of 8 prompts, and the extra rounds, all accounted for.
-    assert last["buffer_produced"] == steps * 8 + extra and last["buffer_consumed"] == steps * 8
+    # From the configuration: a round of 8 prompts a step, and the extra rounds, all accounted for.
+    assert last["buffer_produced"] == len(history) * 8 + extra
+    assert last["buffer_consumed"] == len(history) * 8
     assert last["buffer_produced"] == (last["buffer_consumed"] + last["buffer_dropped_stale"]
                                        + last["buffer_dropped_zero_std"] + last["buffer_size"])
+
+    again = tmp_path / "again"
+    train(again, *command, "--stop-after", "3")
+    untimed = [{k: v for k, v in m.items() if k not in TIMED | {"eval_reward"}} for m in metrics(again)]
+    assert sum(m["extra_groups"] for m in untimed) > 0  # the precondition: surplus groups to choose
+    assert untimed == [{k: v for k, v in m.items() if k not in TIMED | {"eval_reward"}}
+                       for m in history[:3]]
 
 
 def test_a_learner_of_two_ranks_learns_syncs_and_resumes_exactly(tmp_path):
