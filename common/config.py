@@ -114,9 +114,9 @@ class ActorResources(Section):
 
     num_cpus: float = 1
     """Ray CPUs reserved for each of this role's actors."""
-    num_gpus: float = 0
-    """Ray GPUs for each of this role's actors on a GPU cluster (a rollout worker's: its
-    `tensor_parallel_size`)."""
+    num_gpus: float | None = None
+    """Ray GPUs for each of this role's actors; unset: none on a CPU, and on a GPU a rollout
+    worker's `tensor_parallel_size` or the learner's 1."""
     threads: int = 0
     """CPU only: torch and OpenMP threads of each of this role's actors; 0 chooses (see
     `cpu_threads`)."""
@@ -316,8 +316,10 @@ class ClusterConfig(Section):
     address: str = ""
     """Ray cluster to join: empty starts a local instance (or joins the job's cluster under
     `ray job submit`); `auto` or `host:port` joins a running one."""
-    device: Literal["cpu", "gpu"] = "cpu"
-    """Where engines and the learner run; `gpu` needs vLLM's CUDA build."""
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    """Where engines and the learner run: `auto` is `gpu` where the driver's machine has a CUDA
+    device and vLLM's CUDA build, else `cpu` (a cluster whose head node has no GPU: say `gpu`);
+    `gpu` needs vLLM's CUDA build."""
     weight_sync: Literal["auto", "broadcast", "shm"] = "auto"
     """How new weights reach the engines: `broadcast` (torch.distributed, gloo on CPU, NCCL
     on GPU, works across nodes) or `shm` (shared memory, CPU engines on the learner's node).
@@ -348,6 +350,14 @@ class ClusterConfig(Section):
     max_worker_restarts: int = 3
     """Times Ray restarts a rollout worker that died; its lost groups are counted and
     generated again."""
+
+    def __post_init__(self):
+        # Settled where the config is made (the driver), so every actor gets the same answer
+        # wherever Ray puts it.
+        if self.device == "auto":
+            from common import models  # torch is heavier than this module
+
+            self.device = models.detect_device()[0]
 
 
 @dataclass
@@ -419,22 +429,32 @@ class Config:
         return lines + self._device_problems() + self.model.problems("model.")
 
     def _device_problems(self) -> list[str]:
-        rollout, learner, cluster = self.rollout, self.learner, self.cluster
+        rollout, cluster = self.rollout, self.cluster
         if cluster.device == "cpu":
             wrong = {"cluster.device is cpu but rollout.num_gpus or learner.num_gpus is set":
-                     rollout.num_gpus > 0 or learner.num_gpus > 0,
+                     self.gpus("rollout") > 0 or self.gpus("learner") > 0,
                      "rollout.tensor_parallel_size > 1 needs cluster.device gpu":
                      rollout.tensor_parallel_size > 1}
         else:
             # GPUs that would sit idle are refused: an engine uses exactly its tensor-parallel
             # GPUs, and the learner is one process on one GPU.
             wrong = {f"rollout.num_gpus ({rollout.num_gpus}) must equal rollout.tensor_parallel_size "
-                     f"({rollout.tensor_parallel_size})": rollout.num_gpus != rollout.tensor_parallel_size,
-                     f"learner.num_gpus must be 1 on a GPU cluster (got {learner.num_gpus})":
-                     learner.num_gpus != 1,
+                     f"({rollout.tensor_parallel_size})": self.gpus("rollout") != rollout.tensor_parallel_size,
+                     f"learner.num_gpus must be 1 on a GPU cluster (got {self.learner.num_gpus})":
+                     self.gpus("learner") != 1,
                      "cluster.weight_sync shm is for CPU engines; use broadcast (NCCL) on GPU":
                      cluster.weight_sync == "shm"}
         return [line for line, broken in wrong.items() if broken]
+
+    def gpus(self, role: Literal["rollout", "learner"]) -> float:
+        """GPUs for each of `role`'s actors: its `num_gpus`, or when unset what the device
+        implies (none on a CPU; an engine's tensor-parallel ranks, or the learner's one)."""
+        chosen = getattr(self, role).num_gpus
+        if chosen is not None:
+            return chosen
+        if self.cluster.device != "gpu":
+            return 0
+        return self.rollout.tensor_parallel_size if role == "rollout" else 1
 
     @property
     def prompts_per_step(self) -> int:

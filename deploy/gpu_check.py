@@ -48,9 +48,8 @@ def command_line(argv: list[str]) -> list[str]:
     engine; then `argv`, which may change any of them."""
     base = ["--rollout.num-workers", "1", "--cluster.weight-sync", "broadcast", "--grpo.group-size",
             "4", "--grpo.batch-size", "8", "--rollout.max-tokens", "16", "--logging.progress", "lines"]
-    if config_lib.parse(argv).cluster.device == "gpu":
-        base += ["--cluster.device", "gpu", "--learner.num-gpus", "1", "--rollout.num-gpus", "1",
-                 "--model.name", "EleutherAI/pythia-410m-deduped"]
+    if config_lib.parse(argv).cluster.device == "gpu":  # said so, or `auto` found CUDA and vLLM's CUDA build
+        base += ["--cluster.device", "gpu", "--model.name", "EleutherAI/pythia-410m-deduped"]
     return [*base, *argv]
 
 

@@ -36,8 +36,8 @@ class ResourcePlan:
 
 def plan(cfg: Config) -> ResourcePlan:
     rollout, cluster = cfg.rollout, cfg.cluster
-    learner = {"num_cpus": cfg.learner.num_cpus, "num_gpus": cfg.learner.num_gpus}
-    worker = {"num_cpus": rollout.num_cpus, "num_gpus": rollout.num_gpus}
+    learner = {"num_cpus": cfg.learner.num_cpus, "num_gpus": cfg.gpus("learner")}
+    worker = {"num_cpus": rollout.num_cpus, "num_gpus": cfg.gpus("rollout")}
     custom = {cluster.rollout_resource: 1.0} if cluster.rollout_resource else {}
     if custom:
         worker["resources"] = custom

@@ -117,6 +117,8 @@ def run(cfg: Config) -> RunSummary:
     run_dir = prepare_run_dir(cfg)
     logs.driver_file(run_dir)
     log.info("run directory: %s", run_dir)
+    detected, why = models.detect_device()
+    log.info("device: %s (%s)", cfg.cluster.device, why if detected == cfg.cluster.device else "cluster.device")
     mismatch = versions.vllm_mismatch()
     if mismatch:
         log.warning(mismatch)

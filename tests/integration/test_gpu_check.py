@@ -45,4 +45,4 @@ def test_the_checks_pass_on_the_cpu_with_a_sharded_learner():
 
 @pytest.mark.gpu
 def test_the_checks_pass_on_a_gpu():
-    assert_every_check_passed(gpu_check())
+    assert_every_check_passed(gpu_check("--cluster.device", "gpu"))

@@ -211,6 +211,66 @@ def test_gpu_cluster_config_is_valid():
     assert validate(cfg) == []
 
 
+def test_a_gpu_cluster_needs_no_gpu_counts_beyond_the_device():
+    """Unset, each role gets what the device implies: an engine its tensor-parallel ranks."""
+    cfg = Config()
+    cfg.cluster.device = "gpu"
+    cfg.rollout.tensor_parallel_size = 2
+    assert validate(cfg) == [] and (cfg.gpus("rollout"), cfg.gpus("learner")) == (2, 1)
+    cfg.cluster.device = "cpu"
+    assert validate(cfg) == [
+        "rollout.tensor_parallel_size > 1 needs cluster.device gpu"] and cfg.gpus("rollout") == 0
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """Pretend this machine has (or lacks) a CUDA device and vLLM's CUDA build."""
+    import importlib.metadata
+
+    import torch
+
+    def pretend(cuda: bool, cuda_vllm: bool) -> None:
+        def version(name):
+            if name == "vllm" and cuda_vllm:
+                return "0.32.0"
+            raise importlib.metadata.PackageNotFoundError(name)
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 8 if cuda else 0)
+        monkeypatch.setattr(importlib.metadata, "version", version)
+    return pretend
+
+
+@pytest.mark.parametrize("cuda, cuda_vllm, device", [
+    (True, True, "gpu"), (True, False, "cpu"), (False, True, "cpu"), (False, False, "cpu")])
+def test_the_default_device_is_the_gpu_only_where_cuda_and_vllms_cuda_build_are(machine, cuda,
+                                                                                 cuda_vllm, device):
+    machine(cuda, cuda_vllm)
+    cfg = parse([])
+    assert cfg.cluster.device == device and validate(cfg) == []
+    assert parse(["--cluster.device", "cpu"]).cluster.device == "cpu"  # an explicit choice holds
+    assert parse(["--cluster.device", "auto"]).cluster.device == device
+
+
+def test_the_device_is_settled_once_and_saved_as_settled(machine, tmp_path):
+    from common.config import to_dict
+
+    machine(True, True)
+    assert to_dict(parse([]))["cluster"]["device"] == "gpu"  # actors elsewhere get this, not `auto`
+
+
+def test_the_gpu_check_checks_the_gpu_by_default_on_a_gpu_machine(machine):
+    from deploy.gpu_check import command_line
+
+    machine(True, True)
+    on_gpu = parse(command_line([]))
+    assert (on_gpu.cluster.device, on_gpu.gpus("learner"), on_gpu.gpus("rollout")) == ("gpu", 1, 1)
+    assert on_gpu.model.name == "EleutherAI/pythia-410m-deduped"
+    machine(False, False)
+    assert parse(command_line([])).cluster.device == "cpu"
+    assert parse(command_line(["--cluster.device", "gpu"])).cluster.device == "gpu"  # the gpu test's
+
+
 # ----- from_dict -----
 
 
