@@ -44,8 +44,18 @@ class _Call:
 
 
 class EngineLoop:
-    def __init__(self, llm, max_in_flight: int, spans: Spans, salt: Callable[[], str]):
-        self.engine = llm.llm_engine
+    def __init__(self, build: Callable[[], object], max_in_flight: int, spans: Spans,
+                 salt: Callable[[], str]):
+        """`build` makes the engine (a vllm.LLM), on the engine's own thread: the thread that
+        steps an engine must be the one that built it. With one GPU per engine vLLM's worker runs
+        in the calling thread (vllm/v1/executor/uniproc_executor.py, UniProcExecutor), and its
+        model runner caches the CUDA stream current on the thread that first asks, during
+        start-up (vllm/v1/worker/gpu/model_runner.py, GPUModelRunner.main_stream); the copies of
+        sampled ids to the host wait on that stream only (vllm/v1/worker/gpu/async_utils.py,
+        AsyncOutput). Current streams are per OS thread, and vLLM gives a thread without one a new
+        stream of its own (vllm/utils/torch_utils.py, current_stream; PyNcclCommunicator calls
+        it): stepped from another thread, the first step could read its ids before they were
+        written."""
         self.max_in_flight = max_in_flight
         """Most requests in the engine at once; 0: every request submitted."""
         self.spans, self.salt = spans, salt
@@ -57,8 +67,10 @@ class EngineLoop:
         self._wake = threading.Event()
         self._busy_since: float | None = None
         self._failed: BaseException | None = None
-        threading.Thread(target=self._run, args=(torch.get_num_threads(),), name="engine-loop",
-                         daemon=True).start()
+        built: Future = Future()
+        threading.Thread(target=self._run, args=(build, built, torch.get_num_threads()),
+                         name="engine-loop", daemon=True).start()
+        self.llm = built.result()  # or what building it raised
 
     def submit(self, prompt_ids: list[int], params) -> Future:
         """The request's final vLLM output (a RequestOutput), once generated."""
@@ -103,13 +115,20 @@ class EngineLoop:
 
     # --- the engine's thread -------------------------------------------------------------------
 
-    def _run(self, threads: int) -> None:
+    def _run(self, build: Callable[[], object], built: Future, threads: int) -> None:
         # OpenMP's thread count belongs to each thread, and a new one starts from the process's
-        # (Ray's 1): the engine must run with the threads it was built with, or vLLM's CPU
-        # attention refuses ("thread_num" check). vLLM replaced torch.set_num_threads once it
-        # bound its threads (vllm/v1/worker/cpu_worker.py, CPUWorker.init_device); torch's own
-        # setter is still there.
+        # (Ray's 1): the engine must be built and run with the actor's threads, or vLLM's CPU
+        # attention refuses ("thread_num" check). vLLM replaces torch.set_num_threads while it
+        # starts (vllm/v1/worker/cpu_worker.py, CPUWorker.init_device); torch's own setter is
+        # still there.
         torch._C.set_num_threads(threads)
+        try:
+            llm = build()
+        except BaseException as e:
+            built.set_exception(e)
+            return
+        self.engine = llm.llm_engine
+        built.set_result(llm)
         try:
             while True:
                 if not self._running and not self._waiting and not self._calls:

@@ -104,16 +104,21 @@ class RolloutWorker:
         # cos/sin cache is computed, and vLLM puts it back).
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
 
-        self.llm = LLM(**engine_args(cfg, model_path, index))
-        # vLLM labels every token with the weight version current when it was sampled
-        # (vllm/v1/engine/core.py, EngineCore.set_weight_version; CompletionOutput.weight_versions).
-        self.llm.update_weight_version(str(self.version))
+        def build() -> LLM:
+            llm = LLM(**engine_args(cfg, model_path, index))
+            # vLLM labels every token with the weight version current when it was sampled
+            # (vllm/v1/engine/core.py, EngineCore.set_weight_version; CompletionOutput.weight_versions).
+            llm.update_weight_version(str(self.version))
+            return llm
+
         self.scorer = Scorer(cfg.rollout.rewards, cfg.rollout.reward_weights)
         self._scoring = threading.Lock()  # reward plug-ins need not be thread-safe
         # In-flight updates keep up to max_in_flight groups generating; between rounds, every
-        # group submitted is admitted at once, as LLM.generate would.
-        self.loop = EngineLoop(self.llm, cfg.rollout.max_in_flight if self.in_flight else 0,
+        # group submitted is admitted at once, as LLM.generate would. The loop's thread builds
+        # the engine, and is the only one that touches it.
+        self.loop = EngineLoop(build, cfg.rollout.max_in_flight if self.in_flight else 0,
                                self.spans, salt=lambda: f"policy-{self.version}")
+        self.llm = self.loop.llm
 
     def ready(self) -> tuple[str, int]:
         """(incarnation, policy version): a new incarnation means Ray restarted this worker."""

@@ -202,3 +202,23 @@ def test_a_weight_update_in_flight_lands_in_the_middle_of_a_completion(workers, 
         switch = versions.index(learner.version)
         assert set(versions[:switch]) == {before} and set(versions[switch:]) == {learner.version}
     assert all(g.policy_version == before for g in groups)  # a group is as old as its oldest token
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_engine_loop_steps_on_the_model_runners_stream():
+    """vLLM's GPU model runner orders its copies of sampled ids after the stream it cached at
+    start-up (vllm/v1/worker/gpu/model_runner.py, GPUModelRunner.main_stream;
+    vllm/v1/worker/gpu/async_utils.py, AsyncOutput): the loop's thread, which steps the engine,
+    must have that stream as its current one."""
+    from actors.rollout_worker import RolloutWorker
+    from common.types import Prompt
+    from tests.integration.conftest import tiny_config
+
+    cfg = tiny_config(gpu_memory_utilization=0.3)
+    cfg.cluster.device = "gpu"
+    worker = RolloutWorker(cfg)  # in this process: no Ray needed to see its threads
+    same = worker.loop.call(lambda: worker.llm.collective_rpc(
+        lambda w: torch.cuda.current_stream() == w.model_runner.main_stream))
+    assert same == [True]
+    groups, _ = worker.generate([Prompt(0, "p", [1, 2, 3])], 0)
+    assert len(groups[0].completion_ids) == cfg.grpo.group_size and all(groups[0].completion_ids)

@@ -45,7 +45,7 @@ class FakeEngine:
 
 
 def loop_of(engine: FakeEngine, max_in_flight: int = 0) -> EngineLoop:
-    return EngineLoop(SimpleNamespace(llm_engine=engine), max_in_flight, Spans("engine"),
+    return EngineLoop(lambda: SimpleNamespace(llm_engine=engine), max_in_flight, Spans("engine"),
                       salt=lambda: "policy-0")
 
 
@@ -180,3 +180,33 @@ def test_the_loop_asks_vllm_for_one_final_output_per_request():
     sampling = params()
     loop_of(FakeEngine()).submit([1], sampling).result(timeout=TIMEOUT)
     assert sampling.output_kind == RequestOutputKind.FINAL_ONLY
+
+
+def test_the_engine_is_built_on_the_thread_that_steps_it_and_runs_every_call(tokens_input):
+    """On a GPU the model runner keeps the CUDA stream of the thread that started it, and a step
+    on another thread's stream could read its sampled ids before they are written: the engine
+    is built, stepped and called on one thread, never the caller's."""
+    threads: dict[str, set[int]] = {"build": set(), "step": set(), "call": set()}
+
+    class Recording(FakeEngine):
+        def step(self):
+            threads["step"].add(threading.get_ident())
+            return super().step()
+
+    def build():
+        threads["build"].add(threading.get_ident())
+        return SimpleNamespace(llm_engine=Recording())
+
+    loop = EngineLoop(build, 0, Spans("engine"), salt=lambda: "policy-0")
+    loop.submit([2], params()).result(timeout=TIMEOUT)
+    loop.call(lambda: threads["call"].add(threading.get_ident()))
+    assert len(threads["build"] | threads["step"] | threads["call"]) == 1
+    assert threading.get_ident() not in threads["build"]
+
+
+def test_an_engine_that_cannot_be_built_fails_the_constructor():
+    def build():
+        raise ValueError("no such model")
+
+    with pytest.raises(ValueError, match="no such model"):
+        EngineLoop(build, 0, Spans("engine"), salt=lambda: "policy-0")
