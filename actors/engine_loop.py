@@ -45,7 +45,7 @@ class _Call:
 
 class EngineLoop:
     def __init__(self, build: Callable[[], object], max_in_flight: int, spans: Spans,
-                 salt: Callable[[], str]):
+                 salt: Callable[[], str], on_failure: Callable[[BaseException], None] | None = None):
         """`build` makes the engine (a vllm.LLM), on the engine's own thread: the thread that
         steps an engine must be the one that built it. With one GPU per engine vLLM's worker runs
         in the calling thread (vllm/v1/executor/uniproc_executor.py, UniProcExecutor), and its
@@ -59,6 +59,8 @@ class EngineLoop:
         self.max_in_flight = max_in_flight
         """Most requests in the engine at once; 0: every request submitted."""
         self.spans, self.salt = spans, salt
+        self.on_failure = on_failure
+        """Called on the engine's thread once the loop stopped for good, every waiter told."""
         self._waiting: deque[Request] = deque()  # guarded by _lock, as _calls
         self._calls: list[_Call] = []
         self._running: dict[str, Request] = {}
@@ -150,6 +152,8 @@ class EngineLoop:
                 call.done.set_exception(e)
             for request in waiting:
                 request.done.set_exception(e)
+            if self.on_failure is not None:
+                self.on_failure(e)
 
     def _step(self) -> None:
         if self._busy_since is None:

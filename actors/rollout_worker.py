@@ -18,6 +18,7 @@ import ray
 import torch
 
 from actors.engine_loop import EngineLoop
+from actors.vllm_extension import exit_for_restart
 from common import logs, models
 from common.config import Config, cpu_threads
 from common.rewards import Scorer
@@ -116,8 +117,12 @@ class RolloutWorker:
         # In-flight updates keep up to max_in_flight groups generating; between rounds, every
         # group submitted is admitted at once, as LLM.generate would. The loop's thread builds
         # the engine, and is the only one that touches it.
+        # A loop that stopped leaves an actor that can do nothing: it exits, and Ray restarts it
+        # (an engine whose tensor-parallel worker died, or that stepped on weights left half
+        # loaded, would otherwise fail every call while Ray saw a live actor).
         self.loop = EngineLoop(build, cfg.rollout.max_in_flight if self.in_flight else 0,
-                               self.spans, salt=lambda: f"policy-{self.version}")
+                               self.spans, salt=lambda: f"policy-{self.version}",
+                               on_failure=lambda _: exit_for_restart("the engine's loop stopped"))
         self.llm = self.loop.llm
 
     def ready(self) -> tuple[str, int]:

@@ -6,8 +6,10 @@ reached with `llm.collective_rpc(name, args=...)`.
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 
@@ -18,6 +20,9 @@ from common.weight_sync import (
     WeightChannel,
     WeightSyncError,
 )
+
+log = logging.getLogger(__name__)
+EXIT_FOR_RESTART = 70  # EX_SOFTWARE: the process ended itself
 
 if TYPE_CHECKING:
     # The class this one is mixed into (vLLM's CPUWorker subclasses it): its `rank`, `device`,
@@ -56,13 +61,20 @@ class WeightSyncExtension(_VllmWorker):
         if self._channel is None:
             raise WeightSyncError("weights were sent before this engine joined a weight transport")
         try:
-            self._load(self._channel.specs, self._channel.receive(version))
+            weights = self._channel.receive(version)  # every tensor here: nothing loaded yet
         except BaseException:
             # Leave at once: the learner and the other engines are in a broadcast with this one,
             # and fail now instead of at cluster.weight_sync_timeout_s; the driver then forms
-            # the group again and resends.
+            # the group again and resends, to an engine whose weights are as they were.
             self.close_weight_sync()
             raise
+        try:
+            self._load(self._channel.specs, weights)
+        except BaseException:
+            # Part of the weights loaded (on a GPU, layers left on the meta device: vllm's
+            # model_loader/reload/layerwise.py): this engine cannot be trusted, and is gone.
+            # Ray restarts the worker and the driver brings the new one up to date.
+            exit_for_restart(f"loading weights version {version} failed part-way")
 
     def _load(self, specs: list[TensorSpec], weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy into the engine's own parameters where each one is known, then let vLLM re-pack
@@ -113,6 +125,14 @@ class WeightSyncExtension(_VllmWorker):
             targets = None
         self._targets_for = (names, targets)
         return targets
+
+
+def exit_for_restart(why: str) -> NoReturn:
+    """End this process at once, after saying why in its log: Ray restarts a worker that died
+    (and its engine with it), where one that raised would live on with a broken engine."""
+    log.critical("%s; this process exits so that Ray restarts it whole", why, exc_info=True)
+    logging.shutdown()  # flush the log file first
+    os._exit(EXIT_FOR_RESTART)
 
 
 def _has_packed_kernel(module: torch.nn.Module) -> bool:

@@ -106,8 +106,8 @@ class WeightChannel(ABC):
 
     @abstractmethod
     def receive(self, version: int) -> Iterator[tuple[str, torch.Tensor]]:
-        """The tensors of policy `version` as they arrive; each is valid until the next one is
-        asked for, so the caller loads it first. Fails if another version arrives."""
+        """The tensors of policy `version`, each valid until the channel next receives. Fails if
+        another version arrives."""
 
     @abstractmethod
     def close(self) -> None:
@@ -230,16 +230,24 @@ class BroadcastChannel(WeightChannel):
             self._broadcast(flatten([next(tensors).to(self.device) for _ in bucket]))
 
     def receive(self, version: int) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every bucket arrives before the first tensor is handed out, so a transfer that fails
+        part-way has loaded nothing: on a GPU vLLM's reload moves each layer to the meta device
+        until all of it arrived (vllm/model_executor/model_loader/reload/layerwise.py), and an
+        interrupted one would leave the engine without weights. On a GPU the buckets wait in
+        host memory, where a model-sized copy fits, not in the engine's reserved GPU memory;
+        the reload copies them in (a loader's param.data.copy_ crosses devices)."""
         sent = torch.empty(1, dtype=torch.int64, device=self.device)
         self._broadcast(sent)
         if int(sent) != version:
             raise WeightSyncError(f"the learner broadcast weights version {int(sent)}, "
                                   f"this engine expected version {version}")
+        arrived = []
         for bucket in self.buckets:
             bucket_specs = [self.specs[i] for i in bucket]
             flat = torch.empty(packed_size(bucket_specs), dtype=torch.uint8, device=self.device)
-            self._broadcast(flat)
-            yield from unflatten(flat, bucket_specs)
+            self._broadcast(flat)  # complete when it returns: the CUDA event was polled
+            arrived.append((flat.cpu(), bucket_specs))
+        return (named for flat, bucket_specs in arrived for named in unflatten(flat, bucket_specs))
 
     def close(self) -> None:
         if self._pg is not None:

@@ -117,6 +117,41 @@ def test_broadcast_makes_engine_greedy_equal_to_the_hf_model(workers, learner, p
     assert engine_greedy(workers[0], ids, 16) == hf_greedy(learner, ids, 16)
 
 
+def test_a_transfer_that_fails_part_way_leaves_the_engine_as_it_was(workers, learner, prompts):
+    """The learner dies after the first bucket of weights unlike any the engine holds: the
+    engine's transfer fails, and it scores the probe sequences exactly as before, since nothing
+    is loaded until every bucket is in (a reload stopped half-way would leave a mix, or on a GPU
+    layers without weights)."""
+    worker, version = workers[0], learner.version + 1
+    sequences = [p.token_ids + [5, 6, 7, 8] for p in prompts[:4]]
+    starts = [len(p.token_ids) for p in prompts[:4]]
+    before = ray.get(worker.score.remote(sequences, starts), timeout=TIMEOUT)
+    port = learner.open_weight_group("127.0.0.1")
+    specs = learner.weight_specs()
+    buckets = plan_buckets(specs, 1 << 20)
+    assert len(buckets) > 2
+    joined = worker.join_weight_group.remote("127.0.0.1", port, 1, 2, specs, buckets, 30.0, "s3cret")
+    learner.connect_weight_group(2, buckets, 30.0, "s3cret")
+    ray.get(joined, timeout=TIMEOUT)
+    received = worker.receive_weights.remote(version)
+
+    def first_bucket_then_death():
+        weights = learner._named_weights()
+        for _ in buckets[0]:
+            name, tensor = next(weights)
+            yield name, tensor * 2 + 1
+        raise RuntimeError("the learner died")
+
+    with pytest.raises(RuntimeError, match="the learner died"):
+        learner._channel.send(first_bucket_then_death(), version)
+    learner.close_weight_sync()
+    with pytest.raises(ray.exceptions.RayTaskError):
+        ray.get(received, timeout=TIMEOUT)
+    assert ray.get(worker.score.remote(sequences, starts), timeout=TIMEOUT) == before
+    broadcast(learner, worker)  # and the next transfer goes through
+    assert ray.get(worker.ready.remote(), timeout=TIMEOUT)[1] == learner.version
+
+
 SHARED = "/dev/shm/grpo-ray-test.weights"
 
 

@@ -210,3 +210,20 @@ def test_an_engine_that_cannot_be_built_fails_the_constructor():
 
     with pytest.raises(ValueError, match="no such model"):
         EngineLoop(build, 0, Spans("engine"), salt=lambda: "policy-0")
+
+
+def test_a_loop_that_stops_tells_every_waiter_then_its_owner(tokens_input):
+    """The rollout worker exits then, for Ray to restart it: an actor whose loop stopped can do
+    nothing, and would otherwise fail every call while Ray saw it alive."""
+    engine = FakeEngine()
+    stopped = []
+    loop = EngineLoop(lambda: SimpleNamespace(llm_engine=engine), 0, Spans("engine"),
+                      salt=lambda: "policy-0", on_failure=lambda e: stopped.append((e, future.done())))
+    future = loop.submit([100], params())
+    engine.fail_at_step = engine.steps + 2  # once `future` is there to look at
+    with pytest.raises(RuntimeError, match="engine crashed"):
+        future.result(timeout=TIMEOUT)
+    deadline = time.monotonic() + TIMEOUT
+    while not stopped and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert [(str(e), told) for e, told in stopped] == [("engine crashed", True)]

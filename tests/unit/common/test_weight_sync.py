@@ -369,16 +369,24 @@ def test_a_wait_past_its_deadline_aborts_and_raises():
 
 
 def _member(port: int, rank: int, specs, buckets, fail_after: int | None, results) -> None:
-    """Rank `rank` of a 3-member group; with `fail_after`, its load raises after that many
-    tensors, and it leaves the group as the engine extension does."""
+    """Rank `rank` of a 3-member group; with `fail_after`, its transfer breaks after that many
+    broadcasts, and it leaves the group as the engine extension does."""
     import time as clock
 
     start = clock.monotonic()
     group = BroadcastChannel("127.0.0.1", port, rank, 3, specs, buckets, "cpu", 20.0, "s3cret")
+    if fail_after is not None:
+        done, broadcast = iter(range(100)), group._broadcast
+
+        def failing(tensor):
+            if next(done) == fail_after:
+                raise RuntimeError("transfer failed")
+            broadcast(tensor)
+
+        group._broadcast = failing
     try:
-        for i, _ in enumerate(group.receive(1)):
-            if fail_after is not None and i + 1 == fail_after:
-                raise RuntimeError("load failed")
+        for _ in group.receive(1):
+            pass
         results.put((rank, "ok", clock.monotonic() - start))
     except BaseException as e:
         results.put((rank, type(e).__name__, clock.monotonic() - start))
@@ -386,7 +394,7 @@ def _member(port: int, rank: int, specs, buckets, fail_after: int | None, result
         group.close()
 
 
-def test_an_engine_whose_load_fails_part_way_makes_every_side_fail_fast():
+def test_an_engine_whose_transfer_fails_part_way_makes_every_side_fail_fast():
     # Big buckets (2 x 4 MB), so the learner cannot finish into socket buffers alone.
     named = [("a", torch.ones(1 << 20)), ("b", torch.ones(1 << 20)), ("c", torch.ones(1 << 20))]
     specs = specs_of(named)
