@@ -164,12 +164,25 @@ def stateless_group(store, rank: int, world_size: int, timeout_s: float):
     return group
 
 
-def wait_or_abort(done: Callable[[], bool], abort: Callable[[], None], timeout_s: float) -> None:
-    """Poll `done` until it holds; past `timeout_s`, call `abort` and raise. For work that could
-    otherwise wait forever on a member that died."""
-    deadline = time.monotonic() + timeout_s
+FAILED_KEY = "failed"  # set in a group's store by the first member whose transfer fails
+ASK_EVERY_S = 0.05    # how often a waiting member asks the store whether another one failed
+
+
+def wait_or_abort(done: Callable[[], bool], abort: Callable[[], None], timeout_s: float,
+                  failed_elsewhere: Callable[[], bool] = lambda: False) -> None:
+    """Poll `done` until it holds; past `timeout_s`, or as soon as `failed_elsewhere` says
+    another member gave up, call `abort` and raise. For work that could otherwise wait forever
+    on a member that died, or on one that failed and will never take part again."""
+    start = asked = time.monotonic()
     while not done():
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now - asked > ASK_EVERY_S:
+            asked = now
+            if failed_elsewhere():
+                abort()
+                raise WeightSyncError("another member of the weight group failed its transfer; "
+                                      "this one was aborted")
+        if now - start > timeout_s:
             abort()
             raise WeightSyncError(f"a weight broadcast waited {timeout_s:.0f} s for a member of its "
                                   "group (cluster.weight_sync_timeout_s); the group was aborted")
@@ -190,7 +203,7 @@ class BroadcastChannel(WeightChannel):
         self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
         self.specs, self.buckets = specs, buckets
         self.device = torch.device(device)
-        store = rendezvous(host, port, rank, world_size, timeout_s, secret, sock)
+        self._store = store = rendezvous(host, port, rank, world_size, timeout_s, secret, sock)
         self._pg = self._nccl = None
         if self.device.type == "cpu":
             from torch.distributed import ProcessGroupGloo
@@ -209,7 +222,9 @@ class BroadcastChannel(WeightChannel):
         if self._nccl is None:
             opts = torch.distributed.BroadcastOptions()
             opts.rootRank = 0
-            self._pg.broadcast([tensor], opts).wait()
+            work = self._pg.broadcast([tensor], opts)
+            wait_or_abort(work.is_completed, self._pg.abort, self.timeout_s, self._failed_elsewhere)
+            work.wait()  # raises what the collective met
             return
         # PyNcclCommunicator.broadcast only enqueues the kernel, and has no timeout
         # (vllm/distributed/device_communicators/pynccl.py, broadcast). Waiting on the stream
@@ -221,13 +236,33 @@ class BroadcastChannel(WeightChannel):
         self._nccl.broadcast(tensor, src=0, stream=stream)
         done = torch.cuda.Event()
         done.record(stream)
-        wait_or_abort(done.query, self._nccl.destroy, self.timeout_s)
+        # Aborting reaches only this member's communicator (ncclCommAbort in
+        # PyNcclCommunicator.destroy): the others would wait out their own deadline. A member
+        # that fails says so in the group's store, which every waiting member asks.
+        wait_or_abort(done.query, self._nccl.destroy, self.timeout_s, self._failed_elsewhere)
+
+    def _failed_elsewhere(self) -> bool:
+        try:
+            return self._store.check([FAILED_KEY])
+        except Exception:  # the store is rank 0's: gone with the learner
+            return True
+
+    def _fail(self, error: BaseException) -> None:
+        """Tell every other member, through the store, that this one's transfer failed."""
+        try:
+            self._store.set(FAILED_KEY, f"rank {self.rank}: {error}"[:200])
+        except Exception:
+            pass  # the store went with rank 0, and everyone hears of that anyway
 
     def send(self, named_tensors: NamedTensors, version: int) -> None:
         tensors = (t for _, t in named_tensors)  # one bucket's at a time: they may be made on demand
-        self._broadcast(torch.tensor([version], dtype=torch.int64, device=self.device))
-        for bucket in self.buckets:
-            self._broadcast(flatten([next(tensors).to(self.device) for _ in bucket]))
+        try:
+            self._broadcast(torch.tensor([version], dtype=torch.int64, device=self.device))
+            for bucket in self.buckets:
+                self._broadcast(flatten([next(tensors).to(self.device) for _ in bucket]))
+        except BaseException as e:
+            self._fail(e)
+            raise
 
     def receive(self, version: int) -> Iterator[tuple[str, torch.Tensor]]:
         """Every bucket arrives before the first tensor is handed out, so a transfer that fails
@@ -236,6 +271,14 @@ class BroadcastChannel(WeightChannel):
         interrupted one would leave the engine without weights. On a GPU the buckets wait in
         host memory, where a model-sized copy fits, not in the engine's reserved GPU memory;
         the reload copies them in (a loader's param.data.copy_ crosses devices)."""
+        try:
+            arrived = self._receive_all(version)
+        except BaseException as e:
+            self._fail(e)
+            raise
+        return (named for flat, bucket_specs in arrived for named in unflatten(flat, bucket_specs))
+
+    def _receive_all(self, version: int) -> list[tuple[torch.Tensor, list[TensorSpec]]]:
         sent = torch.empty(1, dtype=torch.int64, device=self.device)
         self._broadcast(sent)
         if int(sent) != version:
@@ -247,7 +290,7 @@ class BroadcastChannel(WeightChannel):
             flat = torch.empty(packed_size(bucket_specs), dtype=torch.uint8, device=self.device)
             self._broadcast(flat)  # complete when it returns: the CUDA event was polled
             arrived.append((flat.cpu(), bucket_specs))
-        return (named for flat, bucket_specs in arrived for named in unflatten(flat, bucket_specs))
+        return arrived
 
     def close(self) -> None:
         if self._pg is not None:
@@ -256,7 +299,7 @@ class BroadcastChannel(WeightChannel):
             # ncclCommAbort: never waits for the other members, which may be gone
             # (pynccl.py, PyNcclCommunicator.destroy); a dropped communicator would leak.
             self._nccl.destroy()
-        self._pg = self._nccl = None
+        self._pg = self._nccl = self._store = None
 
 
 def _nccl_communicator(group, device: torch.device):
