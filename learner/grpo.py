@@ -403,8 +403,6 @@ class SamplingMismatch:
     max_abs_diff: Tensor
     """Largest |logp_learner - logp_behaviour| over the masked tokens (TRL's
     sampling/sampling_logp_difference/max); 0 when there is none."""
-    max_position: tuple[int, int] | None
-    """(row, column) of that token in the tensors passed in; None when there is none."""
 
 
 def sampling_mismatch(logp: Tensor, behaviour_logp: Tensor, mask: Tensor) -> SamplingMismatch:
@@ -414,14 +412,11 @@ def sampling_mismatch(logp: Tensor, behaviour_logp: Tensor, mask: Tensor) -> Sam
     k3 estimate r - 1 - log r is >= 0 and unbiased for KL(pi_behaviour || pi_learner). Pass the
     learner's log-probs under the weights that generated (the first pass of a step), or the KL
     also measures the learner's own update. Tokens vLLM could not score (NaN) are left out, as
-    TRL does for its logged differences.
+    TRL does for its logged differences. Nothing here waits for the device.
     """
     with torch.no_grad():
         valid = mask.bool() & ~torch.isnan(behaviour_logp)
         log_r = torch.where(valid, logp - behaviour_logp, torch.zeros_like(logp))  # [B, T]
         k3 = torch.expm1(log_r) - log_r  # [B, T]
-        abs_diff = torch.where(valid, log_r.abs(), torch.full_like(log_r, -1.0))  # [B, T]
-        if not valid.any():
-            return SamplingMismatch(masked_mean(k3, valid), torch.zeros_like(k3.sum()), None)
-        row, col = divmod(int(abs_diff.argmax()), abs_diff.shape[-1])
-        return SamplingMismatch(masked_mean(k3, valid), abs_diff[row, col], (row, col))
+        abs_diff = torch.where(valid, log_r.abs(), torch.zeros_like(log_r))  # [B, T]
+        return SamplingMismatch(masked_mean(k3, valid), abs_diff.amax())

@@ -34,6 +34,7 @@ from learner.grpo import grpo_loss, masked_mean, sampling_mismatch
 from learner.sharding import on_every_rank
 
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+SAMPLE_STRIDE = 16  # engine_weights_changed is measured on every 16th element of each parameter
 
 
 def loss_options(grpo: GRPOConfig) -> dict:
@@ -136,18 +137,23 @@ class Learner:
         # This rank's share of the sequences; the normalisers are the whole batch's.
         lengths = [len(p) + len(c) for p, c, _ in flat_sequences(groups)]
         rows = sharding.deal(lengths, ranks)[self.rank] if self.sharded else None
-        batches = [mb.to(self.device) for mb in
-                   micro_batches(groups, self.cfg.learner.micro_batch_size, grpo.scale_rewards,
-                                 self.pad_id, mask_truncated=grpo.mask_truncated_completions, rows=rows)]
+        on_host = micro_batches(groups, self.cfg.learner.micro_batch_size, grpo.scale_rewards,
+                                self.pad_id, mask_truncated=grpo.mask_truncated_completions, rows=rows)
         num_sequences = len(lengths)
         num_tokens = trained_tokens(groups, grpo.mask_truncated_completions)
+        # Each micro-batch's share of the batch's tokens, counted on the host.
+        shares = (torch.stack([mb.completion_mask.sum() for mb in on_host]) / max(num_tokens, 1)).tolist()
+        batches = [mb.to(self.device) for mb in on_host]
         old_logps: list[torch.Tensor | None] = [None] * len(batches)
         ref_logps = [self._ref_logprobs(mb) for mb in batches]
-        # Token-weighted means over every pass and micro-batch (the loss: per pass, averaged).
-        totals = dict(loss=0.0, clip_fraction=0.0, kl=0.0, is_weight=0.0, is_masked=0.0,
-                      entropy=0.0, mismatch_kl=0.0, mismatch_max=0.0)
+        # Token-weighted means over every pass and micro-batch (the loss: per pass, averaged),
+        # summed on the device and read once after the step: reading them per micro-batch would
+        # make the host wait for the device every time.
+        totals = {key: torch.zeros((), dtype=torch.float64, device=self.device) for key in
+                  ("loss", "clip_fraction", "kl", "is_weight", "is_masked", "entropy",
+                   "mismatch_kl", "mismatch_max")}
         grad_norms = []
-        before = self._engine_view()
+        before = self._engine_sample()
 
         for iteration in range(grpo.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
@@ -163,29 +169,33 @@ class Learner:
                     num_micro_batches=len(batches) * ranks,
                 )
                 self.scaler.scale(out.loss).backward()
-                share = int(mb.completion_mask.sum()) / max(num_tokens, 1)
-                totals["loss"] += out.loss.item() / grpo.num_iterations
+                share = shares[i]
+                totals["loss"] += out.loss.detach() / grpo.num_iterations
                 for key, value in (("clip_fraction", out.clip_fraction), ("kl", out.kl),
                                    ("is_weight", out.is_weight), ("is_masked", out.is_masked_fraction)):
-                    totals[key] += float(value) * share / grpo.num_iterations
+                    totals[key] += torch.as_tensor(value).detach() * share / grpo.num_iterations
                 if first_pass:
                     # The first pass runs on the weights that scored the batch: they are the
                     # "old" policy of every later pass, so no extra forward is needed.
                     old_logps[i] = logp.detach()
-                    totals["entropy"] += float(masked_mean(entropy, mb.completion_mask)) * share
+                    totals["entropy"] += masked_mean(entropy, mb.completion_mask) * share
                     # How far the engine's sampling log-probs are from the learner's, on the
                     # tokens trained on: vLLM's numerics, and the policy lag.
                     mismatch = sampling_mismatch(logp.detach(), mb.behaviour_logp, mb.completion_mask)
-                    totals["mismatch_kl"] += float(mismatch.kl) * share
-                    totals["mismatch_max"] = max(totals["mismatch_max"], float(mismatch.max_abs_diff))
+                    totals["mismatch_kl"] += mismatch.kl * share
+                    totals["mismatch_max"] = torch.maximum(totals["mismatch_max"], mismatch.max_abs_diff)
             max_norm = self.cfg.learner.max_grad_norm or float("inf")
             self.scaler.unscale_(self.optimizer)
-            grad_norms.append(float(sharding.full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))))
+            grad_norms.append(sharding.full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)))
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
         self.version += 1
         changed = self._changed_count(before)
+        # The step's one wait for the device.
+        n = len(totals)
+        read = torch.stack([*totals.values(), grad_norms[0].to(torch.float64), *changed.values()]).tolist()
+        totals, grad_norm, changed = dict(zip(totals, read[:n])), read[n], dict(zip(changed, read[n + 1:]))
         if self.sharded:  # each rank measured its own sequences and its own shards
             maxima = {"mismatch_max": totals.pop("mismatch_max")}
             totals, maxima = sharding.reduce_sums({**totals, **changed}, maxima)
@@ -205,7 +215,7 @@ class Learner:
             "reward": scored.mean().item() if scored.numel() else math.nan,
             "reward_std": scored.std().item() if scored.numel() > 1 else 0.0,
             "unscored_frac": 1 - scored.numel() / rewards.numel(),
-            "grad_norm": grad_norms[0],
+            "grad_norm": grad_norm,
             "lr": self.scheduler.get_last_lr()[0],
             "completion_len": lengths.mean().item(),
             "truncated_frac": sum(r == "length" for grp in groups for r in grp.finish_reasons) / len(lengths),
@@ -226,16 +236,22 @@ class Learner:
             metrics[f"reward/{name}"] = parts.nanmean().item()
         return metrics
 
-    def _engine_view(self) -> list[torch.Tensor]:
-        """This rank's parameters (its shards) as the engines hold them: in the compute dtype."""
-        return [_local(p).to(self.compute_dtype, copy=True) for p in self.model.parameters()]
+    def _engine_sample(self) -> list[torch.Tensor]:
+        """Every SAMPLE_STRIDE-th element of this rank's parameters (its shards) as the engines
+        hold them, in the compute dtype: a whole copy would cost half the model's memory again
+        on a GPU, every step."""
+        return [_local(p).detach().reshape(-1)[::SAMPLE_STRIDE].to(self.compute_dtype, copy=True)
+                for p in self.model.parameters()]
 
-    def _changed_count(self, before: list[torch.Tensor]) -> dict[str, int]:
-        """How many parameters (of this rank's) an update changed as the engines see them: a
-        learning rate too small for their dtype shows as none, while the loss looks normal."""
-        changed = sum(int((_local(p).to(self.compute_dtype) != b).sum())
-                      for p, b in zip(self.model.parameters(), before))
-        return {"changed": changed, "parameters": sum(b.numel() for b in before)}
+    def _changed_count(self, before: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """How many of the sampled parameters an update changed as the engines see them (on the
+        device, unread): a learning rate too small for their dtype shows as none, while the loss
+        looks normal."""
+        after = self._engine_sample()
+        changed = torch.stack([(a != b).sum() for a, b in zip(after, before)]).sum()
+        return {"changed": changed.to(torch.float64),
+                "parameters": torch.tensor(float(sum(b.numel() for b in before)), dtype=torch.float64,
+                                           device=changed.device)}
 
     @on_every_rank
     @torch.no_grad()
