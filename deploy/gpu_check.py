@@ -7,10 +7,10 @@ training run needs. One line per check; it stops, and exits 1, at the first that
     python -m deploy.gpu_check --cluster.device cpu --model.name tiny   # the same checks on a CPU
 
 Any deploy.train field can be set, as on its command line. The checks: vLLM loads the model; a
-broadcast of changed weights (NCCL on GPUs) makes the engine's greedy output equal the
-learner's; vLLM's log-probs agree with the learner's within the dtype's tolerance; one learner
-step at the run's learning rate changes the weights the engine receives; a short run of
-`deploy.train` completes. The tests marked `gpu` run the same checks.
+broadcast of changed weights (NCCL on GPUs) makes each of the engine's greedy tokens the
+learner's first choice; vLLM's log-probs agree with the learner's; both within the dtype's
+tolerance; one learner step at the run's learning rate changes the weights the engine receives;
+a short run of `deploy.train` completes. The tests marked `gpu` run the same checks.
 """
 
 from __future__ import annotations
@@ -85,15 +85,24 @@ class Checks:
                 f"{self.cfg.cluster.device} ({time.perf_counter() - started:.0f} s to start)")
 
     def broadcast(self) -> str:
+        ids = self.prompts[0].token_ids
+        before = self._engine(_engine_greedy, ids)
         self._learner(_perturb)  # the update must change greedy output for the check to mean much
         self.push.push(self._learner(lambda learner: learner.version))
-        ids = self.prompts[0].token_ids
-        engine, learner = self._engine(_engine_greedy, ids), self._learner(_learner_greedy, ids)
-        if engine != learner:
+        engine = self._engine(_engine_greedy, ids)
+        # Each of the engine's tokens must be the learner's first choice, up to the dtype's
+        # tolerance: in 16 bits a near-tie may go either way, and after it the two continue
+        # from different prefixes, so token-for-token equality would fail for rounding alone.
+        gap = self._learner(_greedy_gap, ids, engine)
+        tolerance = TOLERANCE[_name(self.dtype)]
+        if not gap <= tolerance:
             raise CheckFailed(f"after a {self.push.name} of changed weights the engine's greedy "
-                              f"tokens {engine} differ from the learner's {learner}")
-        return (f"{self.push.name} of changed weights: the engine's greedy output equals the "
-                f"learner's ({GREEDY_TOKENS} tokens)")
+                              f"tokens {engine} are not the learner's: one is {gap:.3g} below the "
+                              f"learner's first choice in log-prob ({_name(self.dtype)} allows {tolerance:g})")
+        moved = "changed the engine's greedy output" if engine != before else \
+            "left the engine's greedy output as it was"
+        return (f"{self.push.name} of changed weights ({moved}): each of the engine's "
+                f"{GREEDY_TOKENS} greedy tokens is the learner's first choice within {gap:.2g}")
 
     def logprobs(self) -> str:
         groups = self._generate()
@@ -172,15 +181,21 @@ def _vllm_version(worker) -> str:
     return vllm.__version__
 
 
+PERTURBATION = 0.1  # noise of this fraction of each tensor's RMS: a change, not a new model
+
+
 def _perturb(learner) -> None:
-    """Move the learner's weights far enough that greedy outputs change, as training would. The
-    same noise on every rank; a sharded parameter takes its rank's part of it."""
+    """Move the learner's weights as a few steps of training would, each tensor by noise in
+    proportion to its own scale (one size for all would swamp small weights and miss large
+    ones). The same noise on every rank; a sharded parameter takes its rank's part of it."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in learner.model.parameters():
-            noise = torch.randn(p.shape, generator=generator).to(p.device) * 0.01
+            whole = p.full_tensor() if isinstance(p, DTensor) else p
+            rms = whole.float().pow(2).mean().sqrt().item()
+            noise = (torch.randn(p.shape, generator=generator) * PERTURBATION * rms).to(p.device, p.dtype)
             p.add_(distribute_tensor(noise, p.device_mesh, p.placements) if isinstance(p, DTensor) else noise)
     learner.version += 1
 
@@ -188,18 +203,24 @@ def _perturb(learner) -> None:
 def _engine_greedy(worker, ids: list[int]) -> list[int]:
     from vllm import SamplingParams
 
-    out = worker.loop.submit(ids, SamplingParams(temperature=0, max_tokens=GREEDY_TOKENS)).result()
-    return list(out.outputs[0].token_ids)
+    # Exactly GREEDY_TOKENS, end of text or not, as the learner scores them: min_tokens keeps
+    # the stop tokens out until then (vllm/v1/sample/logits_processor/builtin.py,
+    # MinTokensLogitsProcessor).
+    params = SamplingParams(temperature=0, max_tokens=GREEDY_TOKENS, min_tokens=GREEDY_TOKENS)
+    return list(worker.loop.submit(ids, params).result().outputs[0].token_ids)
 
 
-def _learner_greedy(learner, ids: list[int]) -> list[int]:
+def _greedy_gap(learner, ids: list[int], tokens: list[int]) -> float:
+    """How far below the learner's first choice the worst of `tokens` is, in log-prob, each
+    given the prompt `ids` and the tokens before it, computed as the learner trains."""
+    sequence = torch.tensor([ids + tokens], device=learner.device)
     with torch.no_grad(), torch.autocast(learner.device, dtype=learner.compute_dtype,
                                          enabled=learner.compute_dtype != torch.float32):
-        out = learner.model.generate(torch.tensor([ids], device=learner.device),
-                                     max_new_tokens=GREEDY_TOKENS, min_new_tokens=GREEDY_TOKENS,
-                                     do_sample=False, pad_token_id=learner.pad_id)
+        logits = learner.model(input_ids=sequence).logits[0, len(ids) - 1:-1].float()
     reshard(learner.model)  # a sharded model's weights back to shards
-    return out[0, len(ids):].tolist()
+    logp = logits.log_softmax(-1)  # [T, V]
+    chosen = logp.gather(-1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0]  # [T]
+    return (logp.max(-1).values - chosen).max().item()
 
 
 def _logprob_difference(learner, groups) -> dict:
