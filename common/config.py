@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
-import msgspec
 import yaml
 
 
@@ -63,8 +62,9 @@ class ModelConfig(Section):
     RULES = {"max_model_len": ">= 1"}
 
     name: str = "tiny"
-    """Policy to train: a preset (`tiny`, `pythia-70m-shape`, `pythia-410m-shape`), a local
-    Hugging Face model directory, or a hub id such as `EleutherAI/pythia-410m-deduped`."""
+    """Policy to train: a preset (`tiny`, `pythia-70m-shape`, `pythia-410m-shape`,
+    `pythia-1.4b-shape`), a local Hugging Face model directory, or a hub id such as
+    `EleutherAI/pythia-410m-deduped`."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights and compute dtype: `auto` is float32 on CPU and bfloat16 on GPU."""
     max_model_len: int = 512
@@ -483,6 +483,8 @@ def cpu_threads(cfg: Config, role: Literal["rollout", "learner"], cores: int) ->
 
 def from_dict(data: dict) -> Config:
     """Build a Config from nested plain data (a parsed YAML file), refusing unknown keys."""
+    import msgspec  # only here: the learner alone (deploy/bench/learner_gpu.py) needs no more
+
     problems: list[str] = []
     _check_keys(Config, data, "", problems)
     if problems:

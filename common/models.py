@@ -61,6 +61,7 @@ PRESETS: dict[str, Preset] = {
     "tiny": Preset(128, 2, 2, 512, learning_rate=3e-2),
     "pythia-70m-shape": Preset(512, 6, 8, 2048, learning_rate=PYTHIA_LEARNING_RATE),
     "pythia-410m-shape": Preset(1024, 24, 16, 4096, learning_rate=PYTHIA_LEARNING_RATE),
+    "pythia-1.4b-shape": Preset(2048, 24, 16, 8192, learning_rate=PYTHIA_LEARNING_RATE),
 }
 
 # Bump when the builder's output changes, so cached presets are rebuilt.

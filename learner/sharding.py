@@ -96,6 +96,8 @@ def on_every_rank(method: Callable) -> Callable:
 
     @functools.wraps(method)
     def call(self, *args, **kwargs):
+        if not self.peers:  # one rank, or not rank 0: no Ray needed (nor imported)
+            return method(self, *args, **kwargs)
         import ray
 
         calls = [getattr(peer, method.__name__).remote(*args, **kwargs) for peer in self.peers]

@@ -262,3 +262,24 @@ def test_a_modes_run_is_summed_up_over_its_steady_steps():
     assert m.engine_busy == 0.375 and m.learner_busy == 0.625 and m.train_s == 2.0
     assert m.generate_s == (0.5 * 2.0 + 0.25 * 4.0) / 2  # engine-seconds per step
     assert (m.token_lag_mean, m.mixed_version_frac) == (0.75, 0.5)
+
+
+def test_the_learners_gpu_bench_runs_without_ray_vllm_or_the_cli_libraries(tmp_path):
+    """The lent GPU has torch and transformers but no Ray, no vLLM, no msgspec or tyro: the
+    learner and its bench must import and run without them (here on the CPU, --smoke)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    probe = ("import sys\n"
+             "for name in ('ray', 'vllm', 'msgspec', 'tyro'): sys.modules[name] = None\n"
+             "from deploy.bench import learner_gpu\n"
+             f"sys.exit(learner_gpu.main(['--smoke', '--out', {str(tmp_path)!r}]))\n")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "learner_gpu.json").read_text())
+    assert [(s["model"], s["dtype"]) for s in out["steps"]] == [("tiny", "bfloat16"), ("tiny", "float16")]
+    assert all(s["seconds_per_step"] > 0 and 0 < s["mfu"] for s in out["steps"])
+    assert out["steps"][1]["loss_scale"] > 0 and out["checkpoint_bit_for_bit"] is True
+    assert out["broadcast"]["aborted"] is True and out["broadcast"]["abort_s"] < 1
