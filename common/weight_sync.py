@@ -335,7 +335,11 @@ class SharedMemoryChannel(WeightChannel):
     def __init__(self, path: str, specs: list[TensorSpec], owner: bool = False):
         self.path, self.specs, self.owner = path, specs, owner
         self.payload = packed_size(specs)
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))  # the weights are this user's only
+        self._lock = None
+        if owner:
+            self._lock = _create_held(path)
+        else:
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))  # the weights are this user's only
         self._mem = torch.from_file(path, shared=True, size=_HEADER.size + self.payload,
                                     dtype=torch.uint8)
 
@@ -367,3 +371,47 @@ class SharedMemoryChannel(WeightChannel):
         self._mem = None
         if self.owner and os.path.exists(self.path):
             os.unlink(self.path)
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+
+SHARED_WEIGHTS = "/dev/shm/grpo-ray-{}.weights"  # a model-sized file in memory, one per run
+
+
+def _create_held(path: str) -> int:
+    """Create the file at `path` holding a lock on it for as long as this process lives (the
+    kernel drops it when the process ends, however it ends). It is made under another name and
+    renamed once held, so a sweep never finds it unheld."""
+    import fcntl
+
+    made = f"{path}.{os.getpid()}.new"
+    fd = os.open(made, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)  # the weights are this user's only
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    os.rename(made, path)
+    return fd
+
+
+def remove_orphaned_weights(pattern: str = SHARED_WEIGHTS) -> list[str]:
+    """Remove the shared-memory weight files that no live learner holds: a learner killed (or
+    a node restarted mid-run) leaves a model-sized file in RAM, and a concurrent run's file is
+    held by its learner, so it is never touched. Returns the paths removed."""
+    import fcntl
+    import glob
+
+    removed = []
+    for path in glob.glob(pattern.format("*")):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # its learner lives
+        else:
+            os.unlink(path)
+            removed.append(path)
+        finally:
+            os.close(fd)
+    return removed

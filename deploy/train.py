@@ -10,11 +10,14 @@ and the learner, runs the loop, checkpoints, and writes the final model.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -38,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = None
     try:
         cfg = config_lib.from_args(sys.argv[1:] if argv is None else argv, description=__doc__)
+        stop_on_sigterm(cfg)
         run(cfg)
         return 0
     except ConfigError as e:
@@ -45,15 +49,73 @@ def main(argv: list[str] | None = None) -> int:
             print(f"config error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        where = f" --run-dir {cfg.run_dir}" if cfg is not None and cfg.run_dir else ""
-        print(f"interrupted: continue from the last checkpoint with --resume{where}", file=sys.stderr)
+        if TERMINATED.is_set():  # the line was printed on arrival
+            return 143  # 128 + SIGTERM, as a shell reports it
+        print(interrupted(cfg), file=sys.stderr)
         return 130
     except Exception as e:  # a failure inside an actor arrives wrapped: report its cause
         cause = cause_of(e)
+        if isinstance(cause, OSError) and cause.errno in DISK_REFUSED:
+            hint = resume_hint(cfg)
+            print(f"error: cannot write {cause.filename or 'the run directory'}: {cause.strerror}"
+                  + (f"; {hint}" if hint else ""), file=sys.stderr)
+            return 1
         if not isinstance(cause, RunError):
             raise  # a bug, here or in a library: its traceback is what to read
         print(f"error: {cause}", file=sys.stderr)
         return 1
+
+
+# What a disk or file system says when it will not take what the run writes (a full disk, a
+# read-only or immutable directory, a file where a directory should be): the run's
+# surroundings, not a bug, so one line instead of a traceback.
+DISK_REFUSED = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                errno.EISDIR, errno.EEXIST, errno.EFBIG, errno.EIO}
+
+
+TERMINATED = threading.Event()
+"""Set when SIGTERM arrived (what `ray job stop`, Kubernetes and most schedulers send first)."""
+
+
+def stop_on_sigterm(cfg: Config) -> None:
+    """Make SIGTERM stop the run as Ctrl-C does: a KeyboardInterrupt at the same points, through
+    the same clean-up (Ray's calls re-raise one of their own, so the signal is remembered here).
+    Called again once Ray is up: ray.init installs a failure-signal handler for SIGTERM in the
+    driver that aborts it with a C++ stack dump (absl's FailureSignalHandler, "*** SIGTERM
+    received ***"). The line saying how to continue is printed on arrival: `ray job stop` kills
+    the driver 3 s later (RAY_JOB_STOP_WAIT_TIME_S, ray/dashboard/modules/job/job_supervisor.py),
+    maybe before the clean-up is done."""
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough; the clean-up runs once
+        TERMINATED.set()
+        print(interrupted(cfg), file=sys.stderr, flush=True)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+
+
+def interrupted(cfg: Config | None) -> str:
+    """The line an interrupted run ends with: how to continue, if a checkpoint exists."""
+    hint = resume_hint(cfg)
+    if hint:
+        return f"interrupted: {hint}"
+    return f"interrupted before the first checkpoint: nothing to resume{f' in {cfg.run_dir}' if cfg and cfg.run_dir else ''}"
+
+
+def resume_hint(cfg: Config | None) -> str:
+    """How to continue the run from its last checkpoint; empty when it has none."""
+    from learner import checkpoint
+
+    if cfg is None or not cfg.run_dir:
+        return ""
+    try:
+        saved = checkpoint.complete(cfg.run_dir)
+    except OSError:
+        return ""
+    if not saved:
+        return ""
+    return (f"continue from the last checkpoint (step {checkpoint.step_of(saved[-1])}) "
+            f"with --resume --run-dir {cfg.run_dir}")
 
 
 def cause_of(e: BaseException) -> BaseException:
@@ -92,6 +154,8 @@ def prepare_run_dir(cfg: Config) -> Path:
 
     run_dir = Path(cfg.run_dir or default_run_dir()).resolve()
     cfg.run_dir = str(run_dir)  # absolute: the actors' working directories may differ
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"--run-dir {run_dir} is a file, not a directory")
     if cfg.resume:
         checkpoint.latest(run_dir)  # fail now, with the reason, not after starting the cluster
     elif checkpoint.complete(run_dir):
@@ -131,6 +195,7 @@ def run(cfg: Config) -> RunSummary:
              len(prompts.train), len(prompts.eval), prompts.overlong,
              "truncated" if cfg.data.overlong == "truncate" else "skipped")
     init_ray(cfg)
+    stop_on_sigterm(cfg)  # again: ray.init replaced the handler
     log.info("starting %d rollout worker(s) and the learner (a vLLM engine takes ~25 s on a CPU)",
              cfg.rollout.num_workers)
     cluster = launch(cfg, cfg.cluster.call_timeout_s)
@@ -194,8 +259,8 @@ class Training:
             while self.state.step < self.stop:
                 metrics = self.step()
                 self.maybe_eval(metrics)
+                self.maybe_checkpoint()  # first: a step in metrics.jsonl is one a resume keeps
                 self.metrics.log(metrics)
-                self.maybe_checkpoint()
             self.metrics.close()
         finally:
             self.weights.close()

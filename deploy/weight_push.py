@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 
 from common.config import Config, ConfigError
-from common.weight_sync import TensorSpec, plan_buckets
+from common.weight_sync import SHARED_WEIGHTS, TensorSpec, plan_buckets, remove_orphaned_weights
 from deploy.launch import Cluster
 from deploy.workers import RolloutWorkers, Settled, TransferFailed
 
@@ -64,7 +64,7 @@ class SharedMemoryPush(WeightPush):
         if not cluster.single_node:
             raise ConfigError(["cluster.weight_sync shm needs every rollout worker on the learner's node"])
         super().__init__(cfg, cluster, workers)
-        self.path = f"/dev/shm/grpo-ray-{run_id}.weights"
+        self.path = SHARED_WEIGHTS.format(run_id)
         self.written = -1  # the version in the file
         self.holds: dict[int, int] = {}  # worker -> the version it loaded last
         workers.get(self.learner.open_shared_weights.remote(self.path),
@@ -73,6 +73,14 @@ class SharedMemoryPush(WeightPush):
 
     def push(self, version: int) -> None:
         self._send(version, range(len(self.workers)))
+
+    def close(self) -> None:
+        """The learner removes its file; if the learner is gone, the file is removed here when
+        this node is the learner's (else the next run there does it)."""
+        try:
+            super().close()
+        finally:
+            remove_orphaned_weights()
 
     def revive(self, workers: list[int], version: int) -> None:
         for i in workers:

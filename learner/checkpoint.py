@@ -8,6 +8,7 @@ temporary name and renamed into place, so a crash mid-save never damages the las
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -86,11 +87,34 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """Yields a temporary directory to fill; renames it to `final` only if the block succeeds."""
     tmp = staging(final)
     try:
-        yield tmp
+        with full_disk_said(final):
+            yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     commit(tmp, final)
+
+
+@contextmanager
+def full_disk_said(path: Path) -> Iterator[None]:
+    """A write into `path` that failed on a full disk raises OSError(ENOSPC) naming `path`:
+    torch.save's zip writer reports it as a RuntimeError ("unexpected pos") and safetensors as
+    its own error, neither with the OS's reason, so the run could not tell it from a bug."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as e:
+        if _room(path) >= 1 << 20:
+            raise
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+
+
+def _room(path: Path) -> int:
+    """Free bytes on the file system that holds `path` (or the nearest directory above it)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
 
 
 def staging_path(final: Path) -> Path:

@@ -3,6 +3,7 @@ every weight transfer. A plain class; `deploy/launch.py` makes it a Ray actor.""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import pickle
@@ -26,6 +27,7 @@ from common.weight_sync import (
     TensorSpec,
     WeightChannel,
     listen_socket,
+    remove_orphaned_weights,
     specs_of,
 )
 from learner import checkpoint, sharding
@@ -33,6 +35,7 @@ from learner.batch import MicroBatch, collate, flat_sequences, micro_batches, tr
 from learner.grpo import grpo_loss, masked_mean, sampling_mismatch
 from learner.sharding import on_every_rank
 
+log = logging.getLogger(__name__)
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 SAMPLE_STRIDE = 16  # engine_weights_changed is measured on every 16th element of each parameter
 
@@ -315,6 +318,8 @@ class Learner:
     def open_shared_weights(self, path: str) -> None:
         """Send weights through a file in shared memory at `path` (engines on this node)."""
         self.close_weight_sync()  # first: closing a channel at the same path removes its file
+        for orphan in remove_orphaned_weights():
+            log.info("removed %s, left by a learner that is gone", orphan)
         self._channel = SharedMemoryChannel(path, self.weight_specs(), owner=True)
 
     def open_weight_group(self, host: str, port: int = 0) -> int:
@@ -457,9 +462,13 @@ class Learner:
     def export(self, directory: str, summary: RunSummary) -> str:
         """The final model as a Hugging Face directory (weights, tokenizer with its chat
         template, generation config) with a model card; loads with `transformers.pipeline`."""
+        directory = Path(directory)
+        with checkpoint.full_disk_said(directory):
+            return self._export(directory, summary)
+
+    def _export(self, directory: Path, summary: RunSummary) -> str:
         from learner import model_card
 
-        directory = Path(directory)
         if self.sharded:  # gathered on rank 0, one tensor at a time, into its host memory
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

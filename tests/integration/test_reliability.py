@@ -4,6 +4,7 @@ learner killed, the driver killed; and bad input, each ending in one line and a 
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import socket
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from common.weight_sync import SHARED_WEIGHTS
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -156,13 +159,17 @@ def test_a_killed_rollout_worker_is_restarted_and_training_completes(tmp_path, p
 def test_a_killed_learner_ends_the_run_with_one_line_and_resume_completes_it(tmp_path, prompts_file):
     run_dir = tmp_path / "run"
     in_flight = ("--buffer.max-policy-lag", "1", "--rollout.weight-update", "in_flight")
+    before = set(glob.glob(SHARED_WEIGHTS.format("*")))
     proc = start(args(run_dir, prompts_file, 8, *in_flight))
     wait_for_step(proc, run_dir, 3)
+    ours = set(glob.glob(SHARED_WEIGHTS.format("*"))) - before
+    assert len(ours) == 1  # the precondition: the run's weights are in shared memory
     actor_processes(proc, "ray::Learner")[0].kill()
     code, err = finish(proc)
     assert code == 1
     line = one_line_error(err, "error:")
     assert "the learner died" in line and "--resume" in line
+    assert not any(os.path.exists(path) for path in ours)  # no model-sized file left in RAM
 
     resumed = run(args(run_dir, prompts_file, 8, *in_flight, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -271,3 +278,49 @@ def test_missing_or_damaged_checkpoints_are_one_line(tmp_path, prompts_file):
     proc = run(args(run_dir, prompts_file, 4, "--resume"))
     assert proc.returncode == 1
     assert "step_000002 is damaged: model.safetensors" in one_line_error(proc.stderr, "error:")
+
+
+@pytest.fixture
+def immutable(tmp_path):
+    """A directory nothing can be written in, not even by root (chattr +i)."""
+    directory = tmp_path / "locked"
+    directory.mkdir()
+    if subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode != 0:
+        pytest.skip("this file system cannot make a directory immutable (chattr +i)")
+    yield directory
+    subprocess.run(["chattr", "-i", str(directory)], check=True)
+
+
+def test_a_run_dir_that_cannot_be_written_is_one_line(tmp_path, prompts_file, immutable):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    proc = run(args(a_file, prompts_file, 2))
+    assert proc.returncode == 1
+    assert one_line_error(proc.stderr, "error:") == f"error: --run-dir {a_file} is a file, not a directory"
+    proc = run(args(immutable / "run", prompts_file, 2))
+    assert proc.returncode == 1
+    assert one_line_error(proc.stderr, "error:") == \
+        f"error: cannot write {immutable / 'run'}: Operation not permitted"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 240 MB file system: one checkpoint of the tiny model (about 150 MB) fits, two do not."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=240m", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_disk_that_fills_during_the_run_is_one_line_with_a_resume_hint(small_disk, prompts_file):
+    run_dir = small_disk / "run"
+    proc = run(args(run_dir, prompts_file, 6))  # checkpoints at steps 2 and 4
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    line = one_line_error(proc.stderr, "error:")
+    assert line.startswith(f"error: cannot write {run_dir}/checkpoints/") and "No space left on device" in line
+    assert line.endswith(f"; continue from the last checkpoint (step 2) with --resume --run-dir {run_dir}")
+    assert steps_logged(run_dir) == [1, 2, 3]  # not step 4, whose checkpoint failed
+    assert not list((run_dir / "checkpoints").glob("*.tmp"))  # the half-written one is gone

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,15 @@ def train(run_dir: Path, *args: str, check: bool = True, short: bool = True) -> 
 
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def last_step(run_dir: Path) -> int:
+    """The last step in metrics.jsonl while a run writes it (0 while it has none, or a half line)."""
+    try:
+        return max((json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()),
+                   default=0)
+    except (OSError, ValueError):
+        return 0
 
 
 def fifths(history: list[dict]) -> tuple[float, float]:
@@ -234,6 +245,20 @@ def test_resumed_run_matches_the_uninterrupted_one(sync_run, tmp_path):
     assert other.returncode == 2 and other.stderr.strip().splitlines() == [
         "config error: cannot change model.name when resuming: the run has 'tiny', the command "
         "line says 'pythia-70m-shape' (only steps, stop_after, logging.* and timeouts may change)"]
+
+    # SIGTERM (`ray job stop`, a scheduler) stops a run as Ctrl-C does: one line, exit 143.
+    proc = subprocess.Popen([sys.executable, "-m", "deploy.train", "--run-dir", str(run_dir), "--resume"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while last_step(run_dir) < 9:  # past the checkpoint at step 8
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert err.strip().splitlines()[-1] == ("interrupted: continue from the last checkpoint (step 8) "
+                                           f"with --resume --run-dir {run_dir}")
+    assert "SIGTERM received" not in out + err and "Traceback" not in err  # no C++ stack dump
 
     train(run_dir, "--resume", short=False)  # the run's own config: 16 steps, not the default 40
     resumed, straight = metrics(run_dir), metrics(sync_run)

@@ -221,8 +221,19 @@ def test_tokenizer_for_a_preset_or_directory_is_its_own(tiny_dir: Path) -> None:
 def test_presets_match_pythia_architectures() -> None:
     assert PRESETS["pythia-70m-shape"] == models.Preset(512, 6, 8, 2048, 1e-6)
     assert PRESETS["pythia-410m-shape"] == models.Preset(1024, 24, 16, 4096, 1e-6)
-    for p in PRESETS.values():
-        assert p.hidden_size // p.num_attention_heads == 64
+    assert PRESETS["pythia-1.4b-shape"] == models.Preset(2048, 24, 16, 8192, 1e-6)
+    # Head sizes vLLM's CPU attention supports (64; 128 for 1.4b, as Pythia's own).
+    assert {name: p.hidden_size // p.num_attention_heads for name, p in PRESETS.items()} == {
+        "tiny": 64, "pythia-70m-shape": 64, "pythia-410m-shape": 64, "pythia-1.4b-shape": 128}
+
+
+def test_pythia_1_4b_shape_has_pythia_1_4b_parameter_count() -> None:
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig(**models._config_dict(PRESETS["pythia-1.4b-shape"]))
+    with torch.device("meta"):
+        model = GPTNeoXForCausalLM(config)
+    assert sum(p.numel() for p in model.parameters()) == 1_414_647_808  # EleutherAI/pythia-1.4b
 
 
 def test_pythia_70m_shape_has_pythia_70m_parameter_count() -> None:
