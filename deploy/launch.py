@@ -9,13 +9,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from common.config import Config
+from common.config import Config, ConfigError
 from common.errors import RunError, WaitTimeout
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
     from ray.util.placement_group import PlacementGroup
 
+log = logging.getLogger(__name__)
 LEARNER_BUNDLE = 0  # bundles 0.. are the learner ranks' (the buffer shares rank 0's); workers follow
 WORKER_CALLS = 16  # a rollout worker's calls in progress at once
 
@@ -52,6 +53,19 @@ def plan(cfg: Config) -> ResourcePlan:
         + [bundle(worker, custom) for _ in range(rollout.num_workers)]
     return ResourcePlan(bundles=bundles, strategy=cluster.placement_strategy, learner=learner,
                         worker=worker)
+
+
+PLACEMENT_QUIET_S = 5.0  # a placement still pending after this is said in the log
+
+
+def asked(bundles: list[dict[str, float]]) -> str:
+    """Resources summed over `bundles`, as `CPU 65, GPU 0` (Ray's own keys, memory left out)."""
+    total: dict[str, float] = {}
+    for bundle in bundles:
+        for key, value in bundle.items():
+            if "memory" not in key and not key.startswith("node:"):
+                total[key] = total.get(key, 0.0) + value
+    return ", ".join(f"{key} {value:g}" for key, value in sorted(total.items()))
 
 
 class ActorDied(RunError):
@@ -102,6 +116,31 @@ def init_ray(cfg: Config) -> None:
     # address="local": without it, ray.init() joins any cluster `ray start` left on this machine.
     ray.init(address="local", num_cpus=cpus, num_gpus=None if cfg.cluster.device == "gpu" else 0,
              include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)
+
+
+def check_machine(cfg: Config) -> None:
+    """On a Ray instance the run starts itself, refuse at once a plan this machine cannot hold:
+    Ray would start what fits and leave the rest pending, with no word and no end. Each engine
+    needs its Ray CPUs of the machine's cores (the learner may share them), and on a CPU the
+    engines' KV caches need the machine's memory."""
+    import psutil
+
+    rollout, cores = cfg.rollout, os.cpu_count() or 1
+    engines = rollout.num_workers * rollout.num_cpus
+    problems = []
+    if engines > cores and not cfg.cluster.num_cpus:
+        problems.append(f"rollout.num_workers ({rollout.num_workers}) x rollout.num_cpus "
+                        f"({rollout.num_cpus:g}) asks {engines:g} CPUs for the engines; this machine "
+                        f"has {cores}")
+    if cfg.cluster.device == "cpu":
+        memory = psutil.virtual_memory().total / 2**30
+        caches = rollout.num_workers * rollout.kv_cache_gib
+        if caches > memory:
+            problems.append(f"rollout.num_workers ({rollout.num_workers}) x rollout.kv_cache_gib "
+                            f"({rollout.kv_cache_gib:g}) asks {caches:g} GiB for the engines' KV caches; "
+                            f"this machine has {memory:.0f} GiB")
+    if problems:
+        raise ConfigError(problems)
 
 
 def actors_at_driver_priority() -> None:
@@ -157,10 +196,14 @@ def launch(cfg: Config, timeout_s: float) -> Cluster:
 
     p = plan(cfg)
     pg = placement_group(p.bundles, strategy=p.strategy, name="grpo-ray")
-    if not pg.wait(timeout_seconds=timeout_s):
-        ray.util.remove_placement_group(pg)
-        raise WaitTimeout(f"waited {timeout_s:.0f} s for the cluster to offer {p.bundles} "
-                           f"({p.strategy}); it has {ray.cluster_resources()}")
+    if not pg.wait(timeout_seconds=min(PLACEMENT_QUIET_S, timeout_s)):
+        log.info("waiting up to %.0f s for the cluster to place the run's actors (%s); it has %s",
+                 timeout_s, asked(p.bundles), asked([ray.cluster_resources()]))
+        if not pg.wait(timeout_seconds=max(0.0, timeout_s - PLACEMENT_QUIET_S)):
+            ray.util.remove_placement_group(pg)
+            raise WaitTimeout(f"waited {timeout_s:.0f} s for the cluster to place the run's actors: "
+                              f"they ask {asked(p.bundles)} ({len(p.bundles)} bundles, {p.strategy}), "
+                              f"the cluster has {asked([ray.cluster_resources()])}")
 
     def at(index: int) -> PlacementGroupSchedulingStrategy:
         return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)

@@ -175,9 +175,11 @@ def finished(run_dir: Path, steps: int) -> bool:
 
 def run(cfg: Config) -> RunSummary:
     """Train; everything the run writes goes under cfg.run_dir."""
-    from deploy.launch import init_ray, launch, shutdown
+    from deploy.launch import check_machine, init_ray, launch, shutdown
 
     started = time.perf_counter()
+    if not (cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
+        check_machine(cfg)  # a Ray instance of our own: what it cannot hold is refused now
     run_dir = prepare_run_dir(cfg)
     logs.driver_file(run_dir)
     log.info("run directory: %s", run_dir)
@@ -206,8 +208,8 @@ def run(cfg: Config) -> RunSummary:
             raise
         # Rollout workers are restarted and served in the loop; the learner and the buffer
         # hold the run's state, which lives on in the last checkpoint.
-        raise RunError(f"{e}; its log is in {logs.log_dir(run_dir)}; continue from the last "
-                       f"checkpoint with --resume --run-dir {run_dir}") from None
+        hint = resume_hint(cfg) or "there is no checkpoint yet to resume from"
+        raise RunError(f"{e}; its log is in {logs.log_dir(run_dir)}; {hint}") from None
     finally:
         shutdown(cluster)
 

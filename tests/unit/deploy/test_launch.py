@@ -59,3 +59,33 @@ def test_plan_rollout_resource_pins_workers_not_learner():
     assert p.bundles[1:] == [{"CPU": 4.0, "rollout": 1.0, "GPU": 2.0}] * 4
     assert p.worker == {"num_cpus": 4, "num_gpus": 2, "resources": {"rollout": 1.0}}
     assert "resources" not in p.learner
+
+
+def test_what_the_actors_ask_is_summed_in_one_line():
+    from deploy.launch import asked
+
+    assert asked([{"CPU": 1.0, "GPU": 1.0}, {"CPU": 2.0, "rollout": 1.0},
+                  {"CPU": 4.0, "memory": 1e9, "node:10.0.0.1": 1.0}]) == "CPU 7, GPU 1, rollout 1"
+
+
+def test_a_local_plan_is_checked_against_the_machine(monkeypatch):
+    import psutil
+
+    from common.config import ConfigError
+    from deploy.launch import check_machine
+
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("M", (), {"total": 16 * 2**30})())
+    cfg = Config()
+    cfg.rollout.num_workers, cfg.rollout.kv_cache_gib = 4, 4.0
+    check_machine(cfg)  # 4 engines of 1 CPU and 4 GiB each: it fits exactly
+    cfg.rollout.num_workers = 5
+    with pytest.raises(ConfigError) as refused:
+        check_machine(cfg)
+    assert [line.split(";")[0] for line in refused.value.problems] == [
+        "rollout.num_workers (5) x rollout.num_cpus (1) asks 5 CPUs for the engines",
+        "rollout.num_workers (5) x rollout.kv_cache_gib (4) asks 20 GiB for the engines' KV caches"]
+    cfg.cluster.num_cpus = 8  # Ray's CPUs said outright: the user's to size
+    with pytest.raises(ConfigError) as refused:
+        check_machine(cfg)
+    assert len(refused.value.problems) == 1
