@@ -129,6 +129,11 @@ class RolloutBuffer:
         n, oldest = self._waiting
         return max(0, n - sum(g.policy_version >= oldest for g in self._groups))
 
+    def carry_on(self, counts: dict[str, int]) -> None:
+        """Count on from a resumed run's counts (RunState.buffer_counts)."""
+        self.produced, self.consumed = counts["produced"], counts["consumed"]
+        self.dropped_stale, self.dropped_zero_std = counts["dropped_stale"], counts["dropped_zero_std"]
+
     def stats(self) -> dict:
         return {
             "size": len(self._groups),

@@ -564,9 +564,17 @@ def from_args(argv: list[str], description: str | None = None) -> Config:
 def resume_changes(original: Config, resumed: Config) -> list[str]:
     """A line for every field `resumed` changes that a resumed run may not change."""
     before, after = _flat(to_dict(original)), _flat(to_dict(resumed))
-    return [f"cannot change {key} when resuming: the run has {before[key]!r}, the command line "
-            f"says {after[key]!r} (only steps, stop_after, logging.* and timeouts may change)"
+    return [f"cannot change {key} when resuming: the run has {_shown(original, key, before[key])}, "
+            f"the command line says {_shown(resumed, key, after[key])} (only steps, stop_after, "
+            f"logging.* and timeouts may change)"
             for key in before if before[key] != after[key] and not key.startswith(CHANGEABLE_ON_RESUME)]
+
+
+def _shown(cfg: Config, key: str, value) -> str:
+    """A field's value as the run uses it: an unset learning rate is the model's default."""
+    if key == "learner.learning_rate" and value is None:
+        return f"{cfg.learning_rate!r} (the model's default)"
+    return repr(value)
 
 
 def _flat(data: dict, prefix: str = "") -> dict:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -65,10 +67,33 @@ def _load_file(path: Path, builder: str) -> datasets.Dataset:
     # The json builder fails on an empty file with a bare StopIteration; say what it means.
     if path.stat().st_size == 0:
         raise DataError(f"dataset `{path}` is empty")
+    logger = datasets.utils.logging.get_logger()
+    level = logger.getEffectiveLevel()
+    logger.setLevel(logging.CRITICAL)  # its failure would be logged twice: it is said below, once
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as e:
+        if path.suffix == ".jsonl":
+            _raise_bad_line(path)
         raise DataError(f"could not read `{path}` as {builder}: {e}") from e
+    finally:
+        logger.setLevel(level)
+
+
+def _raise_bad_line(path: Path) -> None:
+    """Name the first line of a JSON Lines file that is not a JSON object: datasets says only
+    that an error occurred while generating the dataset."""
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"`{path}` line {number} is not JSON ({e.msg}, column {e.colno}): "
+                                f"{line.strip()[:60]!r}") from None
+            if not isinstance(row, dict):
+                raise DataError(f"`{path}` line {number} is not a JSON object: {line.strip()[:60]!r}")
 
 
 def _filter_split(ds: datasets.Dataset, split: str, name: str) -> datasets.Dataset:

@@ -93,6 +93,10 @@ class RunState:
     """Wall-clock seconds of every invocation so far."""
     prompts_taken: int | None = None
     """Where the prompt stream stands at round `step`; None: step x prompts per step."""
+    buffer_counts: dict[str, int] = field(default_factory=dict)
+    """The rollout buffer's running counts at `step` (produced, consumed, dropped_stale,
+    dropped_zero_std), produced less the groups it held then: a resumed run generates those
+    again."""
 
 
 @dataclass

@@ -47,6 +47,8 @@ class MetricsLog:
         return getattr(self.wandb, "url", None) if self.wandb else None
 
     def log(self, metrics: dict) -> None:
+        # A measure that could not be taken (NaN) is left out: strict JSON readers reject NaN.
+        metrics = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
         with self.path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
         if self.wandb is not None:

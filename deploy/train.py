@@ -234,6 +234,9 @@ class Training:
             self.state = self.workers.get(self.learner.load_checkpoint.remote(cfg.run_dir),
                                           "the learner to load the checkpoint", actor="the learner")
             log.info("resumed from step %d", self.state.step)
+            if self.state.buffer_counts:
+                self.workers.get(self.buffer.carry_on.remote(self.state.buffer_counts),
+                                 "the buffer's counts", actor="the rollout buffer")
         self.started = started - self.state.elapsed_s  # wall-clock counts earlier invocations too
         self.stop = min(cfg.steps, self.state.step + cfg.stop_after) if cfg.stop_after else cfg.steps
         self.constants = {"overlong_prompts": prompts.overlong}
@@ -274,7 +277,9 @@ class Training:
         """Every engine starts from the learner's exact weights; the eval split is scored once."""
         self.rollouts.push_weights(self.state.step)
         self.check_weights(self.state.step)
-        if self.state.eval_before is None:
+        if not self.eval_prompts:
+            self.metrics.note("no eval split: the eval reward is not measured (data.eval_split)")
+        elif self.state.eval_before is None:
             with self.spans.span("evaluate"):
                 self.state.eval_before = self.rollouts.evaluate(self.eval_prompts)
             self.metrics.note(f"eval reward before training: {self.state.eval_before:+.4f}")
@@ -304,6 +309,9 @@ class Training:
         gen = self.rollouts.take_stats()
         gen_tokens, gen_s = sum(s.tokens for s in gen), sum(s.seconds for s in gen)
         held = self.workers.get(self.buffer.stats.remote(), "the buffer's counts", "the rollout buffer")
+        self.state.buffer_counts = {"produced": held["produced"] - held["size"], "consumed": held["consumed"],
+                                    "dropped_stale": held["dropped_stale"],
+                                    "dropped_zero_std": held["dropped_zero_std"]}
         self.state.lost_groups, self.state.worker_restarts = self.rollouts.lost_groups, self.workers.restarts
         self.state.prompts_taken = self.rollouts.prompts_taken(self.state.step)
         self.state.elapsed_s = time.perf_counter() - self.started
@@ -329,7 +337,7 @@ class Training:
 
     def maybe_eval(self, metrics: dict) -> None:
         every, step = self.cfg.logging.eval_every, self.state.step
-        if step == self.cfg.steps or (every and step % every == 0):
+        if self.eval_prompts and (step == self.cfg.steps or (every and step % every == 0)):
             with self.spans.span("evaluate"):
                 metrics["eval_reward"] = self.rollouts.evaluate(self.eval_prompts)
 
@@ -355,23 +363,26 @@ class Training:
                                  "the final model to be written", actor="the learner")
         plot_rewards(history, self.run_dir / "reward_curve.png",
                      f"GRPO on {cfg.model.name}, reward {' + '.join(cfg.rollout.rewards)}",
-                     eval_before=self.state.eval_before)
+                     eval_before=math.nan if self.state.eval_before is None else self.state.eval_before)
         for key, value in summary.results.items():
             log.info("%s: %s", key, value)
         log.info("final model: %s (load with transformers.pipeline('text-generation', model=...))", final)
         return summary
 
 
-def summarize(history: list[dict], eval_before: float) -> dict[str, float]:
+def summarize(history: list[dict], eval_before: float | None) -> dict[str, float | str]:
     """The figures a run reports: reward over the first and last fifth of its steps, the eval
-    split before and after, the steps and the wall-clock time."""
-    rewards = [m["reward"] for m in history]
+    split before and after (None before: there is no eval split), the steps and the wall-clock
+    time."""
+    rewards = [m.get("reward", math.nan) for m in history]  # absent: no sample was scored
     fifth = max(1, len(rewards) // 5)
+    evals = {"eval-split reward": "no eval split"} if eval_before is None else {
+        "eval-split reward before training": round(eval_before, 4),
+        "eval-split reward after training": round(history[-1]["eval_reward"], 4)}
     return {
         "mean reward, first fifth of steps": round(sum(rewards[:fifth]) / fifth, 4),
         "mean reward, last fifth of steps": round(sum(rewards[-fifth:]) / fifth, 4),
-        "eval-split reward before training": round(eval_before, 4),
-        "eval-split reward after training": round(history[-1].get("eval_reward", math.nan), 4),
+        **evals,
         "steps": len(history),
         "wall-clock seconds": round(history[-1]["elapsed_s"], 1),
     }

@@ -57,13 +57,33 @@ def latest(run_dir: str | Path) -> Path:
     found = complete(run_dir)
     if not found:
         raise CheckpointError(f"no checkpoint to resume from in {root(run_dir)}")
-    newest = found[-1]
-    expected = SHARDED_FILES if (newest / "sharded").is_dir() else FILES
-    missing = [f for f in expected if not (newest / f).is_file()]
+    try:
+        check_whole(found[-1])
+    except CheckpointError as damaged:
+        intact = next((older for older in reversed(found[:-1]) if _is_whole(older)), None)
+        if intact is None:
+            raise
+        raise CheckpointError(f"{damaged}; the one before it, {intact.name}, is whole: move "
+                              f"{found[-1]} out of {root(run_dir)} to resume from step "
+                              f"{step_of(intact)}") from None
+    return found[-1]
+
+
+def check_whole(directory: Path) -> None:
+    """Every file a resume reads is there and readable."""
+    expected = SHARDED_FILES if (directory / "sharded").is_dir() else FILES
+    missing = [f for f in expected if not (directory / f).is_file()]
     if missing:
-        raise CheckpointError(f"checkpoint {newest} is damaged: missing {', '.join(missing)}")
-    check_readable(newest)
-    return newest
+        raise CheckpointError(f"checkpoint {directory} is damaged: missing {', '.join(missing)}")
+    check_readable(directory)
+
+
+def _is_whole(directory: Path) -> bool:
+    try:
+        check_whole(directory)
+        return True
+    except CheckpointError:
+        return False
 
 
 def check_readable(directory: Path) -> None:

@@ -192,6 +192,10 @@ def test_a_killed_driver_takes_its_cluster_down_and_resume_completes_the_run(tmp
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert steps_logged(run_dir) == list(range(1, 9))
     assert not list((run_dir / "checkpoints").glob("*.tmp"))
+    # No eval split here: said, and left out of metrics.jsonl (a NaN there is not JSON).
+    assert "eval-split reward: no eval split" in resumed.stderr
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        assert "eval_reward" not in json.loads(line, parse_constant=lambda c: pytest.fail(f"{c}: {line}"))
 
 
 def test_a_reward_that_raises_stops_the_run_with_one_line(tmp_path, prompts_file):
@@ -281,6 +285,14 @@ def test_bad_data_is_one_line(tmp_path, prompts_file):
     assert proc.returncode == 1
     line = one_line_error(proc.stderr, "error:")
     assert "`prompt`" in line and "question" in line  # names the columns there are
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(prompts_file.read_text() + '{"question": "unfinished\n')
+    proc = run(args(tmp_path / "c", broken, 2))
+    assert proc.returncode == 1
+    assert one_line_error(proc.stderr, "error:").startswith(f"error: `{broken}` line 43 is not JSON (")
+    assert [line for line in proc.stderr.splitlines() if "grpo-ray:" not in line] == \
+        [one_line_error(proc.stderr, "error:")]  # no library's lines beside it
 
 
 def test_missing_or_damaged_checkpoints_are_one_line(tmp_path, prompts_file):

@@ -263,8 +263,11 @@ def test_resumed_run_matches_the_uninterrupted_one(sync_run, tmp_path):
     train(run_dir, "--resume", short=False)  # the run's own config: 16 steps, not the default 40
     resumed, straight = metrics(run_dir), metrics(sync_run)
     assert [m["step"] for m in resumed] == list(range(1, STEPS + 1))  # none repeated or skipped
-    # Exactly the uninterrupted run: the same samples (per-request seeds), the same updates.
+    # Exactly the uninterrupted run: the same samples (per-request seeds), the same updates,
+    # and the buffer's running counts go on from where they were.
     assert [m["reward"] for m in resumed] == [m["reward"] for m in straight]
+    for key in ("buffer_produced", "buffer_consumed", "buffer_dropped_stale", "buffer_size"):
+        assert [m[key] for m in resumed] == [m[key] for m in straight], key
     final, expected = load_file(run_dir / "final" / "model.safetensors"), \
         load_file(sync_run / "final" / "model.safetensors")
     assert final.keys() == expected.keys()

@@ -267,3 +267,16 @@ def test_an_in_order_get_skips_what_came_before_its_first_position():
         return indices(await buf.get(2, current_version=0, first=4))
 
     assert asyncio.run(main()) == [4, 5]
+
+
+def test_a_resumed_buffer_counts_on_from_the_run_it_continues():
+    async def main():
+        buf = RolloutBuffer(capacity=4, max_policy_lag=0)
+        buf.carry_on({"produced": 40, "consumed": 36, "dropped_stale": 3, "dropped_zero_std": 1})
+        await buf.put([group(0), group(1)])
+        await buf.get(1, current_version=0)
+        return buf.stats()
+
+    s = asyncio.run(main())
+    assert (s["produced"], s["consumed"], s["dropped_stale"], s["dropped_zero_std"], s["size"]) == (42, 37, 3, 1, 1)
+    assert s["produced"] == s["consumed"] + s["dropped_stale"] + s["dropped_zero_std"] + s["size"]

@@ -429,6 +429,16 @@ def test_resume_refuses_any_other_change_in_one_line_naming_both_values(tmp_path
         "line says ('length',) (only steps, stop_after, logging.* and timeouts may change)"]
 
 
+def test_a_refused_learning_rate_shows_the_one_the_run_uses_not_none(tmp_path):
+    run_dir = started_run(tmp_path)  # learner.learning_rate unset: the tiny preset's own
+    with pytest.raises(ConfigError) as e:
+        from_args(["--run-dir", run_dir, "--resume", "--learner.learning-rate", "0.01"])
+    assert e.value.problems == [
+        "cannot change learner.learning_rate when resuming: the run has 0.03 (the model's "
+        "default), the command line says 0.01 (only steps, stop_after, logging.* and timeouts "
+        "may change)"]
+
+
 def test_resume_with_the_run_file_it_started_from(tmp_path):
     run_file = str(Path(__file__).parents[3] / "deploy" / "configs" / "tiny.yaml")
     run_dir = started_run(tmp_path, run_file, "--steps", "12", "--grpo.epsilon", "0.1")

@@ -307,3 +307,12 @@ def test_sampler_stamps_each_prompt_with_its_place_in_the_stream():
 def test_sampler_refuses_no_prompts():
     with pytest.raises(DataError):
         PromptSampler([], seed=0)
+
+
+def test_a_jsonl_line_that_is_not_json_is_named_with_its_start(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"question": "a"}\n\n{"question": "b"}\n{"question": "c", oops}\n{"question": "d"}\n')
+    with pytest.raises(DataError) as e:
+        load_split(DataConfig(dataset=str(path), prompt_column="question"), "train")
+    assert str(e.value) == (f"`{path}` line 4 is not JSON (Expecting property name enclosed in double "
+                            "quotes, column 19): '{\"question\": \"c\", oops}'")

@@ -6,6 +6,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from deploy.train import default_run_dir, ray_job_id, summarize
 
 JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -43,3 +45,18 @@ def test_summarize_reports_the_fifths_and_the_eval_split():
         "steps": 11,
         "wall-clock seconds": 21.0,
     }
+
+
+def test_without_an_eval_split_the_summary_says_so_and_metrics_stay_strict_json(tmp_path):
+    from common.config import Config
+    from deploy.metrics import MetricsLog
+
+    history = [{"step": 1, "reward": 0.5, "elapsed_s": 3.0}]
+    assert summarize(history, eval_before=None)["eval-split reward"] == "no eval split"
+    cfg = Config()
+    cfg.logging.progress = "lines"
+    log = MetricsLog(cfg, tmp_path, first_step=0)
+    log.log({"step": 1, "reward": 0.5, "gen_tokens_per_s": float("nan")})
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl")) == \
+        {"step": 1, "reward": 0.5}  # what could not be measured is left out

@@ -112,10 +112,20 @@ def test_latest_without_checkpoints_raises(tmp_path):
 
 
 def test_latest_names_the_missing_file(tmp_path):
-    make(tmp_path, 2)
     make(tmp_path, 3, files=("model/model.safetensors", "model/config.json", "driver.json"))
     with pytest.raises(CheckpointError, match=r"step_000003 is damaged: missing learner\.pt$"):
         latest(tmp_path)
+
+
+def test_a_damaged_newest_checkpoint_names_the_whole_one_before_it(tmp_path):
+    make(tmp_path, 2)
+    make(tmp_path, 3)
+    newest = make(tmp_path, 4, files=("model/model.safetensors", "model/config.json", "driver.json"))
+    with pytest.raises(CheckpointError) as refused:
+        latest(tmp_path)
+    assert str(refused.value) == (
+        f"checkpoint {newest} is damaged: missing learner.pt; the one before it, step_000003, is "
+        f"whole: move {newest} out of {tmp_path / 'checkpoints'} to resume from step 3")
 
 
 # ----- prune / read_state -----
