@@ -202,3 +202,24 @@ def test_submitted_job_trains_with_workers_on_the_second_node(cluster, tmp_path)
     assert len(workers) == 2 and len(learners) == 1, actors
     assert all(a["node_id"] == second for a in workers), workers
     assert learners[0]["node_id"] == head, learners
+
+
+def test_a_stopped_job_ends_as_an_interrupted_run_saying_how_to_continue(cluster, tmp_path):
+    """`ray job stop` sends the driver SIGTERM, and SIGKILL 3 s later: the job says STOPPED, and
+    its log ends with the line that says how to continue, printed on arrival of the signal."""
+    job, run_dir = f"stop-{uuid.uuid4().hex[:8]}", tmp_path / "run"
+    cluster.ray("job", "submit", "--address", cluster.dashboard, "--submission-id", job, "--no-wait",
+                "--working-dir", str(ROOT), "--runtime-env", "deploy/runtime_env.yaml", "--",
+                "python", "-m", "deploy.train", *TRAIN, "--steps", "40", "--learner.checkpoint-every", "1",
+                "--run-dir", str(run_dir))
+    deadline = time.monotonic() + 600
+    while not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "metrics.jsonl").read_text():
+        assert time.monotonic() < deadline and "failed" not in cluster.status(job), cluster.logs(job)[-3000:]
+        time.sleep(0.5)
+    cluster.ray("job", "stop", "--address", cluster.dashboard, job)
+    while f"Job '{job}' was stopped" not in cluster.status(job):  # ray job status: STOPPED
+        assert time.monotonic() < deadline, cluster.status(job)
+        time.sleep(0.5)
+    last = cluster.logs(job).strip().splitlines()[-1]
+    assert last.startswith("interrupted: continue from the last checkpoint (step ") and \
+        last.endswith(f"with --resume --run-dir {run_dir}"), cluster.logs(job)[-3000:]
