@@ -147,7 +147,7 @@ def broadcast_and_abort(device: str) -> dict[str, float | bool]:
 
 def run(device: str, smoke: bool) -> dict:
     shapes = ("tiny",) if smoke else SHAPES
-    sizes = dict(prompts=2, group_size=2, prompt_tokens=16, completion_tokens=16, timed=1) if smoke \
+    sizes = dict(prompts=2, group_size=2, prompt_tokens=8, completion_tokens=8, timed=1) if smoke \
         else dict(prompts=8, group_size=8, prompt_tokens=128, completion_tokens=256, timed=3)
     peak = matmul_peak_tflops("cuda" if device == "gpu" else "cpu", n=512 if smoke else 8192)
     out: dict = {"device": torch.cuda.get_device_name() if device == "gpu" else "cpu",

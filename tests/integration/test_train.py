@@ -234,9 +234,19 @@ def test_a_learner_of_two_ranks_learns_syncs_and_resumes_exactly(tmp_path):
 
 def test_resumed_run_matches_the_uninterrupted_one(sync_run, tmp_path):
     run_dir = tmp_path / "run"
-    first = train(run_dir, "--stop-after", "6")
-    assert "continue with --resume" in first.stderr
-    assert [m["step"] for m in metrics(run_dir)] == list(range(1, 7))
+    # SIGTERM (`kill`, `ray job stop`, a scheduler) stops a run as Ctrl-C does: one line, 143.
+    proc = subprocess.Popen([sys.executable, "-m", "deploy.train", "--run-dir", str(run_dir), *SHORT],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while last_step(run_dir) < 5:  # past the checkpoint at step 4
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert err.strip().splitlines()[-1] == ("interrupted: continue from the last checkpoint (step 4) "
+                                           f"with --resume --run-dir {run_dir}")
+    assert "SIGTERM received" not in out + err and "Traceback" not in err  # no C++ stack dump
     assert not (run_dir / "final").exists()
 
     refused = train(run_dir, check=False)  # the run dir is taken: resume or choose another
@@ -245,20 +255,6 @@ def test_resumed_run_matches_the_uninterrupted_one(sync_run, tmp_path):
     assert other.returncode == 2 and other.stderr.strip().splitlines() == [
         "config error: cannot change model.name when resuming: the run has 'tiny', the command "
         "line says 'pythia-70m-shape' (only steps, stop_after, logging.* and timeouts may change)"]
-
-    # SIGTERM (`ray job stop`, a scheduler) stops a run as Ctrl-C does: one line, exit 143.
-    proc = subprocess.Popen([sys.executable, "-m", "deploy.train", "--run-dir", str(run_dir), "--resume"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 600
-    while last_step(run_dir) < 9:  # past the checkpoint at step 8
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-3000:]
-    assert err.strip().splitlines()[-1] == ("interrupted: continue from the last checkpoint (step 8) "
-                                           f"with --resume --run-dir {run_dir}")
-    assert "SIGTERM received" not in out + err and "Traceback" not in err  # no C++ stack dump
 
     train(run_dir, "--resume", short=False)  # the run's own config: 16 steps, not the default 40
     resumed, straight = metrics(run_dir), metrics(sync_run)

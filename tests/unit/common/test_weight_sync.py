@@ -370,7 +370,7 @@ def test_a_wait_past_its_deadline_aborts_and_raises():
 
 def _member(port: int, rank: int, specs, buckets, fail_after: int | None, results) -> None:
     """Rank `rank` of a 3-member group; with `fail_after`, its transfer breaks after that many
-    broadcasts, and it stays in the group 5 s more (a member whose process lives on: only what
+    broadcasts, and it stays in the group 3 s more (a member whose process lives on: only what
     it says in the store can tell the others)."""
     import time as clock
 
@@ -392,7 +392,7 @@ def _member(port: int, rank: int, specs, buckets, fail_after: int | None, result
     except BaseException as e:
         results.put((rank, type(e).__name__, clock.time()))
         if fail_after is not None:
-            clock.sleep(5)
+            clock.sleep(3)
     finally:
         group.close()
 
