@@ -107,7 +107,7 @@ def init_ray(cfg: Config) -> None:
     # The actors write their own logs into the run directory (common/logs.py): nothing of theirs
     # is forwarded to the driver's console, and Ray itself speaks up only for errors.
     quiet = dict(log_to_driver=False, logging_level=logging.ERROR)
-    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS", "")
+    address = cluster_address(cfg)
     if address:
         ray.init(address=address, **quiet)
         return
@@ -116,6 +116,12 @@ def init_ray(cfg: Config) -> None:
     # address="local": without it, ray.init() joins any cluster `ray start` left on this machine.
     ray.init(address="local", num_cpus=cpus, num_gpus=None if cfg.cluster.device == "gpu" else 0,
              include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)
+
+
+def cluster_address(cfg: Config) -> str:
+    """The Ray cluster the run joins (the configured one, or the job's under `ray job
+    submit`); empty when it starts a local instance of its own."""
+    return cfg.cluster.address or os.environ.get("RAY_ADDRESS", "")
 
 
 def check_machine(cfg: Config) -> None:

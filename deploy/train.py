@@ -175,10 +175,10 @@ def finished(run_dir: Path, steps: int) -> bool:
 
 def run(cfg: Config) -> RunSummary:
     """Train; everything the run writes goes under cfg.run_dir."""
-    from deploy.launch import check_machine, init_ray, launch, shutdown
+    from deploy.launch import check_machine, cluster_address, init_ray, launch, shutdown
 
     started = time.perf_counter()
-    if not (cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
+    if not cluster_address(cfg):
         check_machine(cfg)  # a Ray instance of our own: what it cannot hold is refused now
     run_dir = prepare_run_dir(cfg)
     logs.driver_file(run_dir)
