@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import tempfile
 import threading
 import time
 import uuid
@@ -21,12 +22,21 @@ from actors.engine_loop import EngineLoop
 from actors.vllm_extension import exit_for_restart
 from common import logs, models
 from common.config import Config, cpu_threads
+from common.held import held_dir, remove_unheld
 from common.rewards import Scorer
 from common.spans import Span, Spans
 from common.types import GenerationStats, Prompt, RolloutGroup
 from common.weight_sync import TensorSpec
 
 EXTENSION = "actors.vllm_extension.WeightSyncExtension"
+log = logging.getLogger(__name__)
+
+
+def engine_scratch(actor_id: str | None) -> str:
+    """The prefix of the temporary directories of the rollout worker Ray knows as `actor_id`
+    (None: one built outside Ray). vLLM leaves a file there per engine start (its rendezvous
+    file store: vllm/utils/network_utils.py, get_file_store_init_method), and never removes it."""
+    return os.path.join(tempfile.gettempdir(), f"grpo-ray-engine-{actor_id or 'local'}-")
 
 
 def engine_args(cfg: Config, model_path: str, index: int) -> dict:
@@ -99,6 +109,12 @@ class RolloutWorker:
             threads = cpu_threads(cfg, "rollout", len(os.sched_getaffinity(0)))
             os.environ["OMP_NUM_THREADS"] = str(threads)
             torch.set_num_threads(threads)
+        # Temporary files in a directory this process holds: the driver removes it when the run
+        # ends, and the next worker on this node removes any that a killed process left.
+        for orphan in remove_unheld(os.path.join(tempfile.gettempdir(), "grpo-ray-engine-*")):
+            log.info("removed %s, left by a rollout worker that is gone", orphan)
+        actor_id = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
+        tempfile.tempdir = held_dir(engine_scratch(actor_id))
         from vllm import LLM
 
         # Every reload warns that the rotary embedding got no weights: it has none to get (its

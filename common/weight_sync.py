@@ -21,6 +21,7 @@ from datetime import timedelta
 import torch
 
 from common.errors import RunError
+from common.held import create_held
 
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
 
@@ -337,7 +338,7 @@ class SharedMemoryChannel(WeightChannel):
         self.payload = packed_size(specs)
         self._lock = None
         if owner:
-            self._lock = _create_held(path)
+            self._lock = create_held(path)
         else:
             os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))  # the weights are this user's only
         self._mem = torch.from_file(path, shared=True, size=_HEADER.size + self.payload,
@@ -377,41 +378,3 @@ class SharedMemoryChannel(WeightChannel):
 
 
 SHARED_WEIGHTS = "/dev/shm/grpo-ray-{}.weights"  # a model-sized file in memory, one per run
-
-
-def _create_held(path: str) -> int:
-    """Create the file at `path` holding a lock on it for as long as this process lives (the
-    kernel drops it when the process ends, however it ends). It is made under another name and
-    renamed once held, so a sweep never finds it unheld."""
-    import fcntl
-
-    made = f"{path}.{os.getpid()}.new"
-    fd = os.open(made, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)  # the weights are this user's only
-    fcntl.flock(fd, fcntl.LOCK_SH)
-    os.rename(made, path)
-    return fd
-
-
-def remove_orphaned_weights(pattern: str = SHARED_WEIGHTS) -> list[str]:
-    """Remove the shared-memory weight files that no live learner holds: a learner killed (or
-    a node restarted mid-run) leaves a model-sized file in RAM, and a concurrent run's file is
-    held by its learner, so it is never touched. Returns the paths removed."""
-    import fcntl
-    import glob
-
-    removed = []
-    for path in glob.glob(pattern.format("*")):
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue  # its learner lives
-        else:
-            os.unlink(path)
-            removed.append(path)
-        finally:
-            os.close(fd)
-    return removed

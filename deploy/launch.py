@@ -182,13 +182,29 @@ class Cluster:
         return "127.0.0.1" if self.single_node else self.learner_node[1]
 
 
-def shutdown(cluster: Cluster) -> None:
-    """Kill the run's actors and give their resources back."""
+def shutdown(cluster: Cluster, wait_s: float = 10.0) -> None:
+    """Kill the run's actors and give their resources back; then remove the temporary
+    directories of the rollout workers on this node, once their processes are gone (a few
+    seconds at most: a kill is not instant). Other nodes' go at their next run's start."""
+    import glob
+    import time
+
     import ray
+
+    from actors.rollout_worker import engine_scratch
+    from common.held import remove_unheld
 
     for actor in [*cluster.workers, cluster.learner, *cluster.learner_ranks, cluster.buffer]:
         ray.kill(actor)
     ray.util.remove_placement_group(cluster.placement_group)
+    left = [engine_scratch(actor._actor_id.hex()) + "*" for actor in cluster.workers]
+    deadline = time.monotonic() + wait_s
+    while left and time.monotonic() < deadline:
+        for pattern in left:
+            remove_unheld(pattern)
+        left = [pattern for pattern in left if glob.glob(pattern)]
+        if left:
+            time.sleep(0.2)
 
 
 def launch(cfg: Config, timeout_s: float) -> Cluster:

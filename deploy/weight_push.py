@@ -11,7 +11,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 
 from common.config import Config, ConfigError
-from common.weight_sync import SHARED_WEIGHTS, TensorSpec, plan_buckets, remove_orphaned_weights
+from common.held import remove_unheld
+from common.weight_sync import SHARED_WEIGHTS, TensorSpec, plan_buckets
 from deploy.launch import Cluster
 from deploy.workers import RolloutWorkers, Settled, TransferFailed
 
@@ -80,7 +81,7 @@ class SharedMemoryPush(WeightPush):
         try:
             super().close()
         finally:
-            remove_orphaned_weights()
+            remove_unheld(SHARED_WEIGHTS.format("*"))
 
     def revive(self, workers: list[int], version: int) -> None:
         for i in workers:

@@ -19,15 +19,16 @@ from trl.trainer.utils import entropy_from_logits
 from common import logs, models
 from common.config import Config, GRPOConfig, cpu_threads
 from common.errors import one_line
+from common.held import remove_unheld
 from common.spans import Span, Spans
 from common.types import RolloutGroup, RunState, RunSummary
 from common.weight_sync import (
+    SHARED_WEIGHTS,
     BroadcastChannel,
     SharedMemoryChannel,
     TensorSpec,
     WeightChannel,
     listen_socket,
-    remove_orphaned_weights,
     specs_of,
 )
 from learner import checkpoint, sharding
@@ -318,7 +319,7 @@ class Learner:
     def open_shared_weights(self, path: str) -> None:
         """Send weights through a file in shared memory at `path` (engines on this node)."""
         self.close_weight_sync()  # first: closing a channel at the same path removes its file
-        for orphan in remove_orphaned_weights():
+        for orphan in remove_unheld(SHARED_WEIGHTS.format("*")):
             log.info("removed %s, left by a learner that is gone", orphan)
         self._channel = SharedMemoryChannel(path, self.weight_specs(), owner=True)
 

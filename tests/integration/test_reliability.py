@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,6 +49,13 @@ def start(cmd: list[str]) -> subprocess.Popen:
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def temporary_files() -> set[str]:
+    """What runs may leave in the temporary directory: the engines' directories, and vLLM's
+    rendezvous files, which vLLM never removes (with none of ours, they land here)."""
+    tmp = tempfile.gettempdir()
+    return set(glob.glob(f"{tmp}/grpo-ray-engine-*")) | set(glob.glob(f"{tmp}/vllm_dist_*"))
 
 
 def steps_logged(run_dir: Path) -> list[int]:
@@ -159,11 +167,13 @@ def test_a_killed_rollout_worker_is_restarted_and_training_completes(tmp_path, p
 def test_a_killed_learner_ends_the_run_with_one_line_and_resume_completes_it(tmp_path, prompts_file):
     run_dir = tmp_path / "run"
     in_flight = ("--buffer.max-policy-lag", "1", "--rollout.weight-update", "in_flight")
-    before = set(glob.glob(SHARED_WEIGHTS.format("*")))
+    before, temporary = set(glob.glob(SHARED_WEIGHTS.format("*"))), temporary_files()
     proc = start(args(run_dir, prompts_file, 8, *in_flight))
     wait_for_step(proc, run_dir, 3)
     ours = set(glob.glob(SHARED_WEIGHTS.format("*"))) - before
     assert len(ours) == 1  # the precondition: the run's weights are in shared memory
+    engine_dirs = temporary_files() - temporary
+    assert len(engine_dirs) == 1 and glob.glob(f"{engine_dirs.pop()}/vllm_dist_*")  # and vLLM's file
     actor_processes(proc, "ray::Learner")[0].kill()
     code, err = finish(proc)
     assert code == 1
@@ -174,10 +184,12 @@ def test_a_killed_learner_ends_the_run_with_one_line_and_resume_completes_it(tmp
     resumed = run(args(run_dir, prompts_file, 8, *in_flight, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert steps_logged(run_dir) == list(range(1, 9))  # no step lost, none repeated
+    assert temporary_files() <= temporary  # nothing left in the temporary directory either
 
 
 def test_a_killed_driver_takes_its_cluster_down_and_resume_completes_the_run(tmp_path, prompts_file):
     run_dir = tmp_path / "run"
+    temporary = temporary_files()
     proc = start(args(run_dir, prompts_file, 8))
     wait_for_step(proc, run_dir, 3)
     cluster = [p for p in psutil.Process(proc.pid).children(recursive=True)
@@ -188,9 +200,12 @@ def test_a_killed_driver_takes_its_cluster_down_and_resume_completes_the_run(tmp
     _, alive = psutil.wait_procs(cluster, timeout=60)
     assert not alive, f"left running after the driver died: {[p.name() for p in alive]}"
 
+    assert len(temporary_files() - temporary) == 1  # the killed engine's directory is left
+
     resumed = run(args(run_dir, prompts_file, 8, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert steps_logged(run_dir) == list(range(1, 9))
+    assert temporary_files() <= temporary  # the resumed run removed it, and its own
     assert not list((run_dir / "checkpoints").glob("*.tmp"))
     # No eval split here: said, and left out of metrics.jsonl (a NaN there is not JSON).
     assert "eval-split reward: no eval split" in resumed.stderr

@@ -428,33 +428,3 @@ def test_a_member_whose_transfer_fails_makes_every_other_fail_within_two_seconds
     ends = {rank: (what, t - failed_at) for rank, what, t in events if what != "failed at"}
     assert ends[1][0] == "RuntimeError" and ends[2][0] == "WeightSyncError", ends
     assert learner_end - failed_at < 2 and ends[2][1] < 2, (learner_end - failed_at, ends)
-
-
-def _own_shared_weights(path: str, specs, ready) -> None:
-    SharedMemoryChannel(path, specs, owner=True)
-    ready.put(True)
-    import time as clock
-
-    clock.sleep(600)  # until killed
-
-
-def test_a_killed_learners_shared_weights_are_removed_and_a_live_ones_kept(tmp_path):
-    """A learner SIGKILLed leaves a model-sized file in RAM; the next sweep removes it, and
-    never the file of a learner that lives (a concurrent run's)."""
-    from common.weight_sync import remove_orphaned_weights
-
-    pattern = str(tmp_path / "grpo-ray-{}.weights")
-    specs = specs_of(mixed())
-    live = SharedMemoryChannel(pattern.format("live"), specs, owner=True)
-    ctx = mp.get_context("spawn")
-    ready = ctx.Queue()
-    killed = ctx.Process(target=_own_shared_weights, args=(pattern.format("killed"), specs, ready))
-    killed.start()
-    assert ready.get(timeout=60)
-    assert remove_orphaned_weights(pattern) == []  # both held
-    killed.kill()
-    killed.join(30)
-    assert remove_orphaned_weights(pattern) == [pattern.format("killed")]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["grpo-ray-live.weights"]
-    live.close()
-    assert list(tmp_path.iterdir()) == []
