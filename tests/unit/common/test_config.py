@@ -1,4 +1,5 @@
-"""Run configuration: validation lines, strict loading from dicts and YAML, command-line overrides."""
+"""Run configuration: bounds and validation lines, strict loading from dicts and YAML,
+command-line overrides, resuming."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from common.config import Config, ConfigError, cpu_threads, from_args, from_dict, load, parse, validate
+from common.config import Bound, Config, ConfigError, ModelConfig, bounds, cpu_threads, validate
+from common.config_loading import from_args, from_dict, load, parse
 
 
 def problems_after(**changes) -> list[str]:
@@ -121,12 +123,44 @@ def test_each_rule_gives_its_line(path, value, line):
     assert validate(with_value(path, value)) == [line]
 
 
-def test_every_declared_rule_has_a_row():
-    declared = {f"{name}.{field}" for name in ("model", "data", "rollout", "grpo", "buffer",
-                                                "learner", "cluster", "logging")
-                for cls in type(getattr(Config(), name)).__mro__
-                for field in vars(cls).get("RULES", {})}
+def test_every_declared_bound_has_a_row():
+    declared = {*bounds(Config)} | {f"{name}.{field}" for name in ("model", "data", "rollout", "grpo",
+                                                                   "buffer", "learner", "cluster",
+                                                                   "logging")
+                                    for field in bounds(type(getattr(Config(), name)))}
     assert declared <= {path for path, _, _ in RULE_ROWS}
+
+
+@pytest.mark.parametrize("bound, words", [
+    (Bound(ge=1), ">= 1"), (Bound(gt=0), "> 0"), (Bound(gt=0, le=1), "in (0, 1]"),
+    (Bound(ge=0, le=65535), "in 0..65535"), (Bound(ge=1e-6), ">= 1e-06"),
+    (Bound(ge=2, why="for group-relative advantages"), ">= 2 for group-relative advantages")])
+def test_a_bound_is_worded_as_the_error_line_reads(bound, words):
+    assert str(bound) == words
+
+
+@pytest.mark.parametrize("value, kept", [(None, True), (0, False), (1e-9, True), (1, True), (1.01, False)])
+def test_a_bound_keeps_its_range_and_lets_an_unset_optional_field_be(value, kept):
+    assert Bound(gt=0, le=1).keeps(value) is kept
+
+
+@pytest.mark.parametrize("ends", [dict(), dict(le=1), dict(ge=0, gt=0)])
+def test_a_bound_without_exactly_one_lower_end_fails_where_it_is_declared(ends):
+    with pytest.raises(TypeError, match="exactly one lower end"):
+        Bound(**ends)
+
+
+def test_the_parsers_accept_bounded_fields_and_leave_the_check_to_validate(tmp_path):
+    """Neither msgspec nor tyro stops at the first value out of bounds: every one is reported."""
+    path = tmp_path / "run.yaml"
+    path.write_text("grpo:\n  group_size: 1\nrollout:\n  top_p: 2.0\n")
+    with pytest.raises(ConfigError) as e:
+        from_args([str(path), "--learner.num-ranks", "0", "--cluster.weight-sync-port", "-1"])
+    assert e.value.problems == [
+        "grpo.group_size must be >= 2 for group-relative advantages (got 1)",
+        "rollout.top_p must be in (0, 1] (got 2.0)",
+        "learner.num_ranks must be >= 1 (got 0)",
+        "cluster.weight_sync_port must be in 0..65535 (got -1)"]
 
 
 def numeric_fields() -> list[str]:
@@ -373,13 +407,20 @@ def test_from_args_returns_a_valid_config_or_every_problem():
                                 "grpo.group_size must be >= 2 for group-relative advantages (got 1)"]
 
 
-def test_learning_rate_falls_back_to_the_models_default():
-    cfg = Config()
-    assert cfg.learning_rate == 3e-2  # the tiny preset's
-    cfg.model.name = "pythia-70m-shape"
-    assert cfg.learning_rate == 1e-6
-    cfg.learner.learning_rate = 5e-4
-    assert cfg.learning_rate == 5e-4
+def test_an_unset_learning_rate_is_the_models_default_once_the_config_is_made():
+    assert Config().learner.learning_rate == 3e-2  # the tiny preset's
+    assert Config(model=ModelConfig(name="pythia-70m-shape")).learner.learning_rate == 1e-6
+    assert from_dict({"learner": {"learning_rate": 5e-4}}).learner.learning_rate == 5e-4
+
+
+def test_the_learning_rate_is_the_default_of_the_model_the_command_line_ends_with(tmp_path):
+    assert parse(["--model.name", "pythia-70m-shape"]).learner.learning_rate == 1e-6
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  name: pythia-70m-shape\n")
+    assert parse([str(path)]).learner.learning_rate == 1e-6
+    assert parse([str(path), "--model.name", "tiny"]).learner.learning_rate == 3e-2
+    path.write_text("learner:\n  learning_rate: 0.001\n")  # a rate given is kept
+    assert parse([str(path), "--model.name", "pythia-70m-shape"]).learner.learning_rate == 1e-3
 
 
 # ----- resume -----
@@ -434,9 +475,29 @@ def test_a_refused_learning_rate_shows_the_one_the_run_uses_not_none(tmp_path):
     with pytest.raises(ConfigError) as e:
         from_args(["--run-dir", run_dir, "--resume", "--learner.learning-rate", "0.01"])
     assert e.value.problems == [
-        "cannot change learner.learning_rate when resuming: the run has 0.03 (the model's "
-        "default), the command line says 0.01 (only steps, stop_after, logging.* and timeouts "
-        "may change)"]
+        "cannot change learner.learning_rate when resuming: the run has 0.03, the command line "
+        "says 0.01 (only steps, stop_after, logging.* and timeouts may change)"]
+
+
+def test_the_run_saves_the_learning_rate_it_uses_and_resumes_with_it(tmp_path):
+    import yaml
+
+    run_dir = started_run(tmp_path)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["learner"]["learning_rate"] == 3e-2
+    assert from_args(["--run-dir", run_dir, "--resume"]).learner.learning_rate == 3e-2
+
+
+def test_a_saved_config_with_the_learning_rate_unset_resumes_without_a_change(tmp_path):
+    import yaml
+
+    run_dir = started_run(tmp_path)
+    path = tmp_path / "run" / "config.yaml"
+    saved = yaml.safe_load(path.read_text())
+    saved["learner"]["learning_rate"] = None  # as a run made before the rate was saved
+    path.write_text(yaml.safe_dump(saved, sort_keys=False))
+    assert from_args(["--run-dir", run_dir, "--resume"]).learner.learning_rate == 3e-2
+    assert from_args(["--run-dir", run_dir, "--resume", "--learner.learning-rate", "0.03"])
 
 
 def test_resume_with_the_run_file_it_started_from(tmp_path):

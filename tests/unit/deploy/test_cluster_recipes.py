@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from common import config as config_lib
+from common import config_loading
 from deploy.launch import plan
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -24,11 +25,11 @@ def load_all(path: Path) -> list[dict]:
 
 
 def gpus_needed(run_file: Path) -> int:
-    return int(sum(b.get("GPU", 0) for b in plan(config_lib.load(run_file)).bundles))
+    return int(sum(b.get("GPU", 0) for b in plan(config_loading.load(run_file)).bundles))
 
 
 def test_reference_run_file_validates_without_a_gpu():
-    cfg = config_lib.load(REFERENCE)
+    cfg = config_loading.load(REFERENCE)
     assert config_lib.validate(cfg) == []
     assert cfg.model.name == "EleutherAI/pythia-410m-deduped"
     assert cfg.rollout.rewards == ("explicit_pos",)
@@ -63,7 +64,7 @@ def test_rayjob_runs_a_valid_run_file_on_enough_gpus_with_a_shared_run_dir():
     assert words[train - 2 : train] == ["python", "-m"]
     run_file = ROOT / words[train + 1]
     assert run_file.is_file(), f"the entrypoint's run file {run_file} is not in the repository"
-    assert config_lib.validate(config_lib.load(run_file)) == []
+    assert config_lib.validate(config_loading.load(run_file)) == []
     run_dir = words[words.index("--run-dir") + 1]
     assert run_dir.startswith("/")
 
@@ -102,7 +103,7 @@ def test_runtime_env_keeps_the_venv_and_runs_out_of_the_upload():
 
 def test_every_run_file_validates():
     for run_file in sorted((ROOT / "deploy" / "configs").glob("*.yaml")):
-        assert config_lib.validate(config_lib.load(run_file)) == [], run_file.name
+        assert config_lib.validate(config_loading.load(run_file)) == [], run_file.name
 
 
 # Recipe, its model's shape (the hub config.json's sizes, without the download), the memory of
@@ -122,7 +123,7 @@ def test_a_sharded_recipe_fits_its_learner_state_on_its_gpus(name, shape, params
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     run_file = ROOT / "deploy" / "configs" / name
-    cfg = config_lib.load(run_file)
+    cfg = config_loading.load(run_file)
     with torch.device("meta"):
         model = GPTNeoXForCausalLM(GPTNeoXConfig(**shape, rotary_pct=0.25))
     counted = sum(p.numel() for p in model.parameters())
