@@ -40,10 +40,6 @@ def register(name: str) -> Callable[[RewardFn], RewardFn]:
     return add
 
 
-def builtin_names() -> list[str]:
-    return list(_REGISTRY)
-
-
 def resolve(name: str) -> RewardFn:
     """A built-in reward by name, or a `package.module:function` path imported on demand."""
     if ":" not in name:
@@ -101,12 +97,18 @@ class Scorer:
                 raise RewardError(f"column `{key}` has {len(values)} values for {n} completions")
         parts = {name: _call(name, fn, prompts, completions, columns)
                  for name, fn in zip(self.names, self._fns)}
-        total = []
-        for i in range(n):
-            scored = [w * parts[name][i] for name, w in zip(self.names, self.weights)
-                      if not math.isnan(parts[name][i])]
-            total.append(sum(scored) if scored else math.nan)
-        return total, parts
+        return combine(list(parts.values()), self.weights), parts
+
+
+def combine(scores: list[list[float]], weights: Sequence[float]) -> list[float]:
+    """`scores[f][i]`: function f's score of completion i, NaN where it returned None. Per
+    completion, the weighted sum over the functions that scored it, as TRL sums (nansum); NaN
+    when none did, so the completion is left out of its group's statistics."""
+    totals = []
+    for column in zip(*scores):
+        scored = [w * s for w, s in zip(weights, column) if not math.isnan(s)]
+        totals.append(sum(scored) if scored else math.nan)
+    return totals
 
 
 def _call(name: str, fn: RewardFn, prompts: list[str], completions: list[str],

@@ -1,4 +1,5 @@
-"""Turning rollout groups into padded tensors for the learner's forward passes."""
+"""Turning rollout groups into padded tensors for the learner's forward passes, and what a batch
+holds (its rewards, lengths and staleness) as metrics."""
 
 from __future__ import annotations
 
@@ -97,3 +98,36 @@ def collate(seqs: list[tuple[list[int], list[int], list[float]]], advantages: to
         behaviour_logp=behaviour,
         advantages=advantages,
     )
+
+
+def batch_stats(groups: list[RolloutGroup], trained_version: int) -> dict:
+    """What the batch holds, apart from what an update does with it: its rewards (NaN: unscored)
+    and each reward function's, completion lengths and truncation, groups with no signal, and its
+    staleness against `trained_version`, the policy version that trains on it (per group by its
+    oldest token, and per token)."""
+    rewards = torch.tensor([r for g in groups for r in g.rewards])  # [N]
+    scored = rewards[~rewards.isnan()]
+    lengths = torch.tensor([len(ids) for g in groups for ids in g.completion_ids],
+                           dtype=torch.float)  # [N]
+    lags = [trained_version - g.policy_version for g in groups]
+    token_lags = torch.tensor([trained_version - v for g in groups for versions in g.token_versions
+                               for v in versions], dtype=torch.float)
+    stats = {
+        "reward": scored.mean().item() if scored.numel() else math.nan,
+        "reward_std": scored.std().item() if scored.numel() > 1 else 0.0,
+        "unscored_frac": 1 - scored.numel() / rewards.numel(),
+        "completion_len": lengths.mean().item(),
+        "truncated_frac": sum(f == "length" for g in groups
+                              for f in g.finish_reasons) / len(lengths),
+        "zero_std_groups": sum(g.zero_std for g in groups) / len(groups),
+        "policy_lag": sum(lags) / len(lags),
+        "policy_lag_max": max(lags),
+        "lag_hist": {str(lag): lags.count(lag) for lag in sorted(set(lags))},
+        "token_lag_mean": token_lags.mean().item(),
+        "mixed_version_frac": sum(len(set(versions)) > 1 for g in groups
+                                  for versions in g.token_versions) / len(lengths),
+    }
+    for name in groups[0].reward_parts:
+        parts = torch.tensor([r for g in groups for r in g.reward_parts[name]])
+        stats[f"reward/{name}"] = parts.nanmean().item()
+    return stats

@@ -3,6 +3,9 @@
 A checkpoint is `run_dir/checkpoints/step_NNNNNN/` holding the model, the optimizer and
 scheduler state (`learner.pt`) and the driver's state (`driver.json`, a `RunState`). It is written under a
 temporary name and renamed into place, so a crash mid-save never damages the last good one.
+
+`save_learner` and `load_learner` import torch where they run: the driver reads checkpoint
+directories (to resume, or to name the last one) without it.
 """
 
 from __future__ import annotations
@@ -11,15 +14,20 @@ import dataclasses
 import errno
 import json
 import os
+import pickle
 import re
 import shutil
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from common.errors import RunError
+from common.errors import RunError, one_line
 from common.types import RunState
+
+if TYPE_CHECKING:
+    from learner.learner import Learner
 
 _NAME = re.compile(r"step_(\d{6,})")
 FILES = ("model/model.safetensors", "model/config.json", "learner.pt", "driver.json")
@@ -180,3 +188,126 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ----- the learner's state -----
+
+
+def save_learner(learner: Learner, run_dir: str | Path, state: RunState) -> Path:
+    """Model, optimizer, scheduler, loss scaler and RNG, plus the driver's `state`, as one atomic
+    checkpoint of `learner.version`: the model in safetensors (one rank) or with
+    torch.distributed.checkpoint (its shards, every rank calling this)."""
+    final = path_for(run_dir, learner.version)
+    if learner.sharded:
+        _save_sharded(learner, final, state)
+    else:
+        with atomic_dir(final) as tmp:
+            learner.model.save_pretrained(tmp / "model")
+            _save_rest(learner, tmp, state, [_rng(learner.device)])
+    return final
+
+
+def _save_sharded(learner: Learner, final: Path, state: RunState) -> None:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    tmp = staging(final) if learner.rank == 0 else staging_path(final)
+    dist.barrier()  # rank 0 has made the directory
+    model, optimizer = get_state_dict(learner.model, learner.optimizer)
+    dcp.save({"model": model, "optimizer": optimizer}, checkpoint_id=str(tmp / "sharded"))
+    rngs = [None] * learner.cfg.learner.num_ranks
+    dist.all_gather_object(rngs, _rng(learner.device))
+    if learner.rank == 0:
+        _save_rest(learner, tmp, state, rngs)
+        commit(tmp, final)
+    dist.barrier()  # nobody goes on before the checkpoint is whole
+
+
+def _rng(device: str) -> dict:
+    import torch
+
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if device == "cuda" else []}
+
+
+def _save_rest(learner: Learner, directory: Path, state: RunState, rngs: list[dict]) -> None:
+    """What every layout has: scheduler, loss scaler, version, each rank's RNG, and the
+    driver's state (and, with one rank, the optimizer)."""
+    import torch
+
+    torch.save({"optimizer": None if learner.sharded else learner.optimizer.state_dict(),
+                "scheduler": learner.scheduler.state_dict(), "scaler": learner.scaler.state_dict(),
+                "version": learner.version, "rngs": rngs}, directory / "learner.pt")
+    write_state(directory / "driver.json", state)
+
+
+def load_learner(learner: Learner, run_dir: str | Path) -> RunState:
+    """Restore `learner` from the newest checkpoint in `run_dir`, saved by as many ranks as it
+    has: weights, optimizer, scheduler, loss scaler, version and this rank's RNG. Returns the
+    driver's state saved with it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    directory = latest(run_dir)
+    with _unreadable_said(directory, learner.sharded):
+        if learner.sharded:
+            sharded = _read_sharded(learner, directory)
+        else:
+            # Through from_pretrained: saved files use the checkpoint names (embed_out), the
+            # module uses its own (lm_head), and transformers maps one to the other.
+            saved = AutoModelForCausalLM.from_pretrained(directory / "model", dtype=torch.float32)
+        state = torch.load(directory / "learner.pt", weights_only=True)  # never unpickle code
+    if learner.sharded:  # on every rank, as FSDP's collectives pair up
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(learner.model, learner.optimizer, model_state_dict=sharded["model"],
+                       optim_state_dict=sharded["optimizer"])
+    else:
+        learner.model.load_state_dict(saved.state_dict())
+        learner.optimizer.load_state_dict(state["optimizer"])
+    learner.scheduler.load_state_dict(state["scheduler"])
+    learner.scaler.load_state_dict(state["scaler"])
+    if learner.rank >= len(state["rngs"]):
+        raise CheckpointError(f"checkpoint {directory} was saved by {len(state['rngs'])} learner "
+                              f"ranks, not {learner.cfg.learner.num_ranks}")
+    rng = state["rngs"][learner.rank]
+    learner.version = state["version"]
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return read_state(directory / "driver.json")
+
+
+def _read_sharded(learner: Learner, directory: Path) -> dict:
+    """This rank's shards of the saved model and optimizer, laid out as `learner`'s."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model, optimizer = get_state_dict(learner.model, learner.optimizer)
+    loaded = {"model": model, "optimizer": optimizer}
+    dcp.load(loaded, checkpoint_id=str(directory / "sharded"))
+    return loaded
+
+
+@contextmanager
+def _unreadable_said(directory: Path, sharded: bool) -> Iterator[None]:
+    """A checkpoint file that cannot be read, as one CheckpointError. Only errors that mean the
+    files are missing, truncated or not what their name says: any other error while loading is
+    a bug, and keeps its traceback."""
+    from safetensors import SafetensorError
+
+    # torch.load raises RuntimeError on a truncated archive, EOFError on an empty one, and
+    # UnpicklingError on what weights_only refuses; transformers raises OSError on a missing or
+    # malformed file.
+    unreadable: tuple[type[BaseException], ...] = (OSError, EOFError, RuntimeError,
+                                                  SafetensorError, pickle.UnpicklingError)
+    if sharded:  # torch.distributed.checkpoint gathers every rank's failure into one
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        unreadable += (CheckpointException,)
+    try:
+        yield
+    except unreadable as e:
+        raise CheckpointError(f"checkpoint {directory} is damaged, or of another "
+                              f"learner.num_ranks: {one_line(str(e), 300)}") from None

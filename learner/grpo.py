@@ -6,17 +6,28 @@ loss aggregations (grpo, bnpo, dr_grpo, dapo, cispo, sapo) and sampler/learner m
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import get_args, get_type_hints
 
 import torch
 from torch import Tensor
 
+from common.config import GRPOConfig
+
 # Added to the std so a group whose rewards are all equal gets advantage 0, not 0/0 (TRL's value).
 STD_EPS = 1e-4
 
-SCALES = ("group", "batch", "none")
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
-IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+def _choices(field: str) -> tuple[str, ...]:
+    """The values GRPOConfig's `Literal` type allows for `field`: one list of names to keep."""
+    return get_args(get_type_hints(GRPOConfig)[field])
+
+
+SCALES = _choices("scale_rewards")
+LOSS_TYPES = _choices("loss_type")
+IMPORTANCE_SAMPLING_LEVELS = _choices("importance_sampling_level")
+IMPORTANCE_SAMPLING_MODES = _choices("vllm_importance_sampling_mode")
+PER_SEQUENCE_LOSS_TYPES = ("grpo", "sapo")
+"""Loss types that average each sequence over its tokens before averaging over sequences."""
 
 
 # ----- rewards and advantages -----
@@ -30,17 +41,6 @@ def _nanstd(x: Tensor, dim: int | None = None) -> Tensor:
     count = (~torch.isnan(x)).sum(dim=dim, keepdim=True)
     correction = torch.where(count > 1, count / (count - 1), torch.full_like(variance, torch.nan))
     return torch.sqrt(variance * correction)
-
-
-def combine_rewards(rewards_per_func: Tensor, weights: Tensor | None = None) -> Tensor:
-    """rewards_per_func: [B, F], NaN where a reward function returned None (did not score the
-    sample). Weighted sum over the functions that scored it, as TRL does (nansum); NaN when none
-    did, so `group_advantages` leaves the sample out of its group's statistics."""
-    if weights is None:
-        weights = torch.ones(rewards_per_func.shape[-1], dtype=rewards_per_func.dtype)
-    total = (rewards_per_func * weights.to(rewards_per_func)).nansum(dim=-1)  # [B]
-    unscored = torch.isnan(rewards_per_func).all(dim=-1)  # [B]
-    return total.masked_fill(unscored, torch.nan)
 
 
 def group_advantages(rewards: Tensor, scale: str = "group") -> Tensor:
@@ -247,7 +247,7 @@ def aggregate(
     keep = mask.bool()
     # where, not multiply: inf/NaN at padded positions would survive a multiply by 0.
     masked = torch.where(keep, per_token_loss, torch.zeros_like(per_token_loss))  # [B, T]
-    if loss_type in ("grpo", "sapo"):
+    if loss_type in PER_SEQUENCE_LOSS_TYPES:
         lengths = keep.sum(-1).clamp(min=1).to(masked.dtype)
         return (masked.sum(-1) / lengths).sum() / max(num_sequences, 1)
     if loss_type in ("dapo", "cispo"):
@@ -288,6 +288,33 @@ class LossOutput:
     """Fraction of masked tokens whose importance-sampling weight is 0 (a *_mask mode drops)."""
 
 
+@dataclass(frozen=True)
+class Normalisers:
+    """The whole batch's counts that each micro-batch's loss is divided by, so that the
+    micro-batches' losses sum to the batch's (see `aggregate`)."""
+
+    num_sequences: int
+    num_tokens: int
+    """Completion tokens the loss counts over the whole batch, after every mask."""
+    max_completion_length: int
+    """A completion's token limit: dr_grpo's constant."""
+    num_micro_batches: int
+    """Micro-batches of the batch over every rank; only bnpo reads it."""
+
+
+def surrogate(ratio: Tensor, logp: Tensor, advantages: Tensor,
+              grpo: GRPOConfig) -> tuple[Tensor, Tensor]:
+    """The per-token policy term of `grpo.loss_type` and where it clipped (never, for sapo).
+    epsilon_high None means epsilon, also for cispo's cap, as in TRL."""
+    if grpo.loss_type == "cispo":
+        eps_high = grpo.epsilon if grpo.epsilon_high is None else grpo.epsilon_high
+        return cispo_loss(ratio, logp, advantages, eps_high)
+    if grpo.loss_type == "sapo":
+        loss = sapo_loss(ratio, advantages, grpo.sapo_temperature_pos, grpo.sapo_temperature_neg)
+        return loss, torch.zeros_like(loss, dtype=torch.bool)
+    return clipped_surrogate(ratio, advantages, grpo.epsilon, grpo.epsilon_high, grpo.delta)
+
+
 def grpo_loss(
     logp: Tensor,
     old_logp: Tensor | None,
@@ -295,37 +322,17 @@ def grpo_loss(
     ref_logp: Tensor | None,
     advantages: Tensor,
     mask: Tensor,
-    *,
-    loss_type: str,
-    epsilon: float,
-    epsilon_high: float | None,
-    beta: float,
-    num_sequences: int,
-    num_tokens: int,
-    max_completion_length: int,
-    num_micro_batches: int = 1,
-    delta: float | None = None,
-    importance_sampling_level: str = "token",
-    use_bias_correction_kl: bool = False,
-    sapo_temperature_pos: float = 1.0,
-    sapo_temperature_neg: float = 1.05,
-    vllm_importance_sampling_correction: bool = True,
-    vllm_importance_sampling_mode: str = "token_truncate",
-    vllm_importance_sampling_clip_min: float | None = None,
-    vllm_importance_sampling_clip_max: float | None = 3.0,
+    grpo: GRPOConfig,
+    totals: Normalisers,
 ) -> LossOutput:
     """The per-token objective composed as TRL's `_compute_loss` does, then `aggregate`d:
-    surrogate(r) x IS weight (old vs behaviour) + beta x KL (to ref), r = pi/pi_old.
+    surrogate(r) x IS weight (old vs behaviour) + beta x KL (to ref), r = pi/pi_old, in the
+    variant `grpo` names (its fields carry TRL's GRPOConfig names).
 
     old_logp None means on-policy (one pass per batch): the ratio is taken against logp.detach().
-    behaviour_logp None, or vllm_importance_sampling_correction False, turns the IS weight off.
-    mask: completion tokens that count, with `mask_truncated_completions` / `mask_unscored`
-    already applied; num_tokens must count this mask over the whole batch.
-
-    The defaults keep this project's behaviour before the variants (token-level truncation at 3,
-    plain k3); TRL 1.16's defaults are vllm_importance_sampling_mode="sequence_mask" and
-    use_bias_correction_kl=True. Arguments carry TRL's GRPOConfig names; num_micro_batches is
-    only read by bnpo, epsilon_high None means epsilon (also for cispo's cap, as in TRL).
+    behaviour_logp None, or grpo.vllm_importance_sampling_correction False, turns the IS weight
+    off. mask: completion tokens that count, with `mask_truncated_completions` / `mask_unscored`
+    already applied; totals.num_tokens must count this mask over the whole batch.
     """
     keep = mask.bool()
     zero = torch.zeros_like(logp)
@@ -337,50 +344,28 @@ def grpo_loss(
 
     logp = clean(logp)
     old_logp = logp.detach() if old_logp is None else clean(old_logp)
-    ratio = policy_ratio(logp, old_logp, keep, importance_sampling_level)  # [B, T] or [B, 1]
+    ratio = policy_ratio(logp, old_logp, keep, grpo.importance_sampling_level)  # [B, T] or [B, 1]
+    per_token_loss, is_clipped = surrogate(ratio, logp, advantages, grpo)
 
-    if loss_type == "cispo":
-        eps_high = epsilon if epsilon_high is None else epsilon_high
-        per_token_loss, is_clipped = cispo_loss(ratio, logp, advantages, eps_high)
-    elif loss_type == "sapo":
-        per_token_loss = sapo_loss(ratio, advantages, sapo_temperature_pos, sapo_temperature_neg)
-        is_clipped = torch.zeros_like(per_token_loss, dtype=torch.bool)
-    else:
-        per_token_loss, is_clipped = clipped_surrogate(
-            ratio, advantages, epsilon, epsilon_high, delta
-        )
-
-    if behaviour_logp is not None and vllm_importance_sampling_correction:
+    weight = torch.ones_like(zero)  # [B, T], or [B, 1] in a sequence mode
+    if behaviour_logp is not None and grpo.vllm_importance_sampling_correction:
         weight = importance_sampling_ratio(
-            old_logp,
-            clean(behaviour_logp),
-            keep,
-            vllm_importance_sampling_mode,
-            vllm_importance_sampling_clip_min,
-            vllm_importance_sampling_clip_max,
-        )  # [B, T] or [B, 1]
+            old_logp, clean(behaviour_logp), keep, grpo.vllm_importance_sampling_mode,
+            grpo.vllm_importance_sampling_clip_min, grpo.vllm_importance_sampling_clip_max)
         per_token_loss = per_token_loss * weight
-    else:
-        weight = torch.ones_like(zero)
 
-    if beta > 0 and ref_logp is not None:
+    mean_kl = zero.sum().detach()
+    if grpo.beta > 0 and ref_logp is not None:
         ref_logp = clean(ref_logp)
-        kl = (bias_corrected_kl_k3(logp, ref_logp, ratio) if use_bias_correction_kl
+        kl = (bias_corrected_kl_k3(logp, ref_logp, ratio) if grpo.use_bias_correction_kl
               else kl_k3(logp, ref_logp))  # [B, T]
-        per_token_loss = per_token_loss + beta * kl
+        per_token_loss = per_token_loss + grpo.beta * kl
         mean_kl = masked_mean(kl.detach(), keep)
-    else:
-        mean_kl = zero.sum().detach()
 
-    loss = aggregate(
-        per_token_loss.expand_as(logp),
-        keep,
-        loss_type,
-        num_sequences=num_sequences,
-        num_tokens=num_tokens,
-        max_completion_length=max_completion_length,
-        num_micro_batches=num_micro_batches,
-    )
+    loss = aggregate(per_token_loss.expand_as(logp), keep, grpo.loss_type,
+                     num_sequences=totals.num_sequences, num_tokens=totals.num_tokens,
+                     max_completion_length=totals.max_completion_length,
+                     num_micro_batches=totals.num_micro_batches)
     weight = weight.expand_as(logp)  # [B, T]
     return LossOutput(
         loss=loss,
@@ -389,6 +374,21 @@ def grpo_loss(
         is_weight=masked_mean(weight, keep).detach(),
         is_masked_fraction=masked_mean((weight == 0).to(logp.dtype), keep).detach(),
     )
+
+
+def loss_notes(grpo: GRPOConfig) -> list[str]:
+    """Lines worth logging at the start of a run about settings that work but likely do not do
+    what was meant; none when there is nothing to say."""
+    notes = []
+    per_sequence = grpo.loss_type in PER_SEQUENCE_LOSS_TYPES
+    if grpo.importance_sampling_level == "sequence" and not per_sequence:
+        # TRL's GRPOTrainer warns of the same (grpo_trainer.py, __init__).
+        notes.append(
+            f"grpo.importance_sampling_level is sequence but grpo.loss_type {grpo.loss_type} sums "
+            "per-token terms, which weights each sequence by its completion length instead of "
+            "optimising the per-sequence objective; GSPO's paper (arXiv:2507.18071) averages "
+            "over sequences: set grpo.loss_type grpo")
+    return notes
 
 
 # ----- sampler vs learner mismatch -----

@@ -35,7 +35,7 @@ def _importance_sampling(grpo) -> str:
 def render(cfg: Config, directory: str | Path, summary: RunSummary) -> str:
     """Markdown of the card: front matter (base_model, library_name, tags), quick start, the
     reward, the GRPO settings, what the run measured, framework versions, citations."""
-    grpo, rollout = cfg.grpo, cfg.rollout
+    rollout = cfg.rollout
     card = generate_model_card(
         base_model=cfg.model.name,
         model_name=Path(directory).name,
@@ -57,20 +57,7 @@ def render(cfg: Config, directory: str | Path, summary: RunSummary) -> str:
                             f"grpo-ray's `{cfg.model.name}` preset (Pythia architecture, random init)")
     weights = rollout.reward_weights or (1.0,) * len(rollout.rewards)
     rewards = ", ".join(f"`{n}` x {w:g}" for n, w in zip(rollout.rewards, weights))
-    settings = {
-        "steps": cfg.steps, "group size (G)": grpo.group_size, "completions per step": grpo.batch_size,
-        "max completion tokens": rollout.max_tokens, "temperature": rollout.temperature,
-        "loss type": grpo.loss_type, "reward scaling": grpo.scale_rewards, "epsilon": grpo.epsilon,
-        "epsilon_high": grpo.epsilon_high if grpo.epsilon_high is not None else grpo.epsilon,
-        "delta (two-sided clip)": grpo.delta, "ratio level": grpo.importance_sampling_level,
-        "beta (KL)": grpo.beta, "iterations per batch": grpo.num_iterations,
-        "vLLM importance sampling": _importance_sampling(grpo),
-        "mask truncated completions": grpo.mask_truncated_completions,
-        "dynamic sampling": grpo.drop_zero_std_groups,
-        "max policy lag": cfg.buffer.max_policy_lag, "learning rate": cfg.learning_rate,
-        "rollout workers": rollout.num_workers, "seed": cfg.seed,
-    }
-    rows = "\n".join(f"| {k} | {v} |" for k, v in settings.items())
+    rows = "\n".join(f"| {k} | {v} |" for k, v in _settings(cfg).items())
     results = "\n".join(f"- {k}: {v}" for k, v in summary.results.items())
     extra = f"""
 ## Reward
@@ -95,3 +82,21 @@ sentiment of the completion, in [-1, 1].
 """
     marker = "## Citations"
     return text.replace(marker, extra.lstrip("\n") + "\n" + marker, 1) if marker in text else text + extra
+
+
+def _settings(cfg: Config) -> dict:
+    """The run's GRPO settings, as the card's table shows them."""
+    grpo, rollout = cfg.grpo, cfg.rollout
+    return {
+        "steps": cfg.steps, "group size (G)": grpo.group_size, "completions per step": grpo.batch_size,
+        "max completion tokens": rollout.max_tokens, "temperature": rollout.temperature,
+        "loss type": grpo.loss_type, "reward scaling": grpo.scale_rewards, "epsilon": grpo.epsilon,
+        "epsilon_high": grpo.epsilon_high if grpo.epsilon_high is not None else grpo.epsilon,
+        "delta (two-sided clip)": grpo.delta, "ratio level": grpo.importance_sampling_level,
+        "beta (KL)": grpo.beta, "iterations per batch": grpo.num_iterations,
+        "vLLM importance sampling": _importance_sampling(grpo),
+        "mask truncated completions": grpo.mask_truncated_completions,
+        "dynamic sampling": grpo.drop_zero_std_groups,
+        "max policy lag": cfg.buffer.max_policy_lag, "learning rate": cfg.learner.learning_rate,
+        "rollout workers": rollout.num_workers, "seed": cfg.seed,
+    }

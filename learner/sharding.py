@@ -10,8 +10,8 @@ default mean), so the summed gradient is the one-rank gradient up to the order o
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -89,26 +89,20 @@ def reduce_sums(values: dict[str, float], maxima: dict[str, float]) -> tuple[dic
     return dict(zip(values, sums.tolist())), dict(zip(maxima, tops.tolist()))
 
 
-def on_every_rank(method: Callable) -> Callable:
-    """A learner method that touches the sharded model: called on rank 0, it runs on every other
-    rank at once (each joins the collectives) and returns rank 0's result; a rank that died or
-    failed is named in one line."""
+@contextmanager
+def on_every_rank(peer_calls: list) -> Iterator[None]:
+    """Rank 0's side of a learner call that touches the sharded model, made on every rank:
+    `peer_calls` are the same call already started on the other ranks (each joins the
+    collectives), and the block is rank 0's. Waits for them when the block ends, however it
+    ends; a rank that died is named in one line."""
+    try:
+        yield
+    finally:
+        if peer_calls:  # none: one rank, or not rank 0, and no Ray needed (nor imported)
+            import ray
 
-    @functools.wraps(method)
-    def call(self, *args, **kwargs):
-        if not self.peers:  # one rank, or not rank 0: no Ray needed (nor imported)
-            return method(self, *args, **kwargs)
-        import ray
-
-        calls = [getattr(peer, method.__name__).remote(*args, **kwargs) for peer in self.peers]
-        try:
-            result = method(self, *args, **kwargs)
-        finally:
-            for rank, ref in enumerate(calls, start=1):
+            for rank, ref in enumerate(peer_calls, start=1):
                 try:
                     ray.get(ref)
                 except ray.exceptions.RayActorError:
                     raise RunError(f"learner rank {rank} died") from None
-        return result
-
-    return call

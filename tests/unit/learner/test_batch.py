@@ -1,13 +1,15 @@
-"""Padded layout of rollout groups for the learner: left-padded prompts, right-padded completions."""
+"""Padded layout of rollout groups for the learner (left-padded prompts, right-padded
+completions), and the statistics of a batch, worked out by hand."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from common.types import Prompt, RolloutGroup
-from learner.batch import collate, micro_batches
+from learner.batch import batch_stats, collate, micro_batches
 from learner.grpo import group_advantages
 
 PAD = 0
@@ -110,3 +112,46 @@ def test_unscored_and_truncated_completions_are_left_out_of_the_loss():
     torch.testing.assert_close(kept.advantages, torch.tensor([a, 0.0, -a]))
     masked = micro_batches(groups, size=3, scale="group", pad_id=PAD, mask_truncated=True)[0]
     assert masked.completion_mask.tolist() == [[True, False], [False, False], [False, False]]
+
+
+# ----- what a batch holds -----
+
+
+def test_batch_stats_by_hand():
+    nan = float("nan")
+    # Trained by policy version 5. Group 0 is from version 4 and one of its completions was
+    # sampled across the 4 -> 5 update; group 1 is from version 3.
+    first = group(0, [1], [[5, 6, 7], [8]], rewards=[1.0, nan])
+    first.policy_version, first.token_versions = 4, [[4, 4, 5], [4]]
+    first.finish_reasons = ["stop", "length"]
+    first.reward_parts = {"format": [1.0, nan], "answer": [0.0, nan]}
+    second = group(1, [2], [[9, 10], [11, 12, 13, 14]], rewards=[0.0, 0.5])
+    second.policy_version, second.token_versions = 3, [[3, 3], [3, 3, 3, 3]]
+    second.reward_parts = {"format": [0.0, 1.0], "answer": [0.0, 0.5]}
+
+    stats = batch_stats([first, second], trained_version=5)
+
+    # scored rewards 1, 0, 0.5: mean 0.5, Bessel std sqrt((0.25 + 0.25 + 0) / 2) = 0.5
+    assert stats["reward"] == 0.5
+    assert stats["reward_std"] == pytest.approx(0.5)
+    assert stats["unscored_frac"] == 1 / 4
+    assert stats["reward/format"] == pytest.approx(2 / 3)  # 1, 0, 1; the NaN left out
+    assert stats["reward/answer"] == pytest.approx(0.5 / 3)  # 0, 0, 0.5
+    assert stats["completion_len"] == (3 + 1 + 2 + 4) / 4
+    assert stats["truncated_frac"] == 1 / 4
+    assert stats["zero_std_groups"] == 1 / 2  # group 0 has one scored reward: no spread
+    # lags by the oldest token: 5 - 4 = 1 and 5 - 3 = 2
+    assert stats["policy_lag"] == 1.5 and stats["policy_lag_max"] == 2
+    assert stats["lag_hist"] == {"1": 1, "2": 1}
+    # per token: 1, 1, 0, 1 (group 0) and six 2s (group 1): 15 over 10 tokens
+    assert stats["token_lag_mean"] == pytest.approx(15 / 10)
+    assert stats["mixed_version_frac"] == 1 / 4  # one completion of four spans two versions
+
+
+def test_batch_stats_with_nothing_scored():
+    nan = float("nan")
+    only = group(0, [1], [[5], [6]], rewards=[nan, nan])
+    stats = batch_stats([only], trained_version=0)
+    assert math.isnan(stats["reward"]) and stats["reward_std"] == 0.0
+    assert stats["unscored_frac"] == 1.0 and stats["zero_std_groups"] == 1.0
+    assert stats["policy_lag"] == 0 and stats["lag_hist"] == {"0": 1}

@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
 import torch
 from trl.trainer.utils import nanstd
 
+from common.config import GRPOConfig
 from learner.grpo import (
+    IMPORTANCE_SAMPLING_LEVELS,
+    IMPORTANCE_SAMPLING_MODES,
+    LOSS_TYPES,
+    SCALES,
     LossOutput,
+    Normalisers,
     aggregate,
     bias_corrected_kl_k3,
     cispo_loss,
     clipped_surrogate,
-    combine_rewards,
     group_advantages,
     grpo_loss,
     importance_sampling_ratio,
     kl_k3,
+    loss_notes,
     mask_truncated_completions,
     mask_unscored,
     policy_ratio,
@@ -35,19 +42,16 @@ def close(actual: torch.Tensor, expected, atol: float = 1e-6) -> None:
     torch.testing.assert_close(actual, expected, atol=atol, rtol=1e-5)
 
 
-def loss_kwargs(**overrides) -> dict:
-    kwargs = dict(
-        loss_type="dapo",
-        epsilon=0.2,
-        epsilon_high=None,
-        beta=0.0,
-        vllm_importance_sampling_correction=False,
-        num_sequences=2,
-        num_tokens=5,
-        max_completion_length=3,
-    )
-    kwargs.update(overrides)
-    return kwargs
+def loss_args(**overrides) -> tuple[GRPOConfig, Normalisers]:
+    """grpo_loss's options and normalisers: dapo, the importance-sampling correction and the KL
+    off, plain k3 where a test turns the KL on, and a batch of 2 sequences, 5 tokens, completions
+    of at most 3; `overrides` set either's fields by name."""
+    options = dict(loss_type="dapo", epsilon=0.2, epsilon_high=None, beta=0.0,
+                   use_bias_correction_kl=False, vllm_importance_sampling_correction=False)
+    counts = dict(num_sequences=2, num_tokens=5, max_completion_length=3, num_micro_batches=1)
+    for name, value in overrides.items():
+        (counts if name in counts else options)[name] = value
+    return GRPOConfig(**options), Normalisers(**counts)
 
 
 # ----- group_advantages -----
@@ -263,7 +267,7 @@ def old_with_garbage() -> torch.Tensor:
 def test_gradient_at_ratio_one_is_minus_advantage_over_normaliser(loss_type, expected_grad):
     for old in (old_with_garbage(), None):  # None: on-policy, ratio against logp.detach()
         logp = torch.tensor(LOGP, requires_grad=True)
-        out = grpo_loss(logp, old, None, None, ADV, PAD_MASK, **loss_kwargs(loss_type=loss_type))
+        out = grpo_loss(logp, old, None, None, ADV, PAD_MASK, *loss_args(loss_type=loss_type))
         out.loss.backward()
         close(logp.grad, expected_grad)
         assert torch.isfinite(out.loss)
@@ -273,7 +277,7 @@ def test_gradient_through_a_parameter_at_ratio_one():
     # logp = theta * x at theta = 1: dL/dtheta = sum(-A * x) / num_tokens over unmasked tokens
     x = torch.tensor(LOGP)
     theta = torch.tensor(1.0, requires_grad=True)
-    out = grpo_loss(theta * x, x, None, None, ADV, PAD_MASK, **loss_kwargs())
+    out = grpo_loss(theta * x, x, None, None, ADV, PAD_MASK, *loss_args())
     out.loss.backward()
     # -2 * (-1 - 2 - 0.5) + 1 * (-0.3 - 0.7) = 7 - 1 = 6, over 5 tokens
     close(theta.grad, 6 / 5)
@@ -282,7 +286,7 @@ def test_gradient_through_a_parameter_at_ratio_one():
 def test_clip_fraction_counts_masked_tokens_only():
     logp, old = ratios_to_logp([[1.5, 0.5, 1.1], [1.5, 0.5, 0.1]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])  # (1, 2) would be clipped but is padding
-    out = grpo_loss(logp, old, None, None, torch.tensor([1.0, -1.0]), mask, **loss_kwargs())
+    out = grpo_loss(logp, old, None, None, torch.tensor([1.0, -1.0]), mask, *loss_args())
     close(out.clip_fraction, 2 / 5)
     # clipped tokens: -1.2 and 0.8; unclipped: -0.5, -1.1, 1.5 -> sum -0.5 over 5 tokens
     close(out.loss, -0.5 / 5)
@@ -293,17 +297,17 @@ def test_importance_weight_scales_the_per_token_loss():
     behaviour = torch.tensor([[-LN(2.0), -LN(5.0), -LN(0.5)]])  # old/behaviour = 2, 5, 0.5
     adv = torch.tensor([1.0])
     mask = torch.ones(1, 3)
-    kw = loss_kwargs(num_sequences=1, num_tokens=3)
+    kw = dict(num_sequences=1, num_tokens=3)
     truncate = dict(vllm_importance_sampling_correction=True,
                     vllm_importance_sampling_mode="token_truncate",
                     vllm_importance_sampling_clip_max=3.0)
-    out = grpo_loss(logp, logp.detach(), behaviour, None, adv, mask, **{**kw, **truncate})
+    out = grpo_loss(logp, logp.detach(), behaviour, None, adv, mask, *loss_args(**kw, **truncate))
     # ratio 1, A = 1: per-token loss -w with w = 2, 3 (capped from 5), 0.5
     close(out.loss, -5.5 / 3)
     close(out.is_weight, 5.5 / 3)
     for on, behaviour_logp in ((False, behaviour), (True, None)):  # both mean "correction off"
         out = grpo_loss(logp, logp.detach(), behaviour_logp, None, adv, mask,
-                        **{**kw, **truncate, "vllm_importance_sampling_correction": on})
+                        *loss_args(**{**kw, **truncate, "vllm_importance_sampling_correction": on}))
         close(out.loss, -1.0)
         close(out.is_weight, 1.0)
 
@@ -313,12 +317,12 @@ def test_beta_adds_beta_times_kl():
     ref = torch.full((2, 3), LN(0.25))
     ref[1, 2] = 1e4  # padding
     k3 = 0.5 - LN(0.5) - 1  # per token, see test_kl_k3_known_values
-    plain = grpo_loss(logp, logp, None, ref, ADV, PAD_MASK, **loss_kwargs())
-    with_kl = grpo_loss(logp, logp, None, ref, ADV, PAD_MASK, **loss_kwargs(beta=0.1))
+    plain = grpo_loss(logp, logp, None, ref, ADV, PAD_MASK, *loss_args())
+    with_kl = grpo_loss(logp, logp, None, ref, ADV, PAD_MASK, *loss_args(beta=0.1))
     close(with_kl.loss - plain.loss, 0.1 * k3)  # dapo: 5 tokens * k3 / 5
     close(with_kl.kl, k3)
     close(plain.kl, 0.0)
-    no_ref = grpo_loss(logp, logp, None, None, ADV, PAD_MASK, **loss_kwargs(beta=0.1))
+    no_ref = grpo_loss(logp, logp, None, None, ADV, PAD_MASK, *loss_args(beta=0.1))
     close(no_ref.loss, plain.loss)
     close(no_ref.kl, 0.0)
 
@@ -329,7 +333,7 @@ def test_the_kl_terms_gradient_pulls_toward_the_reference():
     logp = torch.full((2, 3), LN(0.5), requires_grad=True)
     ref = torch.full((2, 3), LN(0.25))
     out = grpo_loss(logp, logp.detach(), None, ref, torch.zeros(2), PAD_MASK,
-                    **loss_kwargs(beta=0.1))
+                    *loss_args(beta=0.1))
     out.loss.backward()
     per_token = 0.1 * (1 - 0.5) / 5
     close(logp.grad, [[per_token] * 3, [per_token, per_token, 0.0]])  # the padded token: none
@@ -338,7 +342,7 @@ def test_the_kl_terms_gradient_pulls_toward_the_reference():
 def test_metrics_are_detached_scalars():
     logp = torch.tensor(LOGP, requires_grad=True)
     out = grpo_loss(logp, old_with_garbage(), old_with_garbage(), old_with_garbage(), ADV,
-                    PAD_MASK, **loss_kwargs(beta=0.1, vllm_importance_sampling_correction=True,
+                    PAD_MASK, *loss_args(beta=0.1, vllm_importance_sampling_correction=True,
                                             vllm_importance_sampling_clip_max=2.0))
     assert isinstance(out, LossOutput)
     assert out.loss.requires_grad and out.loss.dim() == 0
@@ -369,14 +373,6 @@ def test_nan_std_matches_trl_nanstd():
     close(group_advantages(rewards, "group"), torch.nan_to_num(expected, nan=0.0))
 
 
-def test_combine_rewards_sums_the_scoring_functions_and_keeps_nan_when_none_scored():
-    per_func = torch.tensor([[1.0, NAN], [NAN, NAN], [1.0, 2.0]])
-    # weights 1 and 0.5: 1 (second unscored), NaN (none scored), 1 + 0.5 * 2 = 2
-    out = combine_rewards(per_func, torch.tensor([1.0, 0.5]))
-    assert out[0].item() == 1.0 and math.isnan(out[1].item()) and out[2].item() == 2.0
-    close(combine_rewards(per_func[[0, 2]]), [1.0, 3.0])  # default weights 1
-
-
 def test_mask_unscored_drops_the_whole_completion():
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
     out = mask_unscored(mask, torch.tensor([NAN, 0.5]))
@@ -393,14 +389,14 @@ def test_unscored_completion_counts_in_the_loss_unless_masked():
     ref = torch.full((3, 2), LN(0.25))
     ref[1] = LN(0.5)  # the unscored row has KL 0 to the reference, the others k3 per token
     k3 = 0.5 - LN(0.5) - 1
-    kw = loss_kwargs(beta=0.1, num_sequences=3)
+    kw = dict(beta=0.1, num_sequences=3)
     # as TRL: on policy per-token -A + 0.1 k3; the -A cancel, 4 tokens of KL over all 6 tokens
     full = torch.ones(3, 2)
-    out = grpo_loss(logp, None, None, ref, adv, full, **{**kw, "num_tokens": 6})
+    out = grpo_loss(logp, None, None, ref, adv, full, *loss_args(**kw, num_tokens=6))
     close(out.loss, 4 * 0.1 * k3 / 6)
     # left out: the same sum over the 4 scored tokens
     mask = mask_unscored(full, rewards.reshape(-1))
-    out = grpo_loss(logp, None, None, ref, adv, mask, **{**kw, "num_tokens": int(mask.sum())})
+    out = grpo_loss(logp, None, None, ref, adv, mask, *loss_args(**kw, num_tokens=int(mask.sum())))
     close(out.loss, 4 * 0.1 * k3 / 4)
 
 
@@ -475,9 +471,9 @@ def test_sequence_mask_in_the_loss_drops_the_sequence_and_reports_it():
     logp = torch.zeros(2, 2, requires_grad=True)
     behaviour = torch.tensor([[-LN(2.0), -LN(2.0)], [0.0, NAN]])  # ratios 4 (dropped) and 1
     adv = torch.tensor([1.0, 1.0])
-    kw = loss_kwargs(num_sequences=2, num_tokens=4, vllm_importance_sampling_correction=True,
+    kw = dict(num_sequences=2, num_tokens=4, vllm_importance_sampling_correction=True,
                      vllm_importance_sampling_mode="sequence_mask")
-    out = grpo_loss(logp, None, behaviour, None, adv, torch.ones(2, 2), **kw)
+    out = grpo_loss(logp, None, behaviour, None, adv, torch.ones(2, 2), *loss_args(**kw))
     # ratio 1, A = 1: per-token loss -w; w = 0, 0, 1, 1 -> dapo: -2 / 4
     close(out.loss, -0.5)
     close(out.is_weight, 0.5)
@@ -503,9 +499,9 @@ def test_gspo_clips_and_weights_whole_sequences():
     logp = torch.tensor([[0.1, -0.1], [LN(1.5), 0.0]], requires_grad=True)
     mask = torch.tensor([[1, 1], [1, 0]])
     adv = torch.tensor([2.0, 1.0])
-    kw = loss_kwargs(loss_type="grpo", num_sequences=2, num_tokens=3,
+    kw = dict(loss_type="grpo", num_sequences=2, num_tokens=3,
                      importance_sampling_level="sequence")
-    out = grpo_loss(logp, torch.zeros(2, 2), None, None, adv, mask, **kw)
+    out = grpo_loss(logp, torch.zeros(2, 2), None, None, adv, mask, *loss_args(**kw))
     # per-token losses -A * r = -2 (row 0) and -1.2 (row 1): grpo (-2 + -1.2) / 2
     close(out.loss, -1.6)
     close(out.clip_fraction, 1 / 3)  # row 1's single token, of 3 tokens
@@ -571,24 +567,24 @@ def test_cispo_and_sapo_in_the_loss_use_their_aggregations():
     logp = torch.zeros(2, 2, requires_grad=True)
     mask = torch.tensor([[1, 1], [1, 0]])
     adv = torch.tensor([1.0, -1.0])
-    kw = loss_kwargs(num_sequences=2, num_tokens=3)
+    kw = dict(num_sequences=2, num_tokens=3)
     # on policy, cispo's per-token loss is -A * logp = 0 but its gradient is -A, summed / 3 tokens
-    out = grpo_loss(logp, None, None, None, adv, mask, **{**kw, "loss_type": "cispo",
-                                                          "epsilon_high": 5.0})
+    out = grpo_loss(logp, None, None, None, adv, mask,
+                    *loss_args(**kw, loss_type="cispo", epsilon_high=5.0))
     out.loss.backward()
     close(out.loss, 0.0)
     close(logp.grad, [[-1 / 3, -1 / 3], [1 / 3, 0.0]])
     # sapo at r = 1: -2A (tau_pos 1), 2A / 1.05 for A < 0; grpo: (-2 + 2 / 1.05) / 2
-    out = grpo_loss(logp, None, None, None, adv, mask, **{**kw, "loss_type": "sapo"})
+    out = grpo_loss(logp, None, None, None, adv, mask, *loss_args(**kw, loss_type="sapo"))
     close(out.loss, (-2 + 2 / 1.05) / 2)
     close(out.clip_fraction, 0.0)
 
 
 def test_cispo_cap_falls_back_to_epsilon_as_in_trl():
     logp = torch.full((1, 2), LN(0.5), requires_grad=True)  # ratio 0.5 against old 0
-    kw = loss_kwargs(loss_type="cispo", num_sequences=1, num_tokens=2)
+    kw = dict(loss_type="cispo", num_sequences=1, num_tokens=2)
     out = grpo_loss(logp, torch.zeros(1, 2), None, None, torch.tensor([1.0]), torch.ones(1, 2),
-                    **kw)
+                    *loss_args(**kw))
     out.loss.backward()
     close(logp.grad, [[-0.2 / 2, -0.2 / 2]])  # weight min(0.5, epsilon 0.2) = 0.2, over 2 tokens
     close(out.clip_fraction, 1.0)
@@ -636,7 +632,7 @@ def test_bias_correction_changes_only_the_gradient_on_policy():
     for corrected in (False, True):
         logp = torch.full((2, 3), LN(0.5), requires_grad=True)
         out = grpo_loss(logp, None, None, ref, torch.zeros(2), PAD_MASK,
-                        **loss_kwargs(beta=0.1, use_bias_correction_kl=corrected))
+                        *loss_args(beta=0.1, use_bias_correction_kl=corrected))
         out.loss.backward()
         outs.append(out)
         grads.append(logp.grad)
@@ -651,8 +647,8 @@ def test_kl_metric_reports_the_corrected_term():
     logp = torch.full((1, 2), LN(0.5))
     old = torch.full((1, 2), LN(0.25))  # ratio 2 (clipped at A = 0: loss 0)
     ref = torch.full((1, 2), LN(0.25))
-    kw = loss_kwargs(beta=0.1, use_bias_correction_kl=True, num_sequences=1, num_tokens=2)
-    out = grpo_loss(logp, old, None, ref, torch.zeros(1), torch.ones(1, 2), **kw)
+    kw = dict(beta=0.1, use_bias_correction_kl=True, num_sequences=1, num_tokens=2)
+    out = grpo_loss(logp, old, None, ref, torch.zeros(1), torch.ones(1, 2), *loss_args(**kw))
     k3 = 0.5 - LN(0.5) - 1
     close(out.kl, 2 * k3)
     close(out.loss, 0.1 * 2 * k3)
@@ -676,3 +672,36 @@ def test_sampling_mismatch_with_nothing_to_compare():
     out = sampling_mismatch(torch.zeros(1, 2), torch.tensor([[NAN, 3.0]]), torch.tensor([[1, 0]]))
     close(out.kl, 0.0)
     close(out.max_abs_diff, 0.0)
+
+
+# ----- options -----
+
+
+def test_the_option_names_are_the_configs():
+    assert LOSS_TYPES == ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+    assert SCALES == ("group", "batch", "none")
+    assert IMPORTANCE_SAMPLING_LEVELS == ("token", "sequence")
+    assert IMPORTANCE_SAMPLING_MODES == ("token_truncate", "token_mask", "sequence_truncate",
+                                         "sequence_mask")
+
+
+def test_the_loss_takes_no_option_the_config_does_not_set():
+    parameters = inspect.signature(grpo_loss).parameters.values()
+    assert len(parameters) <= 8
+    assert all(p.default is inspect.Parameter.empty for p in parameters)
+
+
+@pytest.mark.parametrize("loss_type", ["bnpo", "dr_grpo", "dapo", "cispo"])
+def test_a_sequence_level_ratio_with_a_per_token_sum_is_noted(loss_type):
+    notes = loss_notes(GRPOConfig(loss_type=loss_type, importance_sampling_level="sequence"))
+    assert len(notes) == 1
+    assert f"grpo.loss_type {loss_type} sums per-token terms" in notes[0]
+    assert "set grpo.loss_type grpo" in notes[0]
+
+
+@pytest.mark.parametrize("loss_type, level", [("grpo", "sequence"), ("sapo", "sequence"),
+                                              ("dapo", "token"), ("grpo", "token")])
+def test_nothing_is_noted_where_each_sequence_is_averaged_or_the_ratio_is_per_token(loss_type,
+                                                                                      level):
+    # grpo and sapo take each sequence's mean before the mean over sequences: GSPO's objective
+    assert loss_notes(GRPOConfig(loss_type=loss_type, importance_sampling_level=level)) == []

@@ -23,13 +23,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 import trl.trainer.grpo_trainer as trl_grpo
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOConfig as TRLConfig
+from trl import GRPOTrainer
 
+from common.config import GRPOConfig
+from common.rewards import combine
 from learner.grpo import (
     IMPORTANCE_SAMPLING_LEVELS,
     IMPORTANCE_SAMPLING_MODES,
     LOSS_TYPES,
-    combine_rewards,
+    Normalisers,
     group_advantages,
     grpo_loss,
     importance_sampling_ratio,
@@ -160,8 +163,8 @@ def trl_trainer(case: Case) -> GRPOTrainer:
     t.args = SimpleNamespace(
         use_bias_correction_kl=case.use_bias_correction_kl,
         delta=case.delta,
-        sapo_temperature_pos=GRPOConfig.sapo_temperature_pos,
-        sapo_temperature_neg=GRPOConfig.sapo_temperature_neg,
+        sapo_temperature_pos=TRLConfig.sapo_temperature_pos,
+        sapo_temperature_neg=TRLConfig.sapo_temperature_neg,
         # TRL's default: one generation batch per optimizer step, split in two micro-batches;
         # num_iterations 2 makes TRL keep old log-probs even with the IS correction off
         gradient_accumulation_steps=2,
@@ -253,7 +256,8 @@ def our_mask(case: Case) -> torch.Tensor:
 
 
 def our_advantages(case: Case) -> torch.Tensor:
-    rewards = combine_rewards(REWARDS_PER_FUNC, REWARD_WEIGHTS)  # [B]
+    rewards = torch.tensor(combine(REWARDS_PER_FUNC.T.tolist(), REWARD_WEIGHTS.tolist()),
+                           dtype=REWARDS_PER_FUNC.dtype)  # [B], as the rollout worker scores them
     return group_advantages(rewards.view(-1, G), case.scale_rewards).reshape(-1)  # [B]
 
 
@@ -263,19 +267,20 @@ def our_loss(case: Case) -> tuple[torch.Tensor, torch.Tensor, list]:
     advantages = our_advantages(case)
     behaviour = torch.where(DATA.valid, DATA.behaviour, 1e4)  # garbage TRL never sees
     logp = DATA.logp.clone().requires_grad_()
-    kwargs = dict(
+    options = GRPOConfig(
         loss_type=case.loss_type, epsilon=case.epsilon, epsilon_high=case.epsilon_high,
-        beta=case.beta, num_sequences=len(LENGTHS), num_tokens=int(mask.sum()),
-        max_completion_length=MAX_COMPLETION_LENGTH, num_micro_batches=len(MICRO_BATCHES),
-        delta=case.delta, importance_sampling_level=case.level,
+        beta=case.beta, delta=case.delta, importance_sampling_level=case.level,
         use_bias_correction_kl=case.use_bias_correction_kl,
         vllm_importance_sampling_correction=case.mode is not None,
         vllm_importance_sampling_mode=case.mode or "token_truncate",
         vllm_importance_sampling_clip_min=case.clip_min,
         vllm_importance_sampling_clip_max=case.clip_max,
     )
+    totals = Normalisers(num_sequences=len(LENGTHS), num_tokens=int(mask.sum()),
+                         max_completion_length=MAX_COMPLETION_LENGTH,
+                         num_micro_batches=len(MICRO_BATCHES))
     outs = [grpo_loss(logp[s], DATA.old[s], behaviour[s], DATA.ref[s], advantages[s], mask[s],
-                      **kwargs) for s in MICRO_BATCHES]
+                      options, totals) for s in MICRO_BATCHES]
     total = sum(out.loss for out in outs)
     total.backward()
     return total.detach(), logp.grad, outs
@@ -402,13 +407,16 @@ def test_a_wrong_setting_does_not_match(field, wrong, monkeypatch):
     assert (total - trl_total).abs() > 1e3 * TOL or (grad - trl_grad).abs().max() > 1e3 * TOL
 
 
-def test_grpo_loss_defaults_against_trls():
-    ours = {p.name: p.default for p in inspect.signature(grpo_loss).parameters.values()}
+def test_the_configs_defaults_against_trls():
+    """grpo_loss has no defaults of its own (test_grpo.py): a run's loss options are its
+    GRPOConfig's, whose defaults are TRL's but where this project chose otherwise."""
+    ours = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
     for name in ("sapo_temperature_pos", "sapo_temperature_neg", "importance_sampling_level",
-                 "delta", "vllm_importance_sampling_correction",
+                 "delta", "use_bias_correction_kl", "vllm_importance_sampling_correction",
                  "vllm_importance_sampling_clip_min", "vllm_importance_sampling_clip_max"):
-        assert ours[name] == getattr(GRPOConfig, name), name
-    # where grpo_loss keeps this project's earlier behaviour instead (documented in grpo_loss)
-    assert (ours["vllm_importance_sampling_mode"], GRPOConfig.vllm_importance_sampling_mode) == (
+        assert ours[name] == getattr(TRLConfig, name), name
+    # where this project keeps its per-token truncation instead (documented in common/config.py)
+    assert (ours["vllm_importance_sampling_mode"], TRLConfig.vllm_importance_sampling_mode) == (
         "token_truncate", "sequence_mask")
-    assert (ours["use_bias_correction_kl"], GRPOConfig.use_bias_correction_kl) == (False, True)
+    assert not [p for p in inspect.signature(grpo_loss).parameters.values()
+                if p.default is not inspect.Parameter.empty]

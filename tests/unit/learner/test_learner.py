@@ -41,7 +41,7 @@ def group(learner: Learner, good: list[int], bad: list[int]) -> RolloutGroup:
 def completion_logprobs(learner: Learner, seqs) -> list[list[float]]:
     mb = collate(seqs, torch.zeros(len(seqs)), learner.pad_id)
     with torch.no_grad():
-        logp, _ = learner._logprobs(learner.model, mb)
+        logp, _ = learner.logprobs(mb)
     return logp.tolist()
 
 
@@ -130,7 +130,7 @@ def test_bfloat16_keeps_float32_master_weights_so_a_step_of_1e_6_reaches_the_eng
     cfg.model.dtype, cfg.learner.learning_rate = "bfloat16", 1e-6  # the reference run's
     learner = Learner(cfg)
     assert {p.dtype for p in learner.model.parameters()} == {torch.float32}
-    sent = dict(learner._named_weights())
+    sent = dict(learner.sender.named_weights())
     assert {t.dtype for t in sent.values() if t.is_floating_point()} == {torch.bfloat16}
     masters = [p.detach().clone() for p in learner.model.parameters()]
     metrics = learner.train([group(learner, [1010, 2020, 3030], [4040, 5050, 6060])])
@@ -201,6 +201,29 @@ def test_a_checkpoint_never_unpickles_code(learner, tmp_path):
     assert not Path("/tmp/grpo-ray-pwned").exists()
 
 
+def test_a_checkpoint_file_torch_cannot_read_is_called_damaged(learner, tmp_path):
+    import zipfile
+
+    learner.train([group(learner, [1, 2], [3, 4])])
+    directory = Path(learner.save_checkpoint(str(tmp_path), RunState(step=1)))
+    with zipfile.ZipFile(directory / "learner.pt", "w") as archive:  # a zip, not a torch archive
+        archive.writestr("notes.txt", "overwritten")
+    with pytest.raises(checkpoint.CheckpointError, match="damaged"):
+        learner.load_checkpoint(str(tmp_path))
+
+
+def test_a_bug_while_loading_a_checkpoint_keeps_its_own_error(learner, tmp_path, monkeypatch):
+    learner.train([group(learner, [1, 2], [3, 4])])
+    learner.save_checkpoint(str(tmp_path), RunState(step=1))
+
+    def misread(state: dict) -> None:
+        raise KeyError("a key the load path misspelt")
+
+    monkeypatch.setattr(learner.scheduler, "load_state_dict", misread)
+    with pytest.raises(KeyError, match="misspelt"):
+        learner.load_checkpoint(str(tmp_path))
+
+
 def test_weights_shared_again_at_the_same_path_reach_the_engine(learner, tmp_path):
     from common.weight_sync import SharedMemoryChannel
 
@@ -211,7 +234,7 @@ def test_weights_shared_again_at_the_same_path_reach_the_engine(learner, tmp_pat
     engine = SharedMemoryChannel(str(path), learner.weight_specs())
     learner.version = 3
     learner.send_weights()
-    sent = dict(learner._named_weights())
+    sent = dict(learner.sender.named_weights())
     for name, tensor in engine.receive(3):
         assert torch.equal(tensor, sent[name]), name
     learner.close_weight_sync()

@@ -1,13 +1,16 @@
 """A learner of two ranks (learner/sharding.py, FSDP2 over gloo) makes the same update as one:
 its sequences dealt evenly, its parameters equal to a one-rank learner's after several steps,
 its sharded checkpoint restored exactly, its export a whole model. The ranks are two processes
-here without Ray; the driver's fan-out to them is tested end to end (tests/integration)."""
+here without Ray; rank 0's wait for the others is tested with a stand-in for Ray, and the fan-out
+end to end (tests/integration)."""
 
 from __future__ import annotations
 
 import random
 import socket
+import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -15,8 +18,9 @@ import torch
 import torch.multiprocessing as mp
 
 from common.config import Config
+from common.errors import RunError
 from common.types import Prompt, RolloutGroup, RunState, RunSummary
-from learner.sharding import deal
+from learner.sharding import deal, on_every_rank
 
 STEPS = 3
 
@@ -46,6 +50,56 @@ def test_dealing_keeps_the_ranks_token_counts_close():
 def test_a_batch_that_cannot_be_dealt_evenly_is_refused():
     with pytest.raises(ValueError, match="5 sequences cannot be dealt evenly to 2 ranks"):
         deal([1] * 5, 2)
+
+
+# ----- rank 0's calls to the other ranks -----
+
+
+class RayActorError(Exception):
+    pass
+
+
+class FakeRay(types.ModuleType):
+    """What `on_every_rank` asks of Ray: each other rank's call waited for in turn."""
+
+    exceptions = types.SimpleNamespace(RayActorError=RayActorError)
+
+    def __init__(self, events: list[str], dead: set[str] = frozenset()):
+        super().__init__("ray")
+        self.events, self.dead = events, dead
+
+    def get(self, ref: str) -> None:
+        self.events.append(f"waited for {ref}")
+        if ref in self.dead:
+            raise RayActorError(ref)
+
+
+def test_rank_0_runs_its_part_then_waits_for_every_other_rank(monkeypatch):
+    events = []
+    monkeypatch.setitem(sys.modules, "ray", FakeRay(events))
+
+    def call() -> str:
+        with on_every_rank(["rank 1's call", "rank 2's call"]):
+            events.append("rank 0's part")
+            return "rank 0's result"
+
+    assert call() == "rank 0's result"
+    assert events == ["rank 0's part", "waited for rank 1's call", "waited for rank 2's call"]
+
+
+def test_a_rank_that_died_is_named_even_when_rank_0_failed_too(monkeypatch):
+    events = []
+    monkeypatch.setitem(sys.modules, "ray", FakeRay(events, dead={"rank 2's call"}))
+    with pytest.raises(RunError, match="^learner rank 2 died$"):
+        with on_every_rank(["rank 1's call", "rank 2's call"]):
+            raise ConnectionError("a collective failed because rank 2 is gone")
+    assert events == ["waited for rank 1's call", "waited for rank 2's call"]
+
+
+def test_one_rank_needs_no_ray(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # importing it would fail
+    with on_every_rank([]):
+        pass
 
 
 # ----- two ranks against one -----
@@ -114,24 +168,25 @@ def two_ranks(rank: int, port: int, out: Path) -> None:
     learner = Learner(config(2), rank)
     learner.join_ranks("127.0.0.1", port, peers=[])
     data = batches()
-    scores = learner.score(*probe())  # a forward with no backward first: the shards must stay shards
+    # a forward with no backward first: the shards must stay shards
+    scores = learner.probe_logprobs(*probe())
     metrics = [learner.train(b) for b in data[:-1]]
     learner.save_checkpoint(str(out / "run"), RunState(step=STEPS - 1))
     metrics.append(learner.train(data[-1]))
-    scores_after = learner.score(*probe())
+    scores_after = learner.probe_logprobs(*probe())
     learner.export(str(out / "first"), RunSummary(steps=STEPS, complete=True))
     restored = learner.load_checkpoint(str(out / "run"))
     again = learner.train(data[-1])
     learner.export(str(out / "again"), RunSummary(steps=STEPS, complete=True))
     if rank == 0:
-        learner._channel = BrokenChannel()
+        learner.sender.channel = BrokenChannel()
     start, send_failed = time.perf_counter(), False
     try:
         learner.send_weights()  # rank 1 gathers every tensor; rank 0's send stops after three
     except ConnectionError:
         send_failed = True
     send_s = time.perf_counter() - start
-    scores_later = learner.score(*probe())  # the ranks are still in step
+    scores_later = learner.probe_logprobs(*probe())  # the ranks are still in step
     if rank == 0:
         torch.save({"metrics": metrics, "again": again, "restored_step": restored.step,
                     "scores": scores, "scores_after": scores_after, "send_failed": send_failed,
@@ -151,10 +206,10 @@ def one_rank() -> tuple[dict, list[dict], tuple]:
     from learner.learner import Learner
 
     learner = Learner(config(1))
-    scores = learner.score(*probe())
+    scores = learner.probe_logprobs(*probe())
     metrics = [learner.train(b) for b in batches()]
     return ({k: v.clone() for k, v in learner.model.state_dict().items()}, metrics,
-            (scores, learner.score(*probe())))
+            (scores, learner.probe_logprobs(*probe())))
 
 
 def exported(directory: Path) -> dict[str, torch.Tensor]:
@@ -175,7 +230,7 @@ def test_two_ranks_train_the_same_parameters_as_one(sharded, one_rank):
         # of the squared gradient, so where a gradient is only rounding noise (the key biases',
         # which softmax ignores) the two orders of addition step differently.
         assert (sharded_change - change).norm() / change.norm() < 1e-3, name
-    # The parameters as one vector, as the issue asks: within 1e-5 of one rank's, relative.
+    # The parameters as one vector: within 1e-5 of one rank's, relative.
     difference = sum((got[k] - expected[k]).norm() ** 2 for k in expected) ** 0.5
     assert difference / sum(w.norm() ** 2 for w in expected.values()) ** 0.5 < 1e-5
 
