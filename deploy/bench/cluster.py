@@ -8,7 +8,7 @@ import dataclasses
 import logging
 
 from common.config import Config
-from deploy.launch import Cluster
+from deploy.launch import RunActors
 
 log = logging.getLogger(__name__)
 
@@ -20,12 +20,12 @@ RAY_CPUS = 16
 @dataclasses.dataclass
 class Running:
     cfg: Config
-    cluster: Cluster
+    actors: RunActors
 
-    def first_worker(self) -> Cluster:
-        """The cluster as if it had only its first rollout worker."""
-        return dataclasses.replace(self.cluster, workers=self.cluster.workers[:1],
-                                   worker_nodes=self.cluster.worker_nodes[:1])
+    def first_worker(self) -> RunActors:
+        """The run's actors as if it had only its first rollout worker."""
+        return dataclasses.replace(self.actors, workers=self.actors.workers[:1],
+                                   worker_nodes=self.actors.worker_nodes[:1])
 
 
 class ClusterPool:
@@ -33,31 +33,35 @@ class ClusterPool:
         self.base = base
         self.current: Running | None = None
 
-    def get(self, model: str, workers: int, cpus: float | None = None, threads: int = 0) -> Running:
-        """A learner and at least `workers` rollout workers for `model`, each worker with `cpus`
-        CPUs (None: whatever the running cluster has) and `threads` (0: the run's choice)."""
+    def get(self, model: str, workers: int, *, tokens: int | None = None,
+            cpus: float | None = None, threads: int = 0) -> Running:
+        """A learner and at least `workers` rollout workers for `model` generating `tokens` per
+        completion, each worker with `cpus` CPUs and `threads` (0: the run's choice); None:
+        whatever the running cluster has."""
         import ray
 
         from deploy.launch import init_ray, launch
 
         cur = self.current
-        if (cur is not None and cur.cfg.model.name == model and len(cur.cluster.workers) >= workers
-                and (cpus is None or cur.cfg.rollout.num_cpus == cpus)
+        if (cur is not None and cur.cfg.model.name == model and len(cur.actors.workers) >= workers
+                and tokens in (None, cur.cfg.rollout.max_tokens)
+                and cpus in (None, cur.cfg.rollout.num_cpus)
                 and cur.cfg.rollout.threads == threads):
             return cur
         self.stop()
         cfg = copy.deepcopy(self.base)
         cfg.model.name, cfg.rollout.num_workers = model, workers
         cfg.rollout.num_cpus, cfg.rollout.threads = cpus or 1, threads
+        cfg.rollout.max_tokens = tokens or cfg.rollout.max_tokens
         cfg.cluster.num_cpus = RAY_CPUS
         if not ray.is_initialized():
             init_ray(cfg)
         log.info("starting %s with %d rollout worker(s) of %g CPU(s)", model, workers,
                  cfg.rollout.num_cpus)
-        cluster = launch(cfg, cfg.cluster.call_timeout_s)
-        ray.get([w.ready.remote() for w in cluster.workers]
-                + [cluster.learner.weight_specs.remote()], timeout=cfg.cluster.call_timeout_s)
-        self.current = Running(cfg, cluster)
+        actors = launch(cfg, cfg.cluster.call_timeout_s)
+        ray.get([w.ready.remote() for w in actors.workers]
+                + [actors.learner.weight_specs.remote()], timeout=cfg.cluster.call_timeout_s)
+        self.current = Running(cfg, actors)
         return self.current
 
     def stop(self) -> None:
@@ -65,7 +69,7 @@ class ClusterPool:
 
         if self.current is None:
             return
-        shutdown(self.current.cluster)
+        shutdown(self.current.actors)
         self.current = None
 
     def shutdown(self) -> None:

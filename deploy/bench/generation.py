@@ -7,14 +7,40 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from common.types import GenerationStats, Prompt
-from deploy.bench import flops
+from deploy.bench import flops, prompts, render
 from deploy.bench.machine import ModelShape
 
+if TYPE_CHECKING:
+    from common.config import RolloutConfig
+    from deploy.bench.cluster import Running
+    from deploy.bench.harness import Harness
+
 log = logging.getLogger(__name__)
+# Model FLOPs/s of generation over the peak, at TARGET_BATCH completions per call or more.
+TARGET_FRACTION, TARGET_BATCH = 0.5, 128
+
+
+@dataclass
+class Settings:
+    """Generation: the rollout path vs Hugging Face `generate` (TRL's path without vLLM)."""
+
+    preset: str = "pythia-70m-shape"
+    """Model generating."""
+    batches: tuple[int, ...] = (16, 128)
+    """Completions per generate call (multiples of group_size)."""
+    tokens: int = 64
+    """Completion length."""
+    repeats: int = 3
+    """Timed calls of each side (after a warm-up): the best counts."""
+
+    @classmethod
+    def smoke(cls) -> Settings:
+        return cls(preset="tiny", batches=(16,), tokens=8, repeats=1)
 
 
 @dataclass
@@ -43,7 +69,7 @@ class GenerationBatch:
     ours: GenerationSide
     """Our rollout worker's `generate`, timed from the driver."""
     ours_engine: GenerationSide
-    """The same call, timed inside the worker around vLLM's `generate` alone (no scoring, no
+    """The same call, as the engine times it around vLLM's `generate` alone (no scoring, no
     Ray)."""
     hf_generate: GenerationSide
     """Hugging Face `generate`, as TRL's GRPOTrainer samples without vLLM."""
@@ -65,103 +91,140 @@ class GenerationResult:
 class HFGenerator:
     """Sampling as TRL's GRPOTrainer does without vLLM: one `model.generate` over the batch."""
 
-    def __init__(self, model_dir: str, threads: int):
-        from transformers import AutoModelForCausalLM
+    def __init__(self, model_dir: str, threads: int, rollout: RolloutConfig, group_size: int):
+        from transformers import AutoModelForCausalLM, GenerationConfig
 
         from common import models
 
         torch.set_num_threads(threads)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        self.tokenizer = models.load_tokenizer(model_dir)
+        self.tokenizer = tok = models.load_tokenizer(model_dir)
+        self.group_size = group_size
+        self.config = GenerationConfig(  # TRL 1.16's generation kwargs on this path
+            max_new_tokens=rollout.max_tokens, do_sample=True, temperature=rollout.temperature,
+            top_p=rollout.top_p, top_k=0, pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            num_return_sequences=group_size, disable_compile=True)
 
-    def generate(self, prompt_ids: list[list[int]], group_size: int, max_tokens: int,
-                 temperature: float, top_p: float, seed: int) -> dict:
-        from transformers import GenerationConfig
-
-        tok = self.tokenizer
+    def generate(self, prompt_ids: list[list[int]], seed: int) -> tuple[float, list[list[int]]]:
+        """Seconds of the call and each prompt's completion lengths."""
         width = max(len(p) for p in prompt_ids)
-        input_ids = torch.full((len(prompt_ids), width), tok.pad_token_id, dtype=torch.long)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
         mask = torch.zeros_like(input_ids)
         for row, ids in enumerate(prompt_ids):  # left padding, as TRL pads prompts
             input_ids[row, width - len(ids):] = torch.tensor(ids)
             mask[row, width - len(ids):] = 1
-        config = GenerationConfig(  # TRL 1.16's generation kwargs on this path
-            max_new_tokens=max_tokens, do_sample=True, temperature=temperature, top_p=top_p,
-            top_k=0,
-            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id, num_return_sequences=group_size, disable_compile=True)
         torch.manual_seed(seed)
         start = time.perf_counter()
         with torch.no_grad():
             out = self.model.generate(input_ids=input_ids, attention_mask=mask,
-                                      generation_config=config)
+                                      generation_config=self.config)
         seconds = time.perf_counter() - start
-        completions = out[:, width:]
         # A completion ends at its first end-of-text (counted); the rest of the row is padding.
-        is_eos = completions == tok.eos_token_id
-        lengths = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, completions.shape[1])
-        return {"seconds": seconds,
-                "completion_lens": lengths.view(len(prompt_ids), group_size).tolist()}
+        is_eos = out[:, width:] == self.tokenizer.eos_token_id
+        lengths = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, is_eos.shape[1])
+        return seconds, lengths.view(len(prompt_ids), self.group_size).tolist()
 
 
-def measure_ours(worker, prompts: list[Prompt], group_size: int,
-                 repeats: int) -> tuple[float, GenerationStats, list[list[int]]]:
-    """Best of `repeats` calls of the worker's `generate`, timed from the driver (so Ray's
-    transfer of the scored groups counts), after a warm-up call: its wall-clock seconds, the
-    engine's own stats of it and each group's completion lengths."""
+def run(harness: Harness, s: Settings) -> GenerationResult:
+    """Ours and Hugging Face's on each batch, best of `repeats` calls each after a warm-up."""
     import ray
 
-    ray.get(worker.generate.remote(prompts[:1], -1, group_size))
-    best = None
+    from common import models
+
+    threads, g = harness.options.threads, harness.options.group_size
+    running = harness.pool.get(s.preset, 1, tokens=s.tokens, cpus=threads)
+    shape, peak, r = harness.shape(s.preset), harness.peak_gflops, running.cfg.rollout
+    model_dir = str(models.resolve(s.preset, running.cfg.model.cache_dir))
+    hf = ray.remote(num_cpus=threads)(HFGenerator).remote(model_dir, threads, r, g)
+    try:
+        batches = [_batch(running, hf, prompts.first(running.cfg, b // g), s.repeats,
+                          shape=shape, peak_gflops=peak) for b in s.batches]
+    finally:
+        ray.kill(hf)
+    return GenerationResult(model=shape, batches=batches, config={
+        "G": g, "completion tokens": r.max_tokens, "temperature": r.temperature,
+        "top_p": r.top_p, "threads each side": threads, "best of": s.repeats})
+
+
+def _batch(running: Running, hf, chosen: list[Prompt], repeats: int, *, shape: ModelShape,
+           peak_gflops: float) -> GenerationBatch:
+    """Both sides on `chosen` x G completions, best of `repeats` calls each after a warm-up."""
+    import ray
+
+    g, n = running.cfg.grpo.group_size, len(chosen) * running.cfg.grpo.group_size
+    wall, stats, our_lens = _ours(running.actors.workers[0], chosen, g, repeats)
+    ids = [p.token_ids for p in chosen]
+    ray.get(hf.generate.remote(ids[:1], -1))
+    hf_s, hf_lens = min(ray.get([hf.generate.remote(ids, r) for r in range(repeats)]))
+    prompt_lens = [len(p) for p in ids]
+    our_gflops = flops.generation(shape, prompt_lens, our_lens) / 1e9
+
+    def side(seconds: float, tokens: int, gflops: float) -> GenerationSide:
+        return GenerationSide(seconds=seconds, tokens=tokens, completions=n,
+                              tokens_per_s=tokens / seconds, completions_per_s=n / seconds,
+                              model_gflops=gflops, fraction_of_peak=gflops / seconds / peak_gflops)
+
+    batch = GenerationBatch(
+        completions=n, prompts=len(chosen), mean_prompt_tokens=prompts.mean_length(chosen),
+        ours=side(wall, stats.tokens, our_gflops),
+        ours_engine=side(stats.seconds, stats.tokens, our_gflops),
+        hf_generate=side(hf_s, sum(map(sum, hf_lens)),
+                         flops.generation(shape, prompt_lens, hf_lens) / 1e9))
+    log.info("generation, %d completions: ours %.0f tokens/s (%.0f%% of peak), HF %.0f tokens/s",
+             n, batch.ours.tokens_per_s, 100 * batch.ours.fraction_of_peak,
+             batch.hf_generate.tokens_per_s)
+    return batch
+
+
+def _ours(worker, chosen: list[Prompt], g: int,
+          repeats: int) -> tuple[float, GenerationStats, list[list[int]]]:
+    """The best call of the worker's `generate`, timed from the driver (so Ray's transfer of the
+    scored groups counts): its seconds, the engine's own stats of it (its `seconds` around
+    vLLM's `generate` alone) and each group's completion lengths."""
+    import ray
+
+    ray.get(worker.generate.remote(chosen[:1], -1, g))
+    calls = []
     for r in range(repeats):
         start = time.perf_counter()
-        groups, stats = ray.get(worker.generate.remote(prompts, r, group_size))
-        wall = time.perf_counter() - start
-        if best is None or wall < best[0]:
-            best = (wall, stats, groups)
-    wall, stats, groups = best
-    return wall, stats, [[len(ids) for ids in g.completion_ids] for g in groups]
+        groups, stats = ray.get(worker.generate.remote(chosen, r, g))
+        lengths = [[len(ids) for ids in group.completion_ids] for group in groups]
+        calls.append((time.perf_counter() - start, stats, lengths))
+    return min(calls, key=lambda call: call[0])
 
 
-def measure_hf(generator, prompts: list[Prompt], group_size: int, max_tokens: int,
-               temperature: float, top_p: float, repeats: int) -> tuple[float, list[list[int]]]:
-    """Best of `repeats` calls after a warm-up: its seconds and each group's completion lengths."""
-    import ray
-
-    ids = [p.token_ids for p in prompts]
-    ray.get(generator.generate.remote(ids[:1], group_size, max_tokens, temperature, top_p, -1))
-    runs = [ray.get(generator.generate.remote(ids, group_size, max_tokens, temperature, top_p, r))
-            for r in range(repeats)]
-    best = min(runs, key=lambda run: run["seconds"])
-    return best["seconds"], best["completion_lens"]
-
-
-def _side(seconds: float, tokens: int, completions: int, model_gflops: float,
-          peak_gflops: float) -> GenerationSide:
-    return GenerationSide(seconds=seconds, tokens=tokens, completions=completions,
-                          tokens_per_s=tokens / seconds, completions_per_s=completions / seconds,
-                          model_gflops=model_gflops,
-                          fraction_of_peak=model_gflops / seconds / peak_gflops)
+def markdown(g: GenerationResult) -> list[str]:
+    rows = []
+    for b in g.batches:
+        o, e, h = b.ours, b.ours_engine, b.hf_generate
+        rows += [[b.completions, "ours (rollout worker)", o.tokens_per_s, o.completions_per_s,
+                  render.pct(o.fraction_of_peak), f"{b.ratio_tokens_per_s:.1f}x"],
+                 [b.completions, "ours, engine only", e.tokens_per_s, "",
+                  render.pct(e.fraction_of_peak), ""],
+                 [b.completions, "HF generate (TRL's path)", h.tokens_per_s, h.completions_per_s,
+                  render.pct(h.fraction_of_peak), "1.0x"]]
+    header = ["completions", "side", "tokens/s", "completions/s", "model FLOPs vs peak", "ratio"]
+    return render.labelled(g.config, g.model, header, rows)
 
 
-def run(running, hf_generator, prompts: list[Prompt], group_size: int, shape: ModelShape,
-        peak_gflops: float, repeats: int) -> GenerationBatch:
-    """Ours and Hugging Face's on one batch; tokens/s and model FLOPs/s as a fraction of peak."""
-    r = running.cfg.rollout
-    prompt_lens = [len(p.token_ids) for p in prompts]
-    wall, stats, our_lens = measure_ours(running.cluster.workers[0], prompts, group_size, repeats)
-    hf_seconds, hf_lens = measure_hf(hf_generator, prompts, group_size, r.max_tokens,
-                                     r.temperature, r.top_p, repeats)
-    our_gflops = flops.generation(shape, prompt_lens, our_lens) / 1e9
-    completions = len(prompts) * group_size
-    batch = GenerationBatch(
-        completions=completions, prompts=len(prompts),
-        mean_prompt_tokens=sum(prompt_lens) / len(prompt_lens),
-        ours=_side(wall, stats.tokens, stats.completions, our_gflops, peak_gflops),
-        ours_engine=_side(stats.seconds, stats.tokens, stats.completions, our_gflops, peak_gflops),
-        hf_generate=_side(hf_seconds, sum(map(sum, hf_lens)), completions,
-                          flops.generation(shape, prompt_lens, hf_lens) / 1e9, peak_gflops))
-    for name, s in (("ours", batch.ours), ("hf_generate", batch.hf_generate)):
-        log.info("generation %s, %d completions: %.0f tokens/s, %.0f%% of peak", name,
-                 s.completions, s.tokens_per_s, 100 * s.fraction_of_peak)
-    return batch
+def targets(g: GenerationResult) -> list[list[str]]:
+    big = [b for b in g.batches if b.completions >= TARGET_BATCH]
+    if not big:
+        return []
+    b = max(big, key=lambda b: b.ours.fraction_of_peak)
+    return [[f"generation at {b.completions} completions: model FLOPs/s vs peak",
+             f">= {render.pct(TARGET_FRACTION)}", render.pct(b.ours.fraction_of_peak),
+             render.met(b.ours.fraction_of_peak >= TARGET_FRACTION)]]
+
+
+def chart(ax, g: GenerationResult) -> None:
+    labels, values, notes = [], [], []
+    for b in g.batches:
+        for side, name in ((b.ours, "ours"), (b.hf_generate, "HF generate")):
+            labels.append(f"{name}\n{b.completions} compl.")
+            values.append(side.tokens_per_s)
+            notes.append(f"{side.tokens_per_s:,.0f} ({render.pct(side.fraction_of_peak)} peak)")
+    render.bars(ax, labels, values, notes)
+    render.titled(ax, "Generation", "tokens/s", g.config, g.model)

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from common import models
-from common.config import Config
+from common.config import Config, ModelConfig
 from common.types import RunState
 from deploy.bench import flops
 from deploy.bench.machine import model_shape
@@ -75,8 +75,8 @@ def steps(name: str, dtype: str, device: str, peak: float, prompts: int, group_s
     """GRPO steps of the learner on a synthetic batch; the result and the learner."""
     from learner.learner import Learner
 
-    cfg = Config()
-    cfg.cluster.device, cfg.model.name, cfg.model.dtype = device, name, dtype
+    cfg = Config(model=ModelConfig(name=name, dtype=dtype))  # the model's own learning rate
+    cfg.cluster.device = device
     cfg.grpo.group_size, cfg.grpo.batch_size = group_size, prompts * group_size
     cfg.rollout.max_tokens, cfg.learner.micro_batch_size = completion_tokens, 16
     cfg.model.max_model_len = prompt_tokens + completion_tokens

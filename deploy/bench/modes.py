@@ -1,20 +1,23 @@
 """When new weights reach the engines, three ways, on the same model, prompts and settings, with
 completions of varied length (end of text allowed) and two rollout workers: synchronous
 (on-policy rounds), rounds ahead (generation one step ahead, weights loaded between rounds) and
-in flight (continuous generation, weights loaded between two decode steps). For each: the steady
-completions/s, how busy the engines and the learner were, and how stale the trained-on tokens
-were. (How soon each reaches a reward level: the time-to-reward section, on a model that learns
-in seconds.)"""
+in flight (continuous generation, weights loaded between two decode steps). For each, from the
+run's own metrics: the steady completions/s, how busy the engines and the learner were, and how
+stale the trained-on tokens were. (How soon each reaches a reward level: the time-to-reward
+section, on a model that learns in seconds.)"""
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from common.config import Config
-from deploy.bench.end_to_end import RunRecord, Runner, run_config
+from deploy.bench import render
 from deploy.bench.machine import ModelShape
+from deploy.bench.runs import RunRecord, Steady, run_config, steady
+
+if TYPE_CHECKING:
+    from deploy.bench.harness import Harness
 
 log = logging.getLogger(__name__)
 
@@ -24,14 +27,36 @@ MODES = (("synchronous", 0, "between_rounds"), ("rounds ahead", 1, "between_roun
 
 
 @dataclass
-class ModeResult:
+class Settings:
+    """Modes: synchronous, rounds ahead and in-flight weight updates side by side."""
+
+    preset: str = "pythia-70m-shape"
+    """Model trained."""
+    batch: int = 16
+    """Completions per step."""
+    tokens: int = 128
+    """Most tokens per completion (end of text allowed: lengths vary)."""
+    workers: int = 2
+    """Rollout workers (one CPU each)."""
+    steps: int = 12
+    """Steps of each mode's run."""
+    warmup: int = 2
+    """First steps left out of the steady state."""
+    lr: float | None = None
+    """Learning rate; None is the preset's."""
+
+    @classmethod
+    def smoke(cls) -> Settings:
+        return cls(preset="tiny", batch=8, tokens=16, steps=3, warmup=1, lr=3e-2)
+
+
+@dataclass
+class ModeResult(Steady):
+    """A mode's steady state (`runs.steady`), and what its run's metrics say of those steps."""
+
     mode: str
     policy_lag: int
     weight_update: str
-    steps_measured: int
-    seconds_per_step: float
-    completions_per_s: float
-    mean_completion_tokens: float
     engine_busy: float
     """Share of the steady steps' wall time the engines spent generating (per engine)."""
     learner_busy: float
@@ -46,7 +71,6 @@ class ModeResult:
     """Policy versions between the learner and the tokens it trained on, on average."""
     mixed_version_frac: float
     """Share of completions whose tokens came from two policy versions."""
-    run_dir: str
 
 
 @dataclass
@@ -57,42 +81,53 @@ class ModesResult:
     modes: list[ModeResult]
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
 def summarize(name: str, lag: int, weight_update: str, record: RunRecord, warmup: int,
               batch_size: int) -> ModeResult:
-    """A run's steady state: the steps after the first `warmup`."""
-    steps = record.steps
-    warmup = min(warmup, len(steps) - 1)
-    start = steps[warmup - 1].elapsed_s if warmup else record.first_step_start_s
-    measured = steps[warmup:]
-    seconds = measured[-1].elapsed_s - start
-    phases = {key: _mean([s.phases[key] for s in measured]) for key in measured[0].phases}
+    """A run's steady state, with the means of the metrics it logged for those steps."""
+    window, measured = steady(record, warmup, batch_size)
+
+    def mean(key: str) -> float:
+        return sum(s.metrics[key] for s in measured) / len(measured)
+
+    generate_s = sum(s.metrics["engine_busy"] * s.metrics["step_s"] for s in measured)
     return ModeResult(
-        mode=name, policy_lag=lag, weight_update=weight_update, steps_measured=len(measured),
-        seconds_per_step=seconds / len(measured), completions_per_s=batch_size * len(measured) / seconds,
-        mean_completion_tokens=sum(s.tokens for s in measured) / (batch_size * len(measured)),
-        engine_busy=phases["engine_busy"], learner_busy=phases["learner_busy"],
-        generate_s=_mean([s.phases["engine_busy"] * s.phases["step_s"] for s in measured]),
-        train_s=phases["train_s"], sync_s=phases["sync_s"], token_lag_mean=phases["token_lag_mean"],
-        mixed_version_frac=phases["mixed_version_frac"], run_dir=record.run_dir)
+        **vars(window), mode=name, policy_lag=lag, weight_update=weight_update,
+        engine_busy=mean("engine_busy"), learner_busy=mean("learner_busy"),
+        generate_s=generate_s / len(measured), train_s=mean("train_s"), sync_s=mean("sync_s"),
+        token_lag_mean=mean("token_lag_mean"), mixed_version_frac=mean("mixed_version_frac"))
 
 
-def run(runner: Runner, cfg: Config, model: ModelShape, warmup: int) -> ModesResult:
-    """Each mode on `cfg` (which sets the model, lengths and workers), one run each."""
+def run(harness: Harness, s: Settings) -> ModesResult:
+    """Each mode on the same configuration, one run each."""
+    cfg = harness.config(model=s.preset, batch=s.batch, tokens=s.tokens, lr=s.lr, steps=s.steps,
+                         extra=("--rollout.num-workers", str(s.workers)))
     results = []
-    for name, lag, weight_update in MODES:
-        mode_cfg = copy.deepcopy(cfg)
-        mode_cfg.buffer.max_policy_lag, mode_cfg.rollout.weight_update = lag, weight_update
-        record = runner.ours(mode_cfg, f"modes-{weight_update}-lag{lag}-{cfg.model.name}")
-        result = summarize(name, lag, weight_update, record, warmup, cfg.grpo.batch_size)
-        log.info("modes %s: %.2f completions/s, engines %.0f%% busy, learner %.0f%%, token lag %.2f",
-                 name, result.completions_per_s, 100 * result.engine_busy, 100 * result.learner_busy,
-                 result.token_lag_mean)
+    for name, lag, update in MODES:
+        record = harness.runner.ours(cfg, "modes", lag, update)
+        result = summarize(name, lag, update, record, s.warmup, cfg.grpo.batch_size)
+        log.info("modes %s: %.2f completions/s, engines %.0f%% busy, learner %.0f%%, "
+                 "token lag %.2f", name, result.completions_per_s, 100 * result.engine_busy,
+                 100 * result.learner_busy, result.token_lag_mean)
         results.append(result)
-    return ModesResult(model=model, config=run_config(cfg) | {
+    return ModesResult(model=harness.shape(s.preset), modes=results, config=run_config(cfg) | {
         "workers": cfg.rollout.num_workers, "max completion tokens": cfg.rollout.max_tokens,
         "max in flight": cfg.rollout.max_in_flight, "steps": cfg.steps,
-        "warm-up steps left out": warmup}, modes=results)
+        "warm-up steps left out": s.warmup})
+
+
+def markdown(m: ModesResult) -> list[str]:
+    rows = [[r.mode, r.seconds_per_step, r.completions_per_s, r.mean_completion_tokens,
+             render.pct(r.engine_busy), render.pct(r.learner_busy),
+             f"{r.generate_s:.2f} / {r.train_s:.2f} / {r.sync_s:.2f}", f"{r.token_lag_mean:.2f}",
+             render.pct(r.mixed_version_frac)] for r in m.modes]
+    header = ["mode", "s/step", "completions/s", "tokens per completion", "engines busy",
+              "learner busy", "generate / train / sync s per step", "token lag",
+              "completions from 2 versions"]
+    return render.labelled(m.config, m.model, header, rows)
+
+
+def chart(ax, m: ModesResult) -> None:
+    render.bars(ax, [r.mode for r in m.modes], [r.completions_per_s for r in m.modes],
+                [f"{r.completions_per_s:.2f} (engines {render.pct(r.engine_busy)}, "
+                 f"learner {render.pct(r.learner_busy)})" for r in m.modes])
+    render.titled(ax, "Weight-update modes", "completions/s", m.config, m.model)

@@ -11,16 +11,20 @@ import logging
 import random
 import statistics
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from common.config import Config
 from common.types import Prompt, RolloutGroup
 from common.weight_sync import listen_socket
+from deploy.bench import render
 from deploy.bench.machine import ModelShape
+
+if TYPE_CHECKING:
+    from deploy.bench.harness import Harness
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +33,24 @@ log = logging.getLogger(__name__)
 # wait_for_unshard and post_backward; names carry the module's path after the prefix).
 COLLECTIVES = ("FSDP::all_gather", "FSDP::all_gather_copy_out", "FSDP::post_backward_reduce",
                "FSDP::post_backward_rs_wait")
+
+
+@dataclass
+class Settings:
+    """Ranks: the learner's step alone on 1 and 2 FSDP2 ranks, with its share in collectives."""
+
+    preset: str = "pythia-70m-shape"
+    """Model trained."""
+    batch: int = 16
+    """Completions per learner step."""
+    tokens: int = 64
+    """Prompt and completion tokens each."""
+    steps: int = 3
+    """Timed learner steps per rank count (after one warm-up step, before one profiled)."""
+
+    @classmethod
+    def smoke(cls) -> Settings:
+        return cls(preset="tiny", batch=8, tokens=8, steps=1)
 
 
 @dataclass
@@ -73,22 +95,17 @@ def _collective_seconds(prof) -> float:
 
 
 def _rank(rank: int, cfg: Config, port: int, groups: list[RolloutGroup], steps: int, out: Path) -> None:
-    """One rank's process: a warm-up step, `steps` timed steps, one profiled step."""
+    """One rank's process: a warm-up step, `steps` timed steps, one profiled step, each timed by
+    the learner itself (its `train_s`)."""
     from learner.learner import Learner
 
     learner = Learner(cfg, rank)
     if cfg.learner.num_ranks > 1:
         learner.join_ranks("127.0.0.1", port, peers=[])
     learner.train(groups)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        learner.train(groups)
-        times.append(time.perf_counter() - start)
+    times = [learner.train(groups)["train_s"] for _ in range(steps)]
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        start = time.perf_counter()
-        learner.train(groups)
-        profiled = time.perf_counter() - start
+        profiled = learner.train(groups)["train_s"]
     if rank == 0:
         torch.save({"times": times, "profiled_s": profiled, "collective_s": _collective_seconds(prof)},
                    out / "rank0.pt")
@@ -110,16 +127,25 @@ def measure(cfg: Config, groups: list[RolloutGroup], ranks: int, cores: int, ste
                       communication_share=comm / saved["profiled_s"])
 
 
-def run(cfg: Config, model: ModelShape, cores: int, steps: int, prompt_tokens: int) -> RanksResult:
-    """1 rank with every core, then 2 ranks with half each, on one batch of `cfg`'s shape."""
-    groups = batch(cfg.grpo.group_size, cfg.prompts_per_step, prompt_tokens, cfg.rollout.max_tokens)
+def run(harness: Harness, s: Settings) -> RanksResult:
+    """1 rank with every core, then 2 ranks with half each, on one synthetic batch."""
+    cfg = harness.config(model=s.preset, batch=s.batch, tokens=s.tokens)
+    cores = harness.options.threads
+    groups = batch(cfg.grpo.group_size, cfg.prompts_per_step, s.tokens, s.tokens)
     results = []
     for ranks in (1, 2):
-        result = measure(cfg, groups, ranks, cores, steps)
+        result = measure(cfg, groups, ranks, cores, s.steps)
         log.info("learner on %d rank(s): %.2f s/step, %.0f%% in collectives", ranks,
                  result.seconds_per_step, 100 * result.communication_share)
         results.append(result)
-    return RanksResult(model=model, ranks=results, config={
-        "completions": cfg.grpo.batch_size, "G": cfg.grpo.group_size, "prompt tokens": prompt_tokens,
-        "completion tokens": cfg.rollout.max_tokens, "micro-batch": cfg.learner.micro_batch_size,
-        "dtype": cfg.model.dtype, "cores": cores, "timed steps": steps, "backend": "gloo"})
+    return RanksResult(model=harness.shape(s.preset), ranks=results, config={
+        "completions": s.batch, "G": cfg.grpo.group_size, "prompt tokens": s.tokens,
+        "completion tokens": s.tokens, "micro-batch": cfg.learner.micro_batch_size,
+        "dtype": cfg.model.dtype, "cores": cores, "timed steps": s.steps, "backend": "gloo"})
+
+
+def markdown(r: RanksResult) -> list[str]:
+    rows = [[x.ranks, x.threads_per_rank, x.seconds_per_step, x.communication_s,
+             render.pct(x.communication_share)] for x in r.ranks]
+    header = ["ranks", "threads each", "s/step", "s in collectives (one step)", "share of the step"]
+    return render.labelled(r.config, r.model, header, rows)

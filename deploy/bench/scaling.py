@@ -8,12 +8,38 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from common.config import cpu_threads
 from common.types import Prompt
+from deploy.bench import prompts, render
 from deploy.bench.machine import ModelShape
 
+if TYPE_CHECKING:
+    from deploy.bench.cluster import Running
+    from deploy.bench.harness import Harness
+
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Settings:
+    """Scaling: one batch on 1 and then 2 rollout workers of one CPU each."""
+
+    preset: str = "pythia-70m-shape"
+    """Model generating."""
+    batch: int = 128
+    """Completions split over the workers (a multiple of group_size)."""
+    tokens: int = 64
+    """Completion length."""
+    repeats: int = 3
+    """Timed rounds of each worker count (after a warm-up): the best counts."""
+    oversubscribed: bool = True
+    """Also two workers each taking every core (a third cluster)."""
+
+    @classmethod
+    def smoke(cls) -> Settings:
+        return cls(preset="tiny", batch=16, tokens=8, repeats=1, oversubscribed=False)
 
 
 @dataclass
@@ -51,47 +77,62 @@ class ScalingResult:
         self.efficiency = self.speedup / 2
 
 
-def _timed_round(workers: list, prompts: list[Prompt], group_size: int,
-                 round_: int) -> tuple[float, int]:
+def run(harness: Harness, s: Settings) -> ScalingResult:
+    """One worker, then two, on the same batch; then two that each take every core."""
+    running = harness.pool.get(s.preset, 2, tokens=s.tokens, cpus=1)
+    chosen = prompts.first(running.cfg, s.batch // harness.options.group_size)
+    one, two = (_best(running, n, chosen, s.repeats) for n in (1, 2))
+    over = None
+    if s.oversubscribed:
+        crowded = harness.pool.get(s.preset, 2, tokens=s.tokens, cpus=1,
+                                   threads=os.cpu_count() or 1)
+        over = _best(crowded, 2, chosen, s.repeats)
+    return ScalingResult(model=harness.shape(s.preset), completions=s.batch, one=one, two=two,
+                         oversubscribed=over, config={
+                             "completions": s.batch, "G": harness.options.group_size,
+                             "completion tokens": s.tokens, "CPUs per worker": 1,
+                             "best of": s.repeats})
+
+
+def _best(running: Running, workers: int, chosen: list[Prompt], repeats: int) -> WorkersThroughput:
+    """Best of `repeats` rounds on the cluster's first `workers` workers, after a warm-up."""
     import ray
 
-    shares = [prompts[i :: len(workers)] for i in range(len(workers))]
-    start = time.perf_counter()
-    results = ray.get([w.generate.remote(share, round_, group_size)
-                       for w, share in zip(workers, shares) if share])
-    return time.perf_counter() - start, sum(stats.tokens for _, stats in results)
-
-
-def _best(running, workers: int, prompts: list[Prompt], group_size: int,
-          repeats: int) -> WorkersThroughput:
-    """Best of `repeats` rounds on the cluster's first `workers` workers (already warm)."""
-    seconds, tokens = min((_timed_round(running.cluster.workers[:workers], prompts, group_size, i)
-                           for i in range(repeats)), key=lambda run: run[0])
+    handles, g = running.actors.workers[:workers], running.cfg.grpo.group_size
+    ray.get([w.generate.remote(chosen[:1], -1, g) for w in handles])
+    shares = [chosen[i::workers] for i in range(workers)]
+    rounds = []
+    for r in range(repeats):
+        start = time.perf_counter()
+        done = ray.get([w.generate.remote(share, r, g)
+                        for w, share in zip(handles, shares) if share])
+        rounds.append((time.perf_counter() - start, sum(stats.tokens for _, stats in done)))
+    seconds, tokens = min(rounds)
     threads = cpu_threads(running.cfg, "rollout", os.cpu_count() or 1)
     log.info("scaling: %d worker(s) of %d thread(s) each: %.0f tokens/s", workers, threads,
              tokens / seconds)
     return WorkersThroughput(workers=workers, cpus_each=running.cfg.rollout.num_cpus,
                              threads_each=threads, seconds=seconds, tokens=tokens,
                              tokens_per_s=tokens / seconds,
-                             completions_per_s=len(prompts) * group_size / seconds)
+                             completions_per_s=len(chosen) * g / seconds)
 
 
-def _warm_up(workers: list, prompts: list[Prompt], group_size: int) -> None:
-    import ray
+def markdown(sc: ScalingResult) -> list[str]:
+    one, two, over = sc.one, sc.two, sc.oversubscribed
+    rows = [[1, f"{one.cpus_each} ({one.threads_each})", one.tokens_per_s, one.completions_per_s,
+             "1.00x"],
+            [2, f"{two.cpus_each} ({two.threads_each})", two.tokens_per_s, two.completions_per_s,
+             f"{sc.speedup:.2f}x ({render.pct(sc.efficiency)} of linear)"]]
+    if over:
+        rows.append([2, f"{over.cpus_each} ({over.threads_each} threads: every core)",
+                     over.tokens_per_s, over.completions_per_s,
+                     f"{over.tokens_per_s / one.tokens_per_s:.2f}x"])
+    header = ["workers", "CPUs (threads) each", "tokens/s", "completions/s", "speedup"]
+    return render.labelled(sc.config, sc.model, header, rows)
 
-    ray.get([w.generate.remote(prompts[:1], -1, group_size) for w in workers])
 
-
-def run(running, prompts: list[Prompt], group_size: int,
-        repeats: int) -> tuple[WorkersThroughput, WorkersThroughput]:
-    """One worker, then two, on the same batch."""
-    _warm_up(running.cluster.workers, prompts, group_size)
-    return (_best(running, 1, prompts, group_size, repeats),
-            _best(running, 2, prompts, group_size, repeats))
-
-
-def oversubscribed(running, prompts: list[Prompt], group_size: int,
-                   repeats: int) -> WorkersThroughput:
-    """Two workers whose threads together outnumber the cores."""
-    _warm_up(running.cluster.workers[:2], prompts, group_size)
-    return _best(running, 2, prompts, group_size, repeats)
+def chart(ax, sc: ScalingResult) -> None:
+    values = [sc.one.tokens_per_s, sc.two.tokens_per_s]
+    render.bars(ax, ["1 worker", "2 workers"], values,
+                [f"{values[0]:,.0f}", f"{values[1]:,.0f} ({sc.speedup:.2f}x)"])
+    render.titled(ax, "Scaling", "tokens/s", sc.config, sc.model)

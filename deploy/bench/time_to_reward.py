@@ -6,13 +6,45 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from common.config import Config
-from deploy.bench.end_to_end import (RunOf, RunRecord, Runner, run_config, run_mode,
-                                     total_threads, with_lag)
+from deploy.bench import render
 from deploy.bench.machine import ModelShape
+from deploy.bench.runs import RunOf, RunRecord, run_config
+
+if TYPE_CHECKING:
+    from deploy.bench.harness import Harness
 
 log = logging.getLogger(__name__)
+TARGET_VS_TRL = 0.2  # wall time to the threshold, ours over TRL's, startup included
+
+
+@dataclass
+class Settings:
+    """Time to reward: seconds to a mean reward, ours vs TRL, on a model that learns in seconds."""
+
+    preset: str = "tiny"
+    """Model trained."""
+    batch: int = 32
+    """Completions per step."""
+    tokens: int = 24
+    """Completion length."""
+    lr: float = 3e-2
+    """Learning rate (the random-init `tiny` needs a large one)."""
+    threshold: float = 0.9
+    """Mean reward of one step that counts as reached."""
+    steps: int = 30
+    """Steps of our runs (they run them all; the first step reaching counts)."""
+    trl_steps: int = 30
+    """Most steps of TRL's run (it stops at the first step reaching)."""
+    lags: tuple[int, ...] = (0, 1)
+    """Our runs: buffer.max_policy_lag of each (0 synchronous)."""
+    in_flight: bool = True
+    """Also a run one step ahead with weights updated in flight."""
+
+    @classmethod
+    def smoke(cls) -> Settings:
+        return cls(batch=8, tokens=8, steps=2, trl_steps=2, lags=(0,), in_flight=False)
 
 
 @dataclass
@@ -69,29 +101,54 @@ def first_reaching(record: RunRecord, threshold: float, policy_lag: int | None,
         run_dir=record.run_dir)
 
 
-def run(runner: Runner, cfg: Config, shape: ModelShape, threshold: float, lags: tuple[int, ...],
-        trl_steps: int, in_flight: bool = False) -> TimeToRewardResult:
-    """Ours with each policy lag (and, with `in_flight`, one step ahead with weights updated in
-    flight), then TRL's; the first step reaching `threshold` in each."""
-    modes = [(lag, "between_rounds") for lag in lags] + ([(1, "in_flight")] if in_flight else [])
-    records = {}
-    for lag, weight_update in modes:
-        run_cfg = with_lag(cfg, lag)
-        run_cfg.rollout.weight_update = weight_update
-        records[lag, weight_update] = runner.ours(
-            run_cfg, f"ttr-ours_{run_mode(lag, weight_update)}-{cfg.model.name}")
-    trl_cfg = with_lag(cfg, 0)
-    trl_cfg.steps = trl_steps
-    trl = first_reaching(runner.trl(trl_cfg, f"ttr-trl-{cfg.model.name}", total_threads(cfg),
-                                    threshold), threshold, None)
-    ours = [first_reaching(record, threshold, lag, trl, weight_update)
-            for (lag, weight_update), record in records.items()]
+def run(harness: Harness, s: Settings) -> TimeToRewardResult:
+    """Ours with each policy lag (and one step ahead in flight), then TRL's; the first step
+    reaching the threshold in each."""
+    cfg = harness.config(model=s.preset, batch=s.batch, tokens=s.tokens, lr=s.lr, steps=s.steps)
+    modes = [(lag, "between_rounds") for lag in s.lags]
+    modes += [(1, "in_flight")] if s.in_flight else []
+    records = {(lag, update): harness.runner.ours(cfg, "ttr", lag, update) for lag, update in modes}
+    trl = first_reaching(harness.runner.trl(cfg, "ttr", s.trl_steps, s.threshold), s.threshold,
+                         None)
+    ours = [first_reaching(record, s.threshold, lag, trl, update)
+            for (lag, update), record in records.items()]
     for side in [*ours, trl]:
-        log.info("time to reward %s: %s", side.mode,
-                 f"step {side.step}, {side.seconds_incl_startup:.1f} s incl. startup, "
-                 f"{side.seconds_excl_startup:.1f} s excl." if side.reached else
-                 f"not reached in {side.steps_run} steps (best {side.best_reward:.3f})")
+        log.info("time to reward %s: step %s (best reward %.3f)", side.mode, side.step,
+                 side.best_reward)
     return TimeToRewardResult(
-        model=shape, threshold=threshold, ours=ours, trl=trl,
+        model=harness.shape(s.preset), threshold=s.threshold, ours=ours, trl=trl,
         config=run_config(cfg) | {"reward": "+".join(cfg.rollout.rewards),
-                                  "steps (ours / TRL at most)": f"{cfg.steps} / {trl_steps}"})
+                                  "steps (ours / TRL at most)": f"{s.steps} / {s.trl_steps}"})
+
+
+def markdown(t: TimeToRewardResult) -> list[str]:
+    rows = []
+    for side in [*t.ours, t.trl]:
+        if side.reached:
+            ratio = ("-" if side.vs_trl_incl_startup is None else
+                     f"{side.vs_trl_incl_startup:.2f}x / {side.vs_trl_excl_startup:.2f}x")
+            rows.append([side.label, side.step, side.seconds_incl_startup,
+                         side.seconds_excl_startup, side.startup_s, ratio])
+        else:
+            missed = f"not in {side.steps_run} steps (best {side.best_reward:.3f})"
+            rows.append([side.label, missed, "-", "-", side.startup_s, "-"])
+    header = ["run", f"step reaching {t.threshold}", "s incl. startup", "s excl. startup",
+              "startup s", "vs TRL (incl. / excl.)"]
+    return render.labelled(t.config, t.model, header, rows)
+
+
+def targets(t: TimeToRewardResult) -> list[list[str]]:
+    return [[f"time to reward {t.threshold}: {side.mode} vs TRL (incl. startup)",
+             f"<= {TARGET_VS_TRL:.1f}x", f"{side.vs_trl_incl_startup:.2f}x",
+             render.met(side.vs_trl_incl_startup <= TARGET_VS_TRL)]
+            for side in t.ours if side.vs_trl_incl_startup is not None]
+
+
+def chart(ax, t: TimeToRewardResult) -> None:
+    sides = [*t.ours, t.trl]
+    render.bars(ax, [side.label for side in sides],
+                [side.seconds_incl_startup if side.reached else 0.0 for side in sides],
+                [f"{side.seconds_incl_startup:.0f} s (step {side.step})" if side.reached
+                 else "not reached" for side in sides])
+    render.titled(ax, f"Time to mean reward {t.threshold}", "seconds incl. startup", t.config,
+                  t.model)

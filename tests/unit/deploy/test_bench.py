@@ -1,5 +1,5 @@
-"""The benchmark's arithmetic: model FLOPs, steady-state throughput, time to reward, and the
-report written from hand-made results (no engines, no Ray)."""
+"""The benchmark's arithmetic: model FLOPs, steady-state throughput, time to reward, the report
+written from hand-made results, and the command line (no engines, no Ray)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from deploy.bench import flops, report
-from deploy.bench.end_to_end import EndToEndResult, RunRecord, Step, throughput
+from deploy.bench.end_to_end import EndToEndResult, throughput
 from deploy.bench.generation import GenerationBatch, GenerationResult, GenerationSide
 from deploy.bench.machine import Machine, ModelShape
 from deploy.bench.peak import PeakResult
-from deploy.bench.results import BenchResults, Failed, Sections
+from deploy.bench.results import BenchResults, Failed
+from deploy.bench.runs import RunRecord, Step
 from deploy.bench.scaling import ScalingResult, WorkersThroughput
 from deploy.bench.time_to_reward import TimeToRewardResult, first_reaching
 from deploy.bench.weight_sync import WeightSyncPreset, WeightSyncResult, WeightSyncVariant
@@ -31,7 +32,7 @@ def test_forward_flops_per_token_by_hand():
     assert flops.training(PYTHIA_70M, 1, 1) == 3 * (2 * layers + 4 * 6 * 512 * 3 + logits)
 
 
-def test_grpo_step_floor_matches_the_issue():
+def test_grpo_step_floor_of_the_default_end_to_end_shape():
     # 16 completions of 64 tokens, G = 8, ~30-token prompts: about 2.6 s at 165 GFLOP/s.
     seconds = flops.grpo_step(PYTHIA_70M, 2, 8, 30, 64) / 165e9
     assert seconds == pytest.approx(2.6, abs=0.1)
@@ -149,8 +150,8 @@ def results() -> BenchResults:
     return BenchResults(
         machine=MACHINE, command="python -m deploy.bench", started="now",
         settings={"smoke": False}, section_s={"peak": 1.0},
-        sections=Sections(peak=peak, scaling=scaling, generation=generation, weight_sync=sync,
-                          e2e=e2e, time_to_reward=ttr))
+        sections=dict(peak=peak, scaling=scaling, generation=generation, weight_sync=sync,
+                      e2e=e2e, time_to_reward=ttr))
 
 
 def rows(md: str, heading: str) -> list[str]:
@@ -160,15 +161,15 @@ def rows(md: str, heading: str) -> list[str]:
 
 
 def test_report_targets_say_what_was_met():
-    assert rows(report.markdown(results()), "Targets") == [
+    assert rows(report.markdown(results()), "Targets") == [  # in the sections' order
+        "| generation at 128 completions: model FLOPs/s vs peak | >= 50% | 45% | **no** |",
+        "| weight sync tiny: best transport vs memcpy | <= 3x | 2.4x | yes |",
+        "| weight sync pythia-70m-shape: best transport vs memcpy | <= 3x | 8.0x | **no** |",
         "| end to end sync: completions/s vs TRL | >= 10x | 5.0x | **no** |",
         "| end to end sync: model FLOPs/s vs peak | >= 50% | 15% | **no** |",
         "| end to end async: completions/s vs TRL | >= 10x | 20.0x | yes |",
         "| end to end async: model FLOPs/s vs peak | >= 50% | 60% | yes |",
-        "| generation at 128 completions: model FLOPs/s vs peak | >= 50% | 45% | **no** |",
         "| time to reward 0.9: sync vs TRL (incl. startup) | <= 0.2x | 0.10x | yes |",
-        "| weight sync tiny: best transport vs memcpy | <= 3x | 2.4x | yes |",
-        "| weight sync pythia-70m-shape: best transport vs memcpy | <= 3x | 8.0x | **no** |",
     ]
 
 
@@ -209,8 +210,8 @@ def test_report_tables_put_each_number_in_its_row():
 
 def test_report_marks_a_failed_section_and_leaves_out_what_did_not_run():
     r = results()
-    r.sections.e2e = Failed("RuntimeError: TRL baseline exited 1")
-    r.sections.time_to_reward = None
+    r.sections["e2e"] = Failed("RuntimeError: TRL baseline exited 1")
+    r.sections["time_to_reward"] = None
     md = report.markdown(r)
     assert "## End to end: a GRPO step, ours vs TRL's GRPOTrainer\n\n**Failed**: " \
            "`RuntimeError: TRL baseline exited 1`" in md
@@ -253,7 +254,7 @@ def test_a_modes_run_is_summed_up_over_its_steady_steps():
               for s, t, b, lag, mixed in ((9.0, 1.0, 0.5, 0.0, 0.0), (2.0, 1.0, 0.5, 1.0, 0.25),
                                           (4.0, 3.0, 0.25, 0.5, 0.75))]
     run = RunRecord(run_dir="r", first_step_start_s=10.0, steps=[
-        Step(step=i + 1, elapsed_s=end, reward=reward, tokens=64, phases=p)
+        Step(step=i + 1, elapsed_s=end, reward=reward, tokens=64, metrics=p)
         for i, (end, reward, p) in enumerate(zip((19.0, 21.0, 25.0), (0.1, 0.6, 0.7), phases))])
     m = summarize("in flight", 1, "in_flight", run, warmup=1, batch_size=16)
     # Steps 2 and 3: 6 s from the end of step 1, 32 completions of 4 tokens each.
@@ -262,6 +263,35 @@ def test_a_modes_run_is_summed_up_over_its_steady_steps():
     assert m.engine_busy == 0.375 and m.learner_busy == 0.625 and m.train_s == 2.0
     assert m.generate_s == (0.5 * 2.0 + 0.25 * 4.0) / 2  # engine-seconds per step
     assert (m.token_lag_mean, m.mixed_version_frac) == (0.75, 0.5)
+
+
+def test_each_section_has_its_own_options_and_a_smoke_variant():
+    from deploy.bench.__main__ import parse
+    from deploy.bench.sections import SECTIONS
+
+    args, chosen = parse(["--only", "e2e,scaling", "--e2e.steps", "3", "--weight-sync.repeats", "5"])
+    assert chosen == ["peak", "scaling", "e2e"]  # the table's order; e2e needs the peak
+    assert (args.e2e.steps, args.weight_sync.repeats, args.e2e.trl_steps) == (3, 5, 4)
+    smoke, _ = parse(["--smoke", "--out", "/tmp/x"])
+    assert (smoke.threads, smoke.group_size, smoke.out) == (1, 4, "/tmp/x")
+    assert all(vars(smoke)[name] == s.settings.smoke() for name, s in SECTIONS.items())
+    with pytest.raises(SystemExit, match="unknown section"):
+        parse(["--only", "e2e,speed"])
+
+
+def test_the_smokes_end_to_end_and_time_to_reward_are_one_run():
+    """The Runner runs a configuration once: the smoke's two sections must ask for the same."""
+    from common.config import to_dict
+    from deploy.bench.__main__ import parse
+    from deploy.bench.harness import Harness
+
+    args, _ = parse(["--smoke"])
+    harness = Harness(args, results())
+    e, t = args.e2e, args.time_to_reward
+    ours = [harness.config(model=s.preset, batch=s.batch, tokens=s.tokens, lr=s.lr, steps=s.steps)
+            for s in (e, t)]
+    assert to_dict(ours[0]) == to_dict(ours[1]) and ours[0].rollout.weight_update == "between_rounds"
+    assert (e.lags, e.trl_steps) == (t.lags, t.trl_steps) and not t.in_flight
 
 
 def test_the_learners_gpu_bench_runs_without_ray_vllm_or_the_cli_libraries(tmp_path):
