@@ -5,11 +5,11 @@ thread-safe; everything reaches it through here.
 
 Why a loop of our own and not vLLM's AsyncLLM: AsyncLLM always runs the engine core in a second
 process (vllm/v1/engine/core_client.py, EngineCoreClient.make_client refuses asyncio in
-process), which took 22 s to start here against 4 to 7 s in process, and its
-pause_generation(mode="keep") took 3 s; here a weight update is a call between two steps. On
-completions of varied length, refilling as groups finish ran 1.29x faster than rounds of
-LLM.generate (115 decode steps against 156), and driving step() ourselves costs nothing over
-LLM.generate, which is the same loop (vllm/entrypoints/common/offline.py, _run_engine).
+process), slower to start than one in process, and pausing it for a weight update waits on
+that process; here a weight update is a call between two steps. Refilling as groups finish
+never waits for a round's longest completion (the README's results give the gain), and driving
+step() ourselves costs nothing over LLM.generate, which is the same loop
+(vllm/entrypoints/common/offline.py, _run_engine).
 """
 
 from __future__ import annotations

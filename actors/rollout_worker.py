@@ -13,14 +13,16 @@ import threading
 import time
 import uuid
 import zlib
+from collections.abc import Callable
 from concurrent.futures import Future
 
 import ray
 import torch
 
 from actors.engine_loop import EngineLoop
-from actors.vllm_extension import exit_for_restart
+from actors.vllm_extension import WeightSyncExtension, exit_for_restart
 from common import logs, models
+from common.buffer import buffer_name
 from common.config import Config, cpu_threads
 from common.held import held_dir, remove_unheld
 from common.rewards import Scorer
@@ -28,15 +30,15 @@ from common.spans import Span, Spans
 from common.types import GenerationStats, Prompt, RolloutGroup
 from common.weight_sync import TensorSpec
 
-EXTENSION = "actors.vllm_extension.WeightSyncExtension"
+EXTENSION = f"{WeightSyncExtension.__module__}.{WeightSyncExtension.__name__}"
 log = logging.getLogger(__name__)
 
 
-def engine_scratch(actor_id: str | None) -> str:
-    """The prefix of the temporary directories of the rollout worker Ray knows as `actor_id`
-    (None: one built outside Ray). vLLM leaves a file there per engine start (its rendezvous
-    file store: vllm/utils/network_utils.py, get_file_store_init_method), and never removes it."""
-    return os.path.join(tempfile.gettempdir(), f"grpo-ray-engine-{actor_id or 'local'}-")
+def engine_scratch(run_id: str, index: int) -> str:
+    """The prefix of the temporary directories of run `run_id`'s rollout worker `index`. vLLM
+    leaves a file there per engine start (its rendezvous file store:
+    vllm/utils/network_utils.py, get_file_store_init_method), and never removes it."""
+    return os.path.join(tempfile.gettempdir(), f"grpo-ray-engine-{run_id or 'local'}-{index}-")
 
 
 def engine_args(cfg: Config, model_path: str, index: int) -> dict:
@@ -83,9 +85,9 @@ def request_seed(run_seed: int, round_: int, prompt: int) -> int:
 
 
 class RolloutWorker:
-    def __init__(self, cfg: Config, index: int = 0, buffer: str = ""):
-        self.cfg, self.index, self.buffer_name = cfg, index, buffer
-        """The rollout buffer's Ray name: where `stream` puts the groups."""
+    def __init__(self, cfg: Config, index: int = 0, run_id: str = ""):
+        self.cfg, self.index, self.run_id = cfg, index, run_id
+        """The run's id: `stream` finds the run's buffer by it."""
         if cfg.run_dir:
             logs.actor_file(cfg.run_dir, f"rollout-worker-{index}")
         self.version = 0
@@ -113,8 +115,7 @@ class RolloutWorker:
         # ends, and the next worker on this node removes any that a killed process left.
         for orphan in remove_unheld(os.path.join(tempfile.gettempdir(), "grpo-ray-engine-*")):
             log.info("removed %s, left by a rollout worker that is gone", orphan)
-        actor_id = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
-        tempfile.tempdir = held_dir(engine_scratch(actor_id))
+        tempfile.tempdir = held_dir(engine_scratch(run_id, index))
         from vllm import LLM
 
         # Every reload warns that the rotary embedding got no weights: it has none to get (its
@@ -160,7 +161,7 @@ class RolloutWorker:
         """As `generate`, but each group goes into the buffer the moment its G completions are
         done; returns once all are stored."""
         self.spans.step = round_
-        buffer, stored = ray.get_actor(self.buffer_name), []
+        buffer, stored = ray.get_actor(buffer_name(self.run_id)), []
         _, stats = self._generate(prompts, round_, self.cfg.grpo.group_size, on_group=lambda g: stored.append(
             buffer.put.remote([g], self.cfg.buffer.timeout_s)))
         ray.get(stored)
@@ -185,10 +186,7 @@ class RolloutWorker:
             groups[i] = self._group(prompts[i], future.result().outputs)
             if on_group is not None:
                 on_group(groups[i])
-        stats = GenerationStats(
-            prompts=len(prompts), completions=len(prompts) * n, tokens=sum(g.num_tokens for g in groups),
-            prompt_tokens=sum(len(p.token_ids) for p in prompts), seconds=time.perf_counter() - start,
-            worker=self.index)
+        stats = GenerationStats(tokens=sum(g.num_tokens for g in groups), seconds=time.perf_counter() - start)
         return groups, stats
 
     def _group(self, prompt: Prompt, completions: list) -> RolloutGroup:
@@ -205,7 +203,7 @@ class RolloutWorker:
             rewards=rewards, reward_parts=parts,
             policy_version=min(v for tokens in versions for v in tokens), worker=self.index)
 
-    def score(self, sequences: list[list[int]], starts: list[int]) -> list[list[float]]:
+    def probe_logprobs(self, sequences: list[list[int]], starts: list[int]) -> list[list[float]]:
         """The engine's log-prob of every token of each sequence from its `start` on, each
         given the tokens before it (vLLM's prompt log-probs: temperature 1)."""
         from vllm import SamplingParams
@@ -220,11 +218,11 @@ class RolloutWorker:
     def join_weight_group(self, host: str, port: int, rank_offset: int, world_size: int,
                           specs: list[TensorSpec], buckets: list[list[int]], timeout_s: float,
                           secret: str) -> None:
-        self.loop.call(lambda: self.llm.collective_rpc("join_weight_group", args=(
-            host, port, rank_offset, world_size, specs, buckets, timeout_s, secret)))
+        self.loop.call(lambda: self._on_every_rank(WeightSyncExtension.join_weight_group, host, port,
+                                                   rank_offset, world_size, specs, buckets, timeout_s, secret))
 
     def open_shared_weights(self, path: str, specs: list[TensorSpec]) -> None:
-        self.loop.call(lambda: self.llm.collective_rpc("open_shared_weights", args=(path, specs)))
+        self.loop.call(lambda: self._on_every_rank(WeightSyncExtension.open_shared_weights, path, specs))
 
     def receive_weights(self, version: int) -> float:
         """Load policy `version` from the weight transport; returns the seconds it took. In flight,
@@ -236,9 +234,15 @@ class RolloutWorker:
 
     def _reload(self, version: int) -> None:
         with self.spans.span("reload"):
-            self.llm.collective_rpc("receive_weights", args=(version,))
+            self._on_every_rank(WeightSyncExtension.receive_weights, version)
         self.llm.update_weight_version(str(version))  # the tokens sampled from now on
         self.version = version  # and the cache salt of the prompts admitted from now on
+
+    def _on_every_rank(self, method: Callable, *args) -> None:
+        """`method` of the engine's worker extension on each of its ranks. vLLM's RPC is the one
+        call made by name: a function passed instead would get vLLM's wrapper as `self`, not
+        the worker (vllm/v1/serial_utils.py, run_method), so the name is taken from it."""
+        self.llm.collective_rpc(method.__name__, args=args)
 
 
 def token_versions(completion) -> list[int]:

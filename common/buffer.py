@@ -13,6 +13,12 @@ from common.spans import Span, Spans
 from common.types import RolloutGroup
 
 
+def buffer_name(run_id: str) -> str:
+    """The buffer's Ray name: each rollout worker finds it by name, also after a restart (a
+    handle passed to its constructor would be kept in the object store for that)."""
+    return f"grpo-ray-buffer-{run_id}"
+
+
 class RolloutBuffer:
     def __init__(self, capacity: int, max_policy_lag: int, drop_zero_std: bool = False):
         if capacity < 1:

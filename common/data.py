@@ -235,11 +235,6 @@ class PromptSampler:
         self._epoch = -1
         self._order: list[int] = []
 
-    @property
-    def epoch(self) -> int:
-        """Epoch the next prompt comes from."""
-        return self.position // len(self.prompts)
-
     def take(self, n: int) -> list[Prompt]:
         """The next `n` prompts, crossing epoch boundaries as needed."""
         out = []

@@ -46,10 +46,6 @@ class RolloutGroup:
     """Index of the rollout worker that generated it."""
 
     @property
-    def size(self) -> int:
-        return len(self.completion_ids)
-
-    @property
     def zero_std(self) -> bool:
         """Whether the scored rewards (NaN: unscored) are all equal: every advantage is then 0,
         and the group teaches nothing."""
@@ -64,17 +60,9 @@ class RolloutGroup:
 class GenerationStats:
     """Throughput of one generate call on one worker."""
 
-    prompts: int
-    completions: int
     tokens: int
     """Completion tokens generated."""
-    prompt_tokens: int
     seconds: float
-    worker: int = 0
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
 @dataclass

@@ -20,13 +20,12 @@ import sys
 import tempfile
 import time
 import traceback
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from common import config as config_lib
+from common import config_loading
 from common import data, models
 from common.config import Config
 from common.errors import RunError
@@ -48,7 +47,7 @@ def command_line(argv: list[str]) -> list[str]:
     engine; then `argv`, which may change any of them."""
     base = ["--rollout.num-workers", "1", "--cluster.weight-sync", "broadcast", "--grpo.group-size",
             "4", "--grpo.batch-size", "8", "--rollout.max-tokens", "16", "--logging.progress", "lines"]
-    if config_lib.parse(argv).cluster.device == "gpu":  # said so, or `auto` found CUDA and vLLM's CUDA build
+    if config_loading.parse(argv).cluster.device == "gpu":  # said so, or `auto` found CUDA and vLLM's CUDA build
         base += ["--cluster.device", "gpu", "--model.name", "EleutherAI/pythia-410m-deduped"]
     return [*base, *argv]
 
@@ -61,26 +60,28 @@ class Checks:
     """deploy.train's command line (see `command_line`)."""
 
     def __post_init__(self):
-        self.cfg: Config = config_lib.from_args(self.argv)
+        self.cfg: Config = config_loading.from_args(self.argv)
         self.push = None
 
     def start(self) -> str:
         import ray
 
+        from deploy.clients import LearnerClient
         from deploy.launch import init_ray, launch
         from deploy.weight_push import weight_push
         from deploy.workers import RolloutWorkers
 
         started = time.perf_counter()
         init_ray(self.cfg)
-        self.cluster = launch(self.cfg, self.cfg.cluster.call_timeout_s)
-        self.workers = RolloutWorkers(self.cluster.workers, self.cluster.buffer, self.cfg)
+        self.actors = launch(self.cfg, self.cfg.cluster.call_timeout_s)
+        self.workers = RolloutWorkers(self.actors.workers, self.cfg)
         self.workers.start()
-        self.push = weight_push(self.cfg, self.cluster, self.workers, run_id=uuid.uuid4().hex[:12])
+        learner = LearnerClient(self.actors.learner, self.cfg.cluster.call_timeout_s)
+        self.push = weight_push(self.cfg, self.actors, learner, self.workers, self.actors.run_id)
         self.dtype = self._learner(lambda learner: learner.compute_dtype)
         tokenizer = models.tokenizer_for(self.cfg.model.name, self.cfg.model.cache_dir)
         self.prompts = data.load_prompts(self.cfg.data, tokenizer).train[:4]
-        vllm = ray.get(self.cluster.workers[0].__ray_call__.remote(_vllm_version))
+        vllm = ray.get(self.actors.workers[0].__ray_call__.remote(_vllm_version))
         return (f"vLLM {vllm} runs {self.cfg.model.name} in {_name(self.dtype)} on "
                 f"{self.cfg.cluster.device} ({time.perf_counter() - started:.0f} s to start)")
 
@@ -119,13 +120,13 @@ class Checks:
     def update(self) -> str:
         import ray
 
-        metrics = ray.get(self.cluster.learner.train.remote(self._generate()))
+        metrics = ray.get(self.actors.learner.train.remote(self._generate()))
         self.push.push(metrics["step"])
         changed = metrics["engine_weights_changed"]
         if not changed > 0:
-            raise CheckFailed(f"a learner step at lr {self.cfg.learning_rate:g} changed none of the "
+            raise CheckFailed(f"a learner step at lr {self.cfg.learner.learning_rate:g} changed none of the "
                               f"weights the engines receive in {_name(self.dtype)}")
-        return (f"a step at lr {self.cfg.learning_rate:g} changed {100 * changed:.2f}% of the weights "
+        return (f"a step at lr {self.cfg.learner.learning_rate:g} changed {100 * changed:.2f}% of the weights "
                 f"the engine receives, and it loaded them")
 
     def run(self) -> str:
@@ -148,7 +149,7 @@ class Checks:
 
         if self.push is not None:
             self.push.close()
-            shutdown(self.cluster)
+            shutdown(self.actors)
             self.push = None
         ray.shutdown()
 
@@ -159,18 +160,18 @@ class Checks:
         all); rank 0's result."""
         import ray
 
-        ranks = [self.cluster.learner, *self.cluster.learner_ranks]
+        ranks = [self.actors.learner, *self.actors.learner_ranks]
         return ray.get([rank.__ray_call__.remote(fn, *args) for rank in ranks])[0]
 
     def _engine(self, fn: Callable, *args):
         import ray
 
-        return ray.get(self.cluster.workers[0].__ray_call__.remote(fn, *args))
+        return ray.get(self.actors.workers[0].__ray_call__.remote(fn, *args))
 
     def _generate(self) -> list:
         import ray
 
-        return ray.get(self.cluster.workers[0].generate.remote(self.prompts, 0))[0]
+        return ray.get(self.actors.workers[0].generate.remote(self.prompts, 0))[0]
 
 
 # Run inside the actors (with __ray_call__): what a check needs to see there.
@@ -229,7 +230,7 @@ def _logprob_difference(learner, groups) -> dict:
     seqs = [(g.prompt.token_ids, ids, lps) for g in groups for ids, lps in zip(g.completion_ids, g.logprobs)]
     mb = collate(seqs, torch.zeros(len(seqs)), learner.pad_id).to(learner.device)
     with torch.no_grad():
-        logp, _ = learner._logprobs(learner.model, mb)
+        logp, _ = learner.logprobs(mb)
     reshard(learner.model)  # a sharded model's weights back to shards
     diff = (logp - mb.behaviour_logp)[mb.completion_mask].abs()
     return {"max": diff.max().item(), "mean": diff.mean().item(), "tokens": diff.numel()}

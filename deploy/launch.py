@@ -68,37 +68,6 @@ def asked(bundles: list[dict[str, float]]) -> str:
     return ", ".join(f"{key} {value:g}" for key, value in sorted(total.items()))
 
 
-class ActorDied(RunError):
-    """An actor the run cannot go on without died, or could not start (`at_start`)."""
-
-    def __init__(self, message: str, at_start: bool):
-        super().__init__(message)
-        self.at_start = at_start
-
-
-def get(refs, timeout_s: float, what: str, actor: str = ""):
-    """`ray.get` with a timeout whose message names what was waited for; if `actor` names the
-    actor behind `refs`, its death is an `ActorDied` that says which it was."""
-    import ray
-
-    try:
-        return ray.get(refs, timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        raise WaitTimeout(f"waited {timeout_s:.0f} s for {what}") from None
-    except ray.exceptions.RayActorError as e:
-        if not actor:
-            raise
-        if e.actor_init_failed:  # its constructor raised: the cause is the message, not a crash
-            raise ActorDied(f"{actor} could not start: {_last_line(str(e))}", at_start=True) from None
-        raise ActorDied(f"{actor} died ({type(e).__name__})", at_start=False) from None
-
-
-def _last_line(text: str) -> str:
-    """The exception line at the end of a remote traceback."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else text
-
-
 def init_ray(cfg: Config) -> None:
     """Join the configured cluster (or the one `ray job submit` runs us in), else start a local
     instance bound to loopback, with as many logical CPUs as the run's bundles need."""
@@ -159,9 +128,10 @@ def actors_at_driver_priority() -> None:
 
 
 @dataclass
-class Cluster:
+class RunActors:
     """The run's actors and where Ray put them."""
 
+    run_id: str                                    # names what the run keeps outside its run directory
     buffer: ActorHandle                            # a RolloutBuffer
     learner: ActorHandle                           # a Learner (rank 0)
     workers: list[ActorHandle]                     # RolloutWorkers
@@ -182,7 +152,7 @@ class Cluster:
         return "127.0.0.1" if self.single_node else self.learner_node[1]
 
 
-def shutdown(cluster: Cluster, wait_s: float = 10.0) -> None:
+def shutdown(actors: RunActors, wait_s: float = 10.0) -> None:
     """Kill the run's actors and give their resources back; then remove the temporary
     directories of the rollout workers on this node, once their processes are gone (a few
     seconds at most: a kill is not instant). Other nodes' go at their next run's start."""
@@ -194,10 +164,10 @@ def shutdown(cluster: Cluster, wait_s: float = 10.0) -> None:
     from actors.rollout_worker import engine_scratch
     from common.held import remove_unheld
 
-    for actor in [*cluster.workers, cluster.learner, *cluster.learner_ranks, cluster.buffer]:
+    for actor in [*actors.workers, actors.learner, *actors.learner_ranks, actors.buffer]:
         ray.kill(actor)
-    ray.util.remove_placement_group(cluster.placement_group)
-    left = [engine_scratch(actor._actor_id.hex()) + "*" for actor in cluster.workers]
+    ray.util.remove_placement_group(actors.placement_group)
+    left = [engine_scratch(actors.run_id, i) + "*" for i in range(len(actors.workers))]
     deadline = time.monotonic() + wait_s
     while left and time.monotonic() < deadline:
         for pattern in left:
@@ -207,13 +177,13 @@ def shutdown(cluster: Cluster, wait_s: float = 10.0) -> None:
             time.sleep(0.2)
 
 
-def launch(cfg: Config, timeout_s: float) -> Cluster:
+def launch(cfg: Config, timeout_s: float) -> RunActors:
     import ray
     from ray.util.placement_group import placement_group, placement_group_table
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from actors.rollout_worker import RolloutWorker
-    from common.buffer import RolloutBuffer
+    from common.buffer import RolloutBuffer, buffer_name
     from learner.learner import Learner
 
     p = plan(cfg)
@@ -231,11 +201,9 @@ def launch(cfg: Config, timeout_s: float) -> Cluster:
         return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)
 
     capacity = cfg.buffer.capacity or (cfg.buffer.max_policy_lag + 1) * cfg.prompts_per_step
-    # Named: each rollout worker finds it by name, also after a restart (a handle passed to
-    # its constructor would be kept in the object store for that, and Ray warns about it).
-    buffer_name = f"grpo-ray-buffer-{uuid.uuid4().hex[:12]}"
+    run_id = uuid.uuid4().hex[:12]
     buffer = ray.remote(RolloutBuffer).options(
-        name=buffer_name, num_cpus=0, scheduling_strategy=at(LEARNER_BUNDLE),
+        name=buffer_name(run_id), num_cpus=0, scheduling_strategy=at(LEARNER_BUNDLE),
     ).remote(capacity, cfg.buffer.max_policy_lag, cfg.grpo.drop_zero_std_groups)
     ranks = cfg.learner.num_ranks
     learners = [ray.remote(Learner).options(**p.learner, scheduling_strategy=at(LEARNER_BUNDLE + rank))
@@ -247,23 +215,25 @@ def launch(cfg: Config, timeout_s: float) -> Cluster:
             # Calls run side by side (rounds generating, a weight load arriving, `ready`);
             # the engine itself is only ever touched by its own loop (actors/engine_loop.py).
             max_concurrency=WORKER_CALLS,
-        ).remote(cfg, i, buffer_name)
+        ).remote(cfg, i, run_id)
         for i in range(cfg.rollout.num_workers)
     ]
     nodes = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
     placed = placement_group_table(pg)["bundles_to_node_id"]
     where = [(placed[i], nodes[placed[i]]) for i in range(len(p.bundles))]
-    cluster = Cluster(buffer=buffer, learner=learners[0], workers=workers, placement_group=pg,
+    actors = RunActors(run_id=run_id, buffer=buffer, learner=learners[0], workers=workers, placement_group=pg,
                       learner_node=where[LEARNER_BUNDLE], worker_nodes=where[LEARNER_BUNDLE + ranks:],
                       learner_ranks=learners[1:])
     if ranks > 1:
         _join_learner_ranks(learners, where[LEARNER_BUNDLE : LEARNER_BUNDLE + ranks], timeout_s)
-    return cluster
+    return actors
 
 
 def _join_learner_ranks(learners: list[ActorHandle], nodes: list[tuple[str, str]], timeout_s: float) -> None:
     """The learner ranks form their group (learner/sharding.py) at rank 0's node: loopback when
     they all share it."""
+    from deploy.remote import get
+
     host = "127.0.0.1" if len({node for node, _ in nodes}) == 1 else nodes[0][1]
     port = get(learners[0].open_ranks.remote(host), timeout_s, "the learner to start", actor="the learner")
     joined = [learner.join_ranks.remote(host, port, learners[1:] if rank == 0 else [])

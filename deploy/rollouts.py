@@ -4,7 +4,8 @@ Each round's prompts are split over the rollout workers, whose groups go straigh
 buffer. When a worker dies Ray restarts it; its share of the round is counted lost and, once
 the learner is idle (the restarted engine needs its weights), the worker is revived and the
 share generated again with the same prompts and seeds. The Ray calls live in
-`deploy/workers.py` and the transports in `deploy/weight_push.py`; this module only decides."""
+`deploy/workers.py` and `deploy/clients.py`, the transports in `deploy/weight_push.py`; this
+module only decides. Its counts (groups lost, workers restarted) go into the run's state."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import time
 from common.config import Config
 from common.data import PromptSampler
 from common.errors import RunError, WaitTimeout
-from common.types import GenerationStats, Prompt
+from common.types import GenerationStats, Prompt, RunState
+from deploy.clients import BufferClient
+from deploy.remote import Call
 from deploy.weight_push import WeightPush
 from deploy.workers import RolloutWorkers, Share, TransferFailed
 
@@ -36,18 +39,18 @@ def split(items: list, parts: int) -> list[list]:
 
 
 class Rollouts:
-    def __init__(self, cfg: Config, workers: RolloutWorkers, weights: WeightPush,
-                 sampler: PromptSampler, next_round: int = 0):
-        self.cfg, self.workers, self.weights, self.sampler = cfg, workers, weights, sampler
-        self.next_round = next_round
+    def __init__(self, cfg: Config, workers: RolloutWorkers, buffer: BufferClient,
+                 transport: WeightPush, sampler: PromptSampler, state: RunState):
+        self.cfg, self.workers, self.buffer, self.transport = cfg, workers, buffer, transport
+        self.sampler, self.state = sampler, state
+        self.next_round = state.step
         self.round_starts: dict[int, int] = {}  # round -> the sampler's position at its start
         self.extra_rounds: dict[int, int] = {}  # dynamic sampling: step -> extra rounds, groups
         self.extra_groups: dict[int, int] = {}
         self.pending: list[Share] = []
         self.lost: list[Share] = []         # shares whose worker died, to generate again
         self.stats: list[GenerationStats] = []
-        self.lost_groups = 0
-        self.synced_version = -1            # the policy version every engine holds
+        self.engines_version = -1           # the policy version every engine holds
         # Every worker may die max_worker_restarts times, each costing one more attempt.
         self.attempts = 1 + cfg.cluster.max_worker_restarts * len(workers)
 
@@ -70,7 +73,7 @@ class Rollouts:
         prompts = self.sampler.take(count)
         for worker, share in enumerate(split(prompts, len(self.workers))):
             if share:
-                self.pending.append(self.workers.generate(worker, share, round_))
+                self.pending.append(self.workers.stream(worker, share, round_))
 
     def refill(self, step: int) -> None:
         """Dynamic sampling: when nothing is being generated and the buffer is short of a batch
@@ -79,7 +82,7 @@ class Rollouts:
         bound); after grpo.max_extra_rounds such rounds the run stops."""
         if not self.cfg.grpo.drop_zero_std_groups or self.pending or self.lost:
             return
-        missing = self.workers.short()
+        missing = self.buffer.short()
         if missing <= 0:
             return
         rounds = self.extra_rounds.get(step, 0)
@@ -91,9 +94,10 @@ class Rollouts:
         self.extra_groups[step] = self.extra_groups.get(step, 0) + self.cfg.prompts_per_step
         self._launch(self.cfg.prompts_per_step, step)
 
-    def poll(self) -> None:
-        """Collect the shares that finished; those whose worker died are lost, for now."""
-        stored, lost = self.workers.finished(self.pending)
+    def poll(self, wait_s: float = 0.0) -> None:
+        """Collect the shares that finished (waiting up to `wait_s` for all of them); those whose
+        worker died are lost, for now."""
+        stored, lost = self.workers.finished(self.pending, wait_s)
         for share, stats in stored:
             self.pending.remove(share)
             self.stats.append(stats)
@@ -101,32 +105,36 @@ class Rollouts:
             self.pending.remove(share)
             log.warning("rollout worker %d died during round %d; its %d groups are lost and will "
                         "be generated again", share.worker, share.round, len(share.prompts))
-            self.lost_groups += len(share.prompts)
+            self.state.lost_groups += len(share.prompts)
             self.lost.append(share)
 
-    def wait(self, ref, what: str, actor: str, idle_step: int | None = None):
-        """The result of `ref` (a call to `actor`), watching the workers meanwhile. With
-        `idle_step` the learner is idle, waiting for that step's batch: a dead worker is revived
-        at once (it needs the learner's weights), and a short batch refilled."""
+    def wait(self, call: Call, idle_step: int | None = None):
+        """The result of `call`, watching the workers meanwhile. With `idle_step` the learner is
+        idle, waiting for that step's batch: a dead worker is revived at once (it needs the
+        learner's weights), and a short batch refilled."""
         deadline = time.monotonic() + self.cfg.cluster.call_timeout_s
-        while not self.workers.is_done(ref, POLL_S):
+        while not call.done(POLL_S):
             self.poll()
             if idle_step is not None:
                 self.recover()
                 self.refill(idle_step)
             if time.monotonic() > deadline:
-                raise WaitTimeout(f"waited {self.cfg.cluster.call_timeout_s:.0f} s for {what}")
-        return self.workers.get(ref, what, actor)
+                raise WaitTimeout(f"waited {self.cfg.cluster.call_timeout_s:.0f} s for {call.what}")
+        return call.result()
 
     def take_stats(self) -> list[GenerationStats]:
         stats, self.stats = self.stats, []
         return stats
 
+    def take_extra_groups(self, step: int) -> int:
+        """Groups dynamic sampling generated beyond step `step`'s round, counted once."""
+        return self.extra_groups.pop(step, 0)
+
     def evaluate(self, prompts: list[Prompt]) -> float:
         """Mean reward on `prompts` with the engines' current weights (G samples each)."""
         if not prompts:
             return float("nan")
-        groups = self.workers.generate_now(split(prompts, len(self.workers)), EVAL_ROUND)
+        groups = self.workers.generate(split(prompts, len(self.workers)), EVAL_ROUND)
         rewards = [r for g in groups for r in g.rewards]
         return sum(rewards) / len(rewards)
 
@@ -138,7 +146,7 @@ class Rollouts:
             self._drain()
         else:
             self.poll()
-        self._sync(version)
+        self._bring_engines_to(version)
         self._relaunch_lost()
 
     def _drain(self) -> None:
@@ -150,16 +158,15 @@ class Rollouts:
             if time.monotonic() > deadline:
                 raise WaitTimeout(f"waited {self.cfg.cluster.call_timeout_s:.0f} s for rollout "
                                   f"worker {self.pending[0].worker} to store round {self.pending[0].round}")
-            self.workers.is_done(self.pending[0].done, POLL_S)
-            self.poll()
+            self.poll(wait_s=POLL_S)
 
     def recover(self) -> None:
         """Revive the workers whose shares were lost, then generate those shares again."""
         if self.lost:
-            self._sync(self.synced_version, dead=sorted({s.worker for s in self.lost}))
+            self._bring_engines_to(self.engines_version, dead=sorted({s.worker for s in self.lost}))
             self._relaunch_lost()
 
-    def _sync(self, version: int, dead: list[int] | None = None) -> None:
+    def _bring_engines_to(self, version: int, dead: list[int] | None = None) -> None:
         """Push `version` to every engine, or revive `dead` ones; whoever dies on the way is
         waited for and revived in turn, and a transfer that broke with everyone alive is made
         again on a transport started afresh."""
@@ -167,11 +174,11 @@ class Rollouts:
         for _ in range(self.attempts):
             try:
                 if dead is None:
-                    self.weights.push(version)
+                    self.transport.push(version)
                 else:
-                    self.workers.await_restart(dead)
-                    self.weights.revive(dead, version)
-                self.synced_version = version
+                    self.state.worker_restarts += self.workers.await_restart(dead)
+                    self.transport.revive(dead, version)
+                self.engines_version = version
                 return
             except TransferFailed as e:
                 dead, failure = e.workers, e
@@ -183,4 +190,4 @@ class Rollouts:
     def _relaunch_lost(self) -> None:
         lost, self.lost = self.lost, []
         for share in lost:
-            self.pending.append(self.workers.generate(share.worker, share.prompts, share.round))
+            self.pending.append(self.workers.stream(share.worker, share.prompts, share.round))

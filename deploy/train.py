@@ -19,19 +19,20 @@ import signal
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import yaml
 
 from common import config as config_lib
+from common import config_loading
 from common import data, logs, models, versions
 from common.config import Config, ConfigError
 from common.data import PromptSampler, PromptSplits
 from common.errors import RunError
 from common.spans import Spans, Trace, busy_fraction
 from common.types import RunState, RunSummary
-from deploy.launch import ActorDied, Cluster
+from deploy.launch import RunActors
+from deploy.remote import ActorDied
 
 log = logging.getLogger("grpo-ray")
 
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.console()
     cfg = None
     try:
-        cfg = config_lib.from_args(sys.argv[1:] if argv is None else argv, description=__doc__)
+        cfg = config_loading.from_args(sys.argv[1:] if argv is None else argv, description=__doc__)
         stop_on_sigterm(cfg)
         run(cfg)
         return 0
@@ -162,7 +163,7 @@ def prepare_run_dir(cfg: Config) -> Path:
         raise ConfigError([f"{run_dir} already holds a run: pass --resume to continue it, or "
                            "choose another --run-dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / config_lib.SAVED_CONFIG).write_text(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
+    (run_dir / config_loading.SAVED_CONFIG).write_text(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
     return run_dir
 
 
@@ -176,6 +177,7 @@ def finished(run_dir: Path, steps: int) -> bool:
 def run(cfg: Config) -> RunSummary:
     """Train; everything the run writes goes under cfg.run_dir."""
     from deploy.launch import check_machine, cluster_address, init_ray, launch, shutdown
+    from learner.grpo import loss_notes
 
     started = time.perf_counter()
     if not cluster_address(cfg):
@@ -188,6 +190,8 @@ def run(cfg: Config) -> RunSummary:
     mismatch = versions.vllm_mismatch()
     if mismatch:
         log.warning(mismatch)
+    for note in loss_notes(cfg.grpo):
+        log.warning(note)
     if cfg.resume and finished(run_dir, cfg.steps):
         log.info("the run is already complete (%d steps); its model is in %s", cfg.steps, run_dir / "final")
         return RunSummary(steps=cfg.steps, complete=True)
@@ -200,9 +204,9 @@ def run(cfg: Config) -> RunSummary:
     stop_on_sigterm(cfg)  # again: ray.init replaced the handler
     log.info("starting %d rollout worker(s) and the learner (a vLLM engine takes ~25 s on a CPU)",
              cfg.rollout.num_workers)
-    cluster = launch(cfg, cfg.cluster.call_timeout_s)
+    actors = launch(cfg, cfg.cluster.call_timeout_s)
     try:
-        return Training(cfg, cluster, run_dir, prompts, tokenizer, started).run()
+        return Training(cfg, actors, run_dir, prompts, tokenizer, started).run()
     except ActorDied as e:
         if e.at_start:
             raise
@@ -211,15 +215,16 @@ def run(cfg: Config) -> RunSummary:
         hint = resume_hint(cfg) or "there is no checkpoint yet to resume from"
         raise RunError(f"{e}; its log is in {logs.log_dir(run_dir)}; {hint}") from None
     finally:
-        shutdown(cluster)
+        shutdown(actors)
 
 
 class Training:
     """The driver's loop: one learner step at a time, with generation kept ahead of it, metrics,
     evaluation and checkpoints on their schedule, and the final model at the end."""
 
-    def __init__(self, cfg: Config, cluster: Cluster, run_dir: Path, prompts: PromptSplits,
+    def __init__(self, cfg: Config, actors: RunActors, run_dir: Path, prompts: PromptSplits,
                  tokenizer, started: float):
+        from deploy.clients import BufferClient, LearnerClient
         from deploy.metrics import MetricsLog
         from deploy.rollouts import Rollouts
         from deploy.weight_check import WeightCheck
@@ -227,34 +232,32 @@ class Training:
         from deploy.workers import RolloutWorkers
 
         self.cfg, self.run_dir, self.eval_prompts = cfg, run_dir, prompts.eval
-        self.learner, self.buffer = cluster.learner, cluster.buffer
-        self.workers = RolloutWorkers(cluster.workers, cluster.buffer, cfg)
+        timeout = cfg.cluster.call_timeout_s
+        self.learner = LearnerClient(actors.learner, timeout)
+        self.buffer = BufferClient(actors.buffer, timeout)
+        self.workers = RolloutWorkers(actors.workers, cfg)
         self.state = RunState()
         if cfg.resume:
-            self.state = self.workers.get(self.learner.load_checkpoint.remote(cfg.run_dir),
-                                          "the learner to load the checkpoint", actor="the learner")
+            self.state = self.learner.load_checkpoint(cfg.run_dir)
             log.info("resumed from step %d", self.state.step)
             if self.state.buffer_counts:
-                self.workers.get(self.buffer.carry_on.remote(self.state.buffer_counts),
-                                 "the buffer's counts", actor="the rollout buffer")
+                self.buffer.carry_on(self.state.buffer_counts)
         self.started = started - self.state.elapsed_s  # wall-clock counts earlier invocations too
         self.stop = min(cfg.steps, self.state.step + cfg.stop_after) if cfg.stop_after else cfg.steps
         self.constants = {"overlong_prompts": prompts.overlong}
 
         self.workers.start()  # the weight transport forms only once every engine is up
-        self.weights = weight_push(cfg, cluster, self.workers, run_id=uuid.uuid4().hex[:12])
-        dtypes = "/".join(sorted({s.dtype for s in self.weights.specs}))
+        self.transport = weight_push(cfg, actors, self.learner, self.workers, actors.run_id)
+        dtypes = "/".join(sorted({s.dtype for s in self.transport.specs}))
         log.info("weight sync: %s (%.0f MB of %s per update, on %s); learner on node %s, workers on %s",
-                 self.weights.name, self.weights.nbytes / 1e6, dtypes, cluster.sync_host,
-                 cluster.learner_node[0][:8], [node[:8] for node, _ in cluster.worker_nodes])
-        self.check_weights = WeightCheck(cfg, self.learner, self.workers, self.weights.specs,
+                 self.transport.name, self.transport.nbytes / 1e6, dtypes, actors.sync_host,
+                 actors.learner_node[0][:8], [node[:8] for node, _ in actors.worker_nodes])
+        self.check_weights = WeightCheck(cfg, self.learner, self.workers, self.transport.specs,
                                          prompts.eval or prompts.train, tokenizer)
         position = self.state.prompts_taken
         sampler = PromptSampler(prompts.train, cfg.seed, position=self.state.step * cfg.prompts_per_step
                                 if position is None else position)
-        self.rollouts = Rollouts(cfg, self.workers, self.weights, sampler, next_round=self.state.step)
-        self.rollouts.lost_groups = self.state.lost_groups
-        self.workers.restarts = self.state.worker_restarts
+        self.rollouts = Rollouts(cfg, self.workers, self.buffer, self.transport, sampler, self.state)
         self.metrics = MetricsLog(cfg, run_dir, first_step=self.state.step)
         self.spans, self.trace = Spans("driver"), Trace(run_dir / "trace.json")
 
@@ -268,7 +271,7 @@ class Training:
                 self.metrics.log(metrics)
             self.metrics.close()
         finally:
-            self.weights.close()
+            self.transport.close()
             self.trace.add(self.spans.take())
             self.trace.write()
         return self.finish()
@@ -293,11 +296,9 @@ class Training:
         # A synchronous batch is chosen in prompt-stream order from this step's first round on,
         # so dynamic sampling picks the same groups whichever arrive first.
         first = self.rollouts.round_starts[step] if cfg.buffer.max_policy_lag == 0 else None
-        batch = self.buffer.get.remote(cfg.prompts_per_step, step, cfg.buffer.timeout_s, first)
-        self.rollouts.wait(batch, f"a batch of {cfg.prompts_per_step} groups for step {step + 1}",
-                           "the rollout buffer", idle_step=step)
-        metrics = self.rollouts.wait(self.learner.train.remote(batch), f"learner step {step + 1}",
-                                     "the learner")
+        batch = self.buffer.batch(cfg.prompts_per_step, step, cfg.buffer.timeout_s, first)
+        self.rollouts.wait(batch, idle_step=step)
+        metrics = self.rollouts.wait(self.learner.train(batch, step))
         self.state.step += 1
         sync_start = time.perf_counter()
         with self.spans.span("push weights"):
@@ -308,11 +309,10 @@ class Training:
 
         gen = self.rollouts.take_stats()
         gen_tokens, gen_s = sum(s.tokens for s in gen), sum(s.seconds for s in gen)
-        held = self.workers.get(self.buffer.stats.remote(), "the buffer's counts", "the rollout buffer")
+        held = self.buffer.stats()
         self.state.buffer_counts = {"produced": held["produced"] - held["size"], "consumed": held["consumed"],
                                     "dropped_stale": held["dropped_stale"],
                                     "dropped_zero_std": held["dropped_zero_std"]}
-        self.state.lost_groups, self.state.worker_restarts = self.rollouts.lost_groups, self.workers.restarts
         self.state.prompts_taken = self.rollouts.prompts_taken(self.state.step)
         self.state.elapsed_s = time.perf_counter() - self.started
         return {
@@ -321,16 +321,15 @@ class Training:
             "sync_s": sync_s, "step_s": time.perf_counter() - start, "elapsed_s": self.state.elapsed_s,
             **self.timeline(began, time.time()),
             "lost_groups": self.state.lost_groups, "worker_restarts": self.state.worker_restarts,
-            "extra_groups": self.rollouts.extra_groups.pop(step, 0),
+            "extra_groups": self.rollouts.take_extra_groups(step),
             **{f"buffer_{k}": v for k, v in held.items()},
         }
 
     def timeline(self, start: float, end: float) -> dict[str, float]:
         """Every actor's spans since the last step, into the trace; the share of [start, end]
         the engines spent generating and the learner training."""
-        spans = [*self.spans.take(), *self.workers.take_spans(),
-                 *self.workers.get(self.learner.take_spans.remote(), "the learner's spans", "the learner"),
-                 *self.workers.get(self.buffer.take_spans.remote(), "the buffer's spans", "the rollout buffer")]
+        spans = [*self.spans.take(), *self.workers.take_spans(), *self.learner.take_spans(),
+                 *self.buffer.take_spans()]
         self.trace.add(spans)
         return {"engine_busy": busy_fraction(spans, {"generate"}, start, end, len(self.workers)),
                 "learner_busy": busy_fraction(spans, {"train"}, start, end, 1)}
@@ -344,8 +343,7 @@ class Training:
     def maybe_checkpoint(self) -> None:
         every, step = self.cfg.learner.checkpoint_every, self.state.step
         if (every and step % every == 0) or step == self.stop:
-            self.workers.get(self.learner.save_checkpoint.remote(self.cfg.run_dir, self.state),
-                             f"checkpoint {step} to be saved", actor="the learner")
+            self.learner.save_checkpoint(self.cfg.run_dir, self.state)
             self.trace.write()
 
     def finish(self) -> RunSummary:
@@ -359,8 +357,7 @@ class Training:
         history = read_jsonl(self.run_dir / "metrics.jsonl")
         summary = RunSummary(steps=step, complete=True, wandb_url=self.metrics.wandb_url,
                              results=summarize(history, self.state.eval_before))
-        final = self.workers.get(self.learner.export.remote(str(self.run_dir / "final"), summary),
-                                 "the final model to be written", actor="the learner")
+        final = self.learner.export(str(self.run_dir / "final"), summary)
         plot_rewards(history, self.run_dir / "reward_curve.png",
                      f"GRPO on {cfg.model.name}, reward {' + '.join(cfg.rollout.rewards)}",
                      eval_before=math.nan if self.state.eval_before is None else self.state.eval_before)

@@ -11,11 +11,12 @@ from common.config import Config
 from common.errors import RunError
 from common.types import Prompt
 from common.weight_sync import TensorSpec
+from deploy.clients import LearnerClient
 from deploy.workers import RolloutWorkers
 
 # Largest mean |learner - engine| log-prob difference per probe token accepted, by the weights'
 # dtype. The two compute the same function with different kernels: in float32 they agree to
-# about 1e-5 per token (DESIGN.md section 2). In 16-bit formats the mean stays within a few
+# about 1e-5 per token. In 16-bit formats the mean stays within a few
 # hundredths, but a token the policy finds very unlikely (log-prob -16) can be a whole unit
 # apart after some training, rounding alone: the mean is the statistic, not the worst token.
 TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.05}
@@ -53,7 +54,7 @@ def compare(learner: list[list[float]], engine: list[list[float]]) -> Agreement:
 
 
 class WeightCheck:
-    def __init__(self, cfg: Config, learner, workers: RolloutWorkers, specs: list[TensorSpec],
+    def __init__(self, cfg: Config, learner: LearnerClient, workers: RolloutWorkers, specs: list[TensorSpec],
                  prompts: list[Prompt], tokenizer):
         self.learner, self.workers = learner, workers
         completion = tokenizer(PROBE_COMPLETION, add_special_tokens=False)["input_ids"]
@@ -69,12 +70,10 @@ class WeightCheck:
         differences, as metrics; raises WeightCheckFailed over the tolerance."""
         if not self.tolerance:
             return {}
-        learner = self.workers.get(self.learner.score.remote(self.sequences, self.starts),
-                                   "the learner to score the probe set", actor="the learner")
-        engines = self.workers.call("score", self.sequences, self.starts)
+        learner = self.learner.probe_logprobs(self.sequences, self.starts)
         seen = []
-        for i, ref in engines.items():
-            a = compare(learner, self.workers.get(ref, f"rollout worker {i} to score the probe set"))
+        for i, engine in enumerate(self.workers.probe_logprobs(self.sequences, self.starts)):
+            a = compare(learner, engine)
             if a.mean > self.tolerance:
                 raise WeightCheckFailed(
                     f"after weight sync {version}, rollout worker {i} scores the probe set "

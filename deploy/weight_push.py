@@ -13,7 +13,8 @@ from collections.abc import Iterable
 from common.config import Config, ConfigError
 from common.held import remove_unheld
 from common.weight_sync import SHARED_WEIGHTS, TensorSpec, plan_buckets
-from deploy.launch import Cluster
+from deploy.clients import LearnerClient
+from deploy.launch import RunActors
 from deploy.workers import RolloutWorkers, Settled, TransferFailed
 
 log = logging.getLogger(__name__)
@@ -24,10 +25,9 @@ class WeightPush(ABC):
 
     name: str
 
-    def __init__(self, cfg: Config, cluster: Cluster, workers: RolloutWorkers):
-        self.cfg, self.learner, self.workers = cfg, cluster.learner, workers
-        self.specs: list[TensorSpec] = workers.get(self.learner.weight_specs.remote(),
-                                                   "the learner to start", actor="the learner")
+    def __init__(self, cfg: Config, learner: LearnerClient, workers: RolloutWorkers):
+        self.cfg, self.learner, self.workers = cfg, learner, workers
+        self.specs: list[TensorSpec] = learner.weight_specs()
         self.nbytes = sum(s.nbytes for s in self.specs)
 
     @abstractmethod
@@ -42,8 +42,7 @@ class WeightPush(ABC):
         no workers, start the transport afresh after a failed transfer."""
 
     def close(self) -> None:
-        self.workers.get(self.learner.close_weight_sync.remote(), "the weight sync to close",
-                         actor="the learner")
+        self.learner.close_weight_sync()
 
     def _check(self, settled: Settled) -> None:
         """Raise TransferFailed if any side failed, naming the workers that died."""
@@ -61,15 +60,12 @@ class SharedMemoryPush(WeightPush):
 
     name = "shm"
 
-    def __init__(self, cfg: Config, cluster: Cluster, workers: RolloutWorkers, run_id: str):
-        if not cluster.single_node:
-            raise ConfigError(["cluster.weight_sync shm needs every rollout worker on the learner's node"])
-        super().__init__(cfg, cluster, workers)
+    def __init__(self, cfg: Config, learner: LearnerClient, workers: RolloutWorkers, run_id: str):
+        super().__init__(cfg, learner, workers)
         self.path = SHARED_WEIGHTS.format(run_id)
         self.written = -1  # the version in the file
         self.holds: dict[int, int] = {}  # worker -> the version it loaded last
-        workers.get(self.learner.open_shared_weights.remote(self.path),
-                    "the learner to open the shared weights", actor="the learner")
+        learner.open_shared_weights(self.path)
         self._open(range(len(workers)))
 
     def push(self, version: int) -> None:
@@ -90,15 +86,14 @@ class SharedMemoryPush(WeightPush):
         self._send(version, [i for i in range(len(self.workers)) if self.holds.get(i) != version])
 
     def _open(self, workers: Iterable[int]) -> None:
-        calls = self.workers.call("open_shared_weights", self.path, self.specs, workers=workers)
+        calls = self.workers.open_shared_weights(self.path, self.specs, only=workers)
         self._check(self.workers.settle(calls, "the engines to open the shared weights"))
 
     def _send(self, version: int, workers: Iterable[int]) -> None:
         if self.written != version:
-            self.workers.get(self.learner.send_weights.remote(), "the learner to write weights",
-                             actor="the learner")
+            self.learner.send_weights().result()
             self.written = version
-        settled = self.workers.settle(self.workers.call("receive_weights", version, workers=workers),
+        settled = self.workers.settle(self.workers.receive_weights(version, only=workers),
                                       f"weights version {version} to load")
         self.holds.update((i, version) for i in settled.ok)
         self._check(settled)
@@ -111,9 +106,9 @@ class BroadcastPush(WeightPush):
 
     name = "broadcast"
 
-    def __init__(self, cfg: Config, cluster: Cluster, workers: RolloutWorkers):
-        super().__init__(cfg, cluster, workers)
-        self.host = cluster.sync_host
+    def __init__(self, cfg: Config, learner: LearnerClient, workers: RolloutWorkers, host: str):
+        super().__init__(cfg, learner, workers)
+        self.host = host
         self.buckets = plan_buckets(self.specs, cfg.cluster.sync_bucket_mb << 20)
         self._form_group()
 
@@ -121,10 +116,9 @@ class BroadcastPush(WeightPush):
         restarted = self.workers.restarted()  # every member must be alive before it starts
         if restarted:
             raise TransferFailed(restarted)
-        sent = self.learner.send_weights.remote()
-        received = self.workers.call("receive_weights", version)
-        self._check(self.workers.settle(received, f"weights version {version} to load",
-                                        {"the learner": sent}))
+        sent = self.learner.send_weights()
+        received = self.workers.receive_weights(version)
+        self._check(self.workers.settle(received, f"weights version {version} to load", [sent]))
 
     def revive(self, workers: list[int], version: int) -> None:
         self._form_group()
@@ -135,26 +129,25 @@ class BroadcastPush(WeightPush):
         c, tp = self.cfg.cluster, self.cfg.rollout.tensor_parallel_size
         world = 1 + tp * len(self.workers)
         secret = secrets.token_hex(16)  # only the members told it can meet in the group
-        port = self.workers.get(self.learner.open_weight_group.remote(self.host, c.weight_sync_port),
-                                "the learner to open the weight-sync port", actor="the learner")
-        connected = self.learner.connect_weight_group.remote(world, self.buckets,
-                                                             c.weight_sync_timeout_s, secret)
-        joined = {i: w.join_weight_group.remote(self.host, port, 1 + i * tp, world, self.specs,
-                                                self.buckets, c.weight_sync_timeout_s, secret)
-                  for i, w in enumerate(self.workers.handles)}
-        self._check(self.workers.settle(joined, "the weight-sync group to form",
-                                        {"the learner": connected}))
+        port = self.learner.open_weight_group(self.host, c.weight_sync_port)
+        connected = self.learner.connect_weight_group(world, self.buckets, c.weight_sync_timeout_s, secret)
+        joined = self.workers.join_weight_group(self.host, port, world, self.specs, self.buckets,
+                                                c.weight_sync_timeout_s, secret)
+        self._check(self.workers.settle(joined, "the weight-sync group to form", [connected]))
 
 
-def choose_transport(cfg: Config, cluster: Cluster) -> str:
+def choose_transport(cfg: Config, actors: RunActors) -> str:
     """`shm` needs CPU engines on the learner's node; anything else broadcasts."""
     if cfg.cluster.weight_sync != "auto":
         return cfg.cluster.weight_sync
-    return "shm" if cfg.cluster.device == "cpu" and cluster.single_node else "broadcast"
+    return "shm" if cfg.cluster.device == "cpu" and actors.single_node else "broadcast"
 
 
-def weight_push(cfg: Config, cluster: Cluster, workers: RolloutWorkers, run_id: str) -> WeightPush:
+def weight_push(cfg: Config, actors: RunActors, learner: LearnerClient, workers: RolloutWorkers,
+                run_id: str) -> WeightPush:
     """The transport `cluster.weight_sync` asks for (or the fastest that fits the cluster)."""
-    if choose_transport(cfg, cluster) == "shm":
-        return SharedMemoryPush(cfg, cluster, workers, run_id)
-    return BroadcastPush(cfg, cluster, workers)
+    if choose_transport(cfg, actors) == "shm":
+        if not actors.single_node:
+            raise ConfigError(["cluster.weight_sync shm needs every rollout worker on the learner's node"])
+        return SharedMemoryPush(cfg, learner, workers, run_id)
+    return BroadcastPush(cfg, learner, workers, actors.sync_host)

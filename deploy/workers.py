@@ -17,7 +17,8 @@ from common.config import Config
 from common.errors import RunError, WaitTimeout
 from common.spans import Span
 from common.types import GenerationStats, Prompt, RolloutGroup
-from deploy.launch import get
+from common.weight_sync import TensorSpec
+from deploy.remote import Call, get
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
@@ -56,13 +57,16 @@ class Settled:
 
 
 class RolloutWorkers:
-    def __init__(self, handles: list[ActorHandle], buffer: ActorHandle, cfg: Config):
-        self.handles, self.buffer = handles, buffer
+    """The driver's side of the `actors.rollout_worker.RolloutWorker` actors: one method per
+    remote call, made on every worker (or on `only` some) at once."""
+
+    def __init__(self, handles: list[ActorHandle], cfg: Config):
+        self.handles = handles
         self.timeout = cfg.cluster.call_timeout_s
         self.max_restarts = cfg.cluster.max_worker_restarts
+        self.tensor_parallel_size = cfg.rollout.tensor_parallel_size
         self.incarnations: list[str] = []
         """Who each worker is: a new value means Ray restarted it."""
-        self.restarts = 0
 
     def __len__(self) -> int:
         return len(self.handles)
@@ -73,29 +77,21 @@ class RolloutWorkers:
         what = "the rollout workers' engines to start"
         if len(ray.wait(refs, num_returns=len(refs), timeout=self.timeout)[0]) < len(refs):
             raise WaitTimeout(f"waited {self.timeout:.0f} s for {what}")
-        self.incarnations = [self.get(ref, what, actor=f"rollout worker {i}")[0]
+        self.incarnations = [get(ref, self.timeout, what, actor=f"rollout worker {i}")[0]
                              for i, ref in enumerate(refs)]
-
-    # --- any call ------------------------------------------------------------------------------
-
-    def is_done(self, ref: ray.ObjectRef, timeout_s: float) -> bool:
-        return bool(ray.wait([ref], timeout=timeout_s)[0])
-
-    def get(self, refs, what: str, actor: str = ""):
-        return get(refs, self.timeout, what, actor)
 
     # --- generation ----------------------------------------------------------------------------
 
-    def generate(self, worker: int, prompts: list[Prompt], round_: int) -> Share:
+    def stream(self, worker: int, prompts: list[Prompt], round_: int) -> Share:
         """Start `worker` on `prompts` for `round_`; it puts each group into the buffer."""
         return Share(round_, worker, prompts, self.handles[worker].stream.remote(prompts, round_))
 
-    def finished(self, shares: list[Share]) -> tuple[list[tuple[Share, GenerationStats]], list[Share]]:
+    def finished(self, shares: list[Share], wait_s: float = 0.0) -> tuple[list[tuple[Share, GenerationStats]], list[Share]]:
         """Of `shares`, those stored in the buffer (with their stats) and those lost because their
-        worker died; any other failure raises."""
+        worker died, waiting up to `wait_s` for all; any other failure raises."""
         if not shares:
             return [], []
-        ready, _ = ray.wait([s.done for s in shares], num_returns=len(shares), timeout=0)
+        ready, _ = ray.wait([s.done for s in shares], num_returns=len(shares), timeout=wait_s)
         stored, lost = [], []
         for share in [s for s in shares if s.done in ready]:
             try:
@@ -114,29 +110,45 @@ class RolloutWorkers:
                 pass
         return spans
 
-    def short(self) -> int:
-        """Groups the batch being waited for still lacks."""
-        return self.get(self.buffer.short.remote(), "the buffer's counts", actor="the rollout buffer")
-
-    def generate_now(self, shares: list[list[Prompt]], round_: int) -> list[RolloutGroup]:
-        """Worker i generates shares[i] (empty shares skipped); waits for every group."""
+    def generate(self, shares: list[list[Prompt]], round_: int) -> list[RolloutGroup]:
+        """Worker i generates shares[i] (empty shares skipped) and returns the groups; waits for
+        every one."""
         refs = [self.handles[i].generate.remote(share, round_) for i, share in enumerate(shares) if share]
-        return [g for groups, _ in self.get(refs, "the evaluation", actor="a rollout worker")
+        return [g for groups, _ in get(refs, self.timeout, "the evaluation", actor="a rollout worker")
                 for g in groups]
 
-    # --- weights -------------------------------------------------------------------------------
+    def probe_logprobs(self, sequences: list[list[int]], starts: list[int]) -> list[list[list[float]]]:
+        """Each worker's log-probs of `sequences` from `starts` on (see `RolloutWorker.probe_logprobs`)."""
+        refs = [handle.probe_logprobs.remote(sequences, starts) for handle in self.handles]
+        return [get(ref, self.timeout, f"rollout worker {i} to score the probe set", f"rollout worker {i}")
+                for i, ref in enumerate(refs)]
 
-    def call(self, method: str, *args, workers: Iterable[int] | None = None) -> dict[int, ray.ObjectRef]:
-        """Call `method(*args)` on `workers` (default: all); returns each worker's result ref."""
-        chosen = range(len(self)) if workers is None else workers
-        return {i: getattr(self.handles[i], method).remote(*args) for i in chosen}
+    # --- weights: each call returns every worker's result ref, for `settle` ---------------------
 
-    def settle(self, calls: dict[int, ray.ObjectRef], what: str,
-               others: dict[str, ray.ObjectRef] | None = None) -> Settled:
-        """Wait for `calls` and `others` (other actors' sides of the same transfer, by actor
-        name); sort the workers into done, dead and failed."""
-        others = others or {}
-        refs = [*calls.values(), *others.values()]
+    def receive_weights(self, version: int, only: Iterable[int] | None = None) -> dict[int, ray.ObjectRef]:
+        return {i: self.handles[i].receive_weights.remote(version) for i in self._chosen(only)}
+
+    def open_shared_weights(self, path: str, specs: list[TensorSpec],
+                            only: Iterable[int] | None = None) -> dict[int, ray.ObjectRef]:
+        return {i: self.handles[i].open_shared_weights.remote(path, specs) for i in self._chosen(only)}
+
+    def join_weight_group(self, host: str, port: int, world_size: int, specs: list[TensorSpec],
+                          buckets: list[list[int]], timeout_s: float, secret: str) -> dict[int, ray.ObjectRef]:
+        """Every engine's ranks join the learner's group: worker i's first rank is 1 + i x its
+        tensor-parallel size (the learner is rank 0)."""
+        tp = self.tensor_parallel_size
+        return {i: handle.join_weight_group.remote(host, port, 1 + i * tp, world_size, specs, buckets,
+                                                   timeout_s, secret)
+                for i, handle in enumerate(self.handles)}
+
+    def _chosen(self, only: Iterable[int] | None) -> Iterable[int]:
+        return range(len(self)) if only is None else only
+
+    def settle(self, calls: dict[int, ray.ObjectRef], what: str, others: Iterable[Call] = ()) -> Settled:
+        """Wait for `calls` and `others` (other actors' sides of the same transfer); sort the
+        workers into done, dead and failed."""
+        others = list(others)
+        refs = [*calls.values(), *(call.ref for call in others)]
         if len(ray.wait(refs, num_returns=len(refs), timeout=self.timeout)[0]) < len(refs):
             raise WaitTimeout(f"waited {self.timeout:.0f} s for {what}")
         out = Settled()
@@ -148,9 +160,9 @@ class RolloutWorkers:
                 out.dead.append(i)
             except ray.exceptions.RayTaskError as e:
                 out.errors.append(e)
-        for actor, ref in others.items():
+        for call in others:
             try:
-                self.get(ref, what, actor)
+                call.result()
             except ray.exceptions.RayTaskError as e:
                 out.errors.append(e)
         return out
@@ -161,14 +173,16 @@ class RolloutWorkers:
         """The workers Ray restarted since they were last seen (a restarting one is waited for)."""
         return [i for i in range(len(self)) if self._incarnation(i) != self.incarnations[i]]
 
-    def await_restart(self, workers: Iterable[int]) -> None:
-        """Wait until each of `workers` runs again, and count the restarts."""
+    def await_restart(self, workers: Iterable[int]) -> int:
+        """Wait until each of `workers` runs again; returns how many were restarted."""
+        restarted = 0
         for i in workers:
             incarnation = self._incarnation(i)
             if incarnation != self.incarnations[i]:
                 self.incarnations[i] = incarnation
-                self.restarts += 1
+                restarted += 1
                 log.warning("rollout worker %d was restarted; bringing it up to date", i)
+        return restarted
 
     def _incarnation(self, i: int) -> str:
         """Worker `i`'s incarnation once it is up: while Ray restarts it, calls fail at once as
@@ -176,7 +190,7 @@ class RolloutWorkers:
         deadline = time.monotonic() + self.timeout
         while True:
             try:
-                return self.get(self.handles[i].ready.remote(), f"rollout worker {i} to restart")[0]
+                return get(self.handles[i].ready.remote(), self.timeout, f"rollout worker {i} to restart")[0]
             except ray.exceptions.ActorUnavailableError:
                 if time.monotonic() > deadline:
                     raise WaitTimeout(f"waited {self.timeout:.0f} s for rollout worker {i} to restart") from None

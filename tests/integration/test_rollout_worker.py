@@ -69,18 +69,19 @@ def learner_logprobs(learner: Learner, groups) -> tuple[torch.Tensor, torch.Tens
     seqs = [(g.prompt.token_ids, ids, lps) for g in groups for ids, lps in zip(g.completion_ids, g.logprobs)]
     mb = collate(seqs, torch.zeros(len(seqs)), learner.pad_id)
     with torch.no_grad():
-        logp, _ = learner._logprobs(learner.model, mb)
+        logp, _ = learner.logprobs(mb)
     return logp, mb.behaviour_logp, mb.completion_mask
 
 
 def test_groups_have_the_configured_shape_and_scores(workers, prompts, cfg):
     groups, stats = ray.get(workers[0].generate.remote(prompts[:3], 0), timeout=TIMEOUT)
     G = cfg.grpo.group_size
-    assert len(groups) == 3 and stats.prompts == 3 and stats.completions == 3 * G
-    assert stats.tokens == sum(g.num_tokens for g in groups) > 0 and stats.seconds > 0
+    assert len(groups) == 3 and all(len(g.completion_ids) == G for g in groups)
+    assert stats.tokens == sum(len(ids) for g in groups for ids in g.completion_ids) > 0
+    assert stats.seconds > 0
     scorer = Scorer(cfg.rollout.rewards)
     for prompt, g in zip(prompts[:3], groups):
-        assert g.prompt.token_ids == prompt.token_ids and g.size == G
+        assert g.prompt.token_ids == prompt.token_ids and len(g.completion_ids) == G
         assert [len(ids) for ids in g.completion_ids] == [len(lp) for lp in g.logprobs]
         assert all(0 < len(ids) <= cfg.rollout.max_tokens for ids in g.completion_ids)
         assert set(g.finish_reasons) <= {"stop", "length"}
@@ -105,7 +106,7 @@ def test_two_workers_generate_side_by_side(workers, prompts, cfg):
     results = ray.get(refs, timeout=TIMEOUT)
     for i, (groups, stats) in enumerate(results):
         assert stats.worker == i and len(groups) == 4
-        assert all(g.worker == i and g.size == cfg.grpo.group_size for g in groups)
+        assert all(g.worker == i and len(g.completion_ids) == cfg.grpo.group_size for g in groups)
 
 
 def test_broadcast_makes_engine_greedy_equal_to_the_hf_model(workers, learner, prompts):
@@ -125,7 +126,7 @@ def test_a_transfer_that_fails_part_way_leaves_the_engine_as_it_was(workers, lea
     worker, version = workers[0], learner.version + 1
     sequences = [p.token_ids + [5, 6, 7, 8] for p in prompts[:4]]
     starts = [len(p.token_ids) for p in prompts[:4]]
-    before = ray.get(worker.score.remote(sequences, starts), timeout=TIMEOUT)
+    before = ray.get(worker.probe_logprobs.remote(sequences, starts), timeout=TIMEOUT)
     port = learner.open_weight_group("127.0.0.1")
     specs = learner.weight_specs()
     buckets = plan_buckets(specs, 1 << 20)
@@ -136,18 +137,18 @@ def test_a_transfer_that_fails_part_way_leaves_the_engine_as_it_was(workers, lea
     received = worker.receive_weights.remote(version)
 
     def first_bucket_then_death():
-        weights = learner._named_weights()
+        weights = learner.sender.named_weights()
         for _ in buckets[0]:
             name, tensor = next(weights)
             yield name, tensor * 2 + 1
         raise RuntimeError("the learner died")
 
     with pytest.raises(RuntimeError, match="the learner died"):
-        learner._channel.send(first_bucket_then_death(), version)
+        learner.sender.channel.send(first_bucket_then_death(), version)
     learner.close_weight_sync()
     with pytest.raises(ray.exceptions.RayTaskError):
         ray.get(received, timeout=TIMEOUT)
-    assert ray.get(worker.score.remote(sequences, starts), timeout=TIMEOUT) == before
+    assert ray.get(worker.probe_logprobs.remote(sequences, starts), timeout=TIMEOUT) == before
     broadcast(learner, worker)  # and the next transfer goes through
     assert ray.get(worker.ready.remote(), timeout=TIMEOUT)[1] == learner.version
 

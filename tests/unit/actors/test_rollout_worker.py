@@ -46,18 +46,19 @@ def test_engine_args_cpu_batched_tokens_cover_a_long_model():
     assert engine_args(cfg, "m", 0)["max_num_batched_tokens"] == 8192
 
 
-def test_the_extension_has_every_method_the_worker_calls_in_the_engine():
-    import inspect
-    import re
-
-    from actors import rollout_worker
+def test_the_engine_runs_the_extension_methods_the_worker_names():
+    """vLLM loads the extension by its dotted name and runs each call on it by method name."""
+    from actors.rollout_worker import RolloutWorker
+    from actors.vllm_extension import WeightSyncExtension
 
     module, _, name = EXTENSION.rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    called = set(re.findall(r'collective_rpc\("(\w+)"', inspect.getsource(rollout_worker)))
-    assert called == {"join_weight_group", "open_shared_weights", "receive_weights"}
-    for method in called:
-        assert callable(getattr(cls, method)), method
+    assert getattr(importlib.import_module(module), name) is WeightSyncExtension
+    calls = []
+    worker = object.__new__(RolloutWorker)  # only the RPC, no engine
+    worker.llm = SimpleNamespace(collective_rpc=lambda method, args: calls.append((method, args)))
+    worker._on_every_rank(WeightSyncExtension.receive_weights, 3)
+    assert calls == [("receive_weights", (3,))]
+    assert getattr(WeightSyncExtension, calls[0][0]) is WeightSyncExtension.receive_weights
 
 
 def test_engine_args_gpu_single_device():

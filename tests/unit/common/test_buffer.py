@@ -40,7 +40,7 @@ def test_get_returns_whole_groups_in_fifo_order():
     assert indices(first) == [0, 1]
     assert indices(second) == [2, 3]
     # each group arrives whole, with all of its completions
-    assert [g.size for g in first + second] == [2, 2, 2, 2]
+    assert [len(g.completion_ids) for g in first + second] == [2, 2, 2, 2]
     assert (stats["size"], stats["produced"], stats["consumed"]) == (0, 4, 4)
 
 

@@ -9,7 +9,7 @@ import pytest
 from common.config import Config
 from common.data import PromptSampler
 from common.errors import RunError
-from common.types import GenerationStats, Prompt
+from common.types import GenerationStats, Prompt, RunState
 from deploy.rollouts import Rollouts, split
 from deploy.workers import Share, TransferFailed
 
@@ -40,8 +40,7 @@ class FakeWorkers:
         self.launched: list[Share] = []
         self.dead: set[int] = set()       # died, restart not yet seen by the driver
         self.gone: set[int] = set()
-        self.restarts = 0
-        self.rejected = 0  # groups the buffer left out for equal rewards
+        self.waited: set[int] = set()  # shares (by id) the driver waited on
 
     def __len__(self) -> int:
         return self.n
@@ -49,42 +48,56 @@ class FakeWorkers:
     def die(self, worker: int) -> None:
         self.dead.add(worker)
 
-    def generate(self, worker: int, prompts: list[Prompt], round_: int) -> Share:
+    def stream(self, worker: int, prompts: list[Prompt], round_: int) -> Share:
         share = Share(round_, worker, prompts, done=None)
         self.launched.append(share)
         return share
 
-    def finished(self, shares):
+    def finished(self, shares, wait_s=0.0):
+        if wait_s:
+            self.waited.update(id(s) for s in shares)
         lost = [s for s in shares if s.worker in self.dead]
-        stored = [(s, GenerationStats(len(s.prompts), 0, 0, 0, 1.0, s.worker)) for s in shares
+        stored = [(s, GenerationStats(tokens=0, seconds=1.0)) for s in shares
                   if s not in lost]
         return stored, lost
-
-    def short(self) -> int:
-        """Groups the batch of 4 being waited for lacks: every finished share's, less `rejected`
-        (no signal)."""
-        return max(0, 4 - (sum(len(s.prompts) for s in self.launched) - self.rejected))
-
-    def is_done(self, ref, timeout_s: float) -> bool:
-        """Every call takes one poll interval."""
-        self.polled = getattr(self, "polled", set())
-        done = ref in self.polled
-        self.polled.add(ref)
-        return done
-
-    def get(self, ref, what: str, actor: str = ""):
-        return ref
 
     def restarted(self) -> list[int]:
         return sorted(self.dead)
 
-    def await_restart(self, workers) -> None:
+    def await_restart(self, workers) -> int:
+        restarted = 0
         for i in workers:
             if i in self.gone:
                 raise RunError(f"rollout worker {i} died and Ray could not restart it")
             if i in self.dead:
                 self.dead.discard(i)
-                self.restarts += 1
+                restarted += 1
+        return restarted
+
+
+class FakeBuffer:
+    """Holds every group launched, less `rejected` (groups left out for equal rewards)."""
+
+    def __init__(self, workers: FakeWorkers):
+        self.workers, self.rejected = workers, 0
+
+    def short(self) -> int:
+        """Groups the batch of 4 being waited for lacks."""
+        return max(0, 4 - (sum(len(s.prompts) for s in self.workers.launched) - self.rejected))
+
+
+class FakeCall:
+    """A call that takes one poll interval."""
+
+    def __init__(self, what: str):
+        self.what, self.polled = what, False
+
+    def done(self, wait_s: float) -> bool:
+        done, self.polled = self.polled, True
+        return done
+
+    def result(self):
+        return self.what
 
 
 class FakeTransport:
@@ -123,7 +136,8 @@ def rollouts(workers: int = 2, deaths: list[list[int]] = (), **cfg_changes) -> R
         setattr(getattr(cfg, section), name, value)
     prompts = [Prompt(i, f"p{i}", [i]) for i in range(20)]
     fake = FakeWorkers(workers)
-    return Rollouts(cfg, fake, FakeTransport(fake, deaths), PromptSampler(prompts, seed=0))
+    return Rollouts(cfg, fake, FakeBuffer(fake), FakeTransport(fake, deaths),
+                    PromptSampler(prompts, seed=0), RunState())
 
 
 # ----- generation -----
@@ -146,12 +160,12 @@ def test_a_worker_that_dies_during_generation_is_revived_and_its_share_generated
     r.generate_ahead(0)
     lost = r.workers.launched[1]
     r.workers.die(1)
-    r.wait("batch", "a batch", "the rollout buffer", idle_step=0)
-    assert r.lost_groups == 2 and r.workers.restarts == 1
-    assert r.weights.calls == [("push", 0), ("revive", [1], 0)]
+    r.wait(FakeCall("a batch"), idle_step=0)
+    assert r.state.lost_groups == 2 and r.state.worker_restarts == 1
+    assert r.transport.calls == [("push", 0), ("revive", [1], 0)]
     again = r.workers.launched[-1]
     assert (again.worker, again.round, again.prompts) == (1, lost.round, lost.prompts)
-    assert r.lost == [] and r.synced_version == 0
+    assert r.lost == [] and r.engines_version == 0
 
 
 def test_a_lost_share_waits_while_the_learner_trains():
@@ -159,25 +173,25 @@ def test_a_lost_share_waits_while_the_learner_trains():
     r.push_weights(0)
     r.generate_ahead(0)
     r.workers.die(0)
-    r.wait("train", "learner step 1", "the learner")
-    assert len(r.lost) == 1 and r.weights.calls == [("push", 0)]  # no weights to give yet
+    r.wait(FakeCall("learner step 1"))
+    assert len(r.lost) == 1 and r.transport.calls == [("push", 0)]  # no weights to give yet
     r.push_weights(1)  # the next push revives it, then its share runs again
-    assert r.weights.calls == [("push", 0), ("push", 1), ("revive", [0], 1)]
+    assert r.transport.calls == [("push", 0), ("push", 1), ("revive", [0], 1)]
     assert r.lost == [] and r.workers.launched[-1].round == 0
 
 
 def test_a_worker_that_dies_during_a_push_is_revived_with_that_version():
     r = rollouts(deaths=[[1]])
     r.push_weights(5)
-    assert r.weights.calls == [("push", 5), ("revive", [1], 5)]
-    assert r.workers.restarts == 1 and r.synced_version == 5
+    assert r.transport.calls == [("push", 5), ("revive", [1], 5)]
+    assert r.state.worker_restarts == 1 and r.engines_version == 5
 
 
 def test_a_worker_that_dies_twice_in_a_row_is_revived_twice():
     r = rollouts(deaths=[[0], [0]])
     r.push_weights(2)
-    assert r.weights.calls == [("push", 2), ("revive", [0], 2), ("revive", [0], 2)]
-    assert r.workers.restarts == 2 and r.synced_version == 2
+    assert r.transport.calls == [("push", 2), ("revive", [0], 2), ("revive", [0], 2)]
+    assert r.state.worker_restarts == 2 and r.engines_version == 2
 
 
 def test_a_worker_that_never_comes_back_ends_the_run_in_one_line():
@@ -190,22 +204,22 @@ def test_a_worker_that_never_comes_back_ends_the_run_in_one_line():
 def test_a_transfer_that_broke_with_everyone_alive_is_made_again_afresh():
     r = rollouts(deaths=["broken"])
     r.push_weights(3)
-    assert r.weights.calls == [("push", 3), ("revive", [], 3)]  # revive([]): the group anew
-    assert r.workers.restarts == 0 and r.synced_version == 3
+    assert r.transport.calls == [("push", 3), ("revive", [], 3)]  # revive([]): the group anew
+    assert r.state.worker_restarts == 0 and r.engines_version == 3
 
 
 def test_a_transfer_that_keeps_breaking_ends_the_run_with_its_own_error():
     r = rollouts(deaths=["broken"] * 100, cluster__max_worker_restarts=1)
     with pytest.raises(RuntimeError, match="load failed part-way"):
         r.push_weights(3)
-    assert len(r.weights.calls) == 1 + 1 * 2
+    assert len(r.transport.calls) == 1 + 1 * 2
 
 
 def test_workers_that_keep_dying_end_the_run_after_a_bounded_number_of_attempts():
     r = rollouts(deaths=[[0]] * 100, cluster__max_worker_restarts=2)
     with pytest.raises(RunError, match=r"kept dying while receiving weights version 4 \(5 attempts\)"):
         r.push_weights(4)
-    assert len(r.weights.calls) == 1 + 2 * 2  # each of 2 workers may be restarted twice
+    assert len(r.transport.calls) == 1 + 2 * 2  # each of 2 workers may be restarted twice
 
 
 # ----- dynamic sampling -----
@@ -215,8 +229,8 @@ def test_groups_left_out_for_equal_rewards_are_generated_again_for_that_step():
     r = rollouts(grpo__drop_zero_std_groups=True)
     r.push_weights(0)
     r.generate_ahead(0)
-    r.workers.rejected = 3  # of the round's 4 groups only 1 had rewards that differ
-    r.wait("batch", "a batch", "the rollout buffer", idle_step=0)
+    r.buffer.rejected = 3  # of the round's 4 groups only 1 had rewards that differ
+    r.wait(FakeCall("a batch"), idle_step=0)
     extra = r.workers.launched[2:]
     assert [(s.round, len(s.prompts)) for s in extra] == [(0, 2), (0, 2)]  # a whole round more
     assert r.extra_groups == {0: 4} and r.extra_rounds == {0: 1}
@@ -229,10 +243,10 @@ def test_dynamic_sampling_stops_the_run_when_the_reward_gives_no_signal():
     r = rollouts(grpo__drop_zero_std_groups=True, grpo__max_extra_rounds=2)
     r.push_weights(0)
     r.generate_ahead(0)
-    r.workers.rejected = 10**6  # nothing ever has signal
+    r.buffer.rejected = 10**6  # nothing ever has signal
     with pytest.raises(RunError, match=r"after 2 extra rounds step 1 still lacks \d+ of 4 groups"):
         for _ in range(10):
-            r.wait(f"batch {_}", "a batch", "the rollout buffer", idle_step=0)
+            r.wait(FakeCall("a batch"), idle_step=0)
 
 
 def test_a_synchronous_push_waits_for_the_groups_beyond_the_batch_to_be_stored():
@@ -242,18 +256,13 @@ def test_a_synchronous_push_waits_for_the_groups_beyond_the_batch_to_be_stored()
     class StillStoring(FakeWorkers):
         """A share is stored only once the driver has waited on it."""
 
-        def generate(self, worker, prompts, round_):
-            share = super().generate(worker, prompts, round_)
-            share.done = object()
-            return share
-
-        def finished(self, shares):
-            polled = getattr(self, "polled", set())
-            return super().finished([s for s in shares if s.done in polled])
+        def finished(self, shares, wait_s=0.0):
+            stored, lost = super().finished(shares, wait_s)
+            return [(s, stats) for s, stats in stored if id(s) in self.waited], lost
 
     for lag, in_flight_after_push in ((0, 0), (1, 4)):
         r = rollouts(buffer__max_policy_lag=lag)
-        r.workers = StillStoring(2)
+        r.workers = r.buffer.workers = StillStoring(2)
         r.generate_ahead(0)
         r.push_weights(1)
         assert len(r.pending) == in_flight_after_push, lag
@@ -263,6 +272,6 @@ def test_without_dynamic_sampling_a_short_buffer_is_left_to_wait():
     r = rollouts()
     r.push_weights(0)
     r.generate_ahead(0)
-    r.workers.rejected = 3
-    r.wait("batch", "a batch", "the rollout buffer", idle_step=0)
+    r.buffer.rejected = 3
+    r.wait(FakeCall("a batch"), idle_step=0)
     assert len(r.workers.launched) == 2 and r.extra_groups == {}

@@ -3,8 +3,6 @@ a partial shared-memory sync, and how a broadcast's failures are told apart."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
 from common.config import Config
@@ -15,23 +13,40 @@ from deploy.workers import Settled, TransferFailed
 SPECS = [TensorSpec("w", "float32", (4,)), TensorSpec("b", "float32", (2,))]
 
 
-class Remote:
-    """An actor method whose `.remote(...)` runs at once and logs the call."""
+class Done:
+    """A call that finished at once."""
 
-    def __init__(self, log: list, name: str, result=None):
-        self.log, self.name, self.result = log, name, result
-
-    def remote(self, *args):
-        self.log.append((self.name, *args))
-        return self.result
+    def result(self):
+        return None
 
 
 class FakeLearner:
+    """A LearnerClient that logs every call."""
+
     def __init__(self, log: list):
-        self.weight_specs = Remote(log, "weight_specs", SPECS)
-        for name in ("open_shared_weights", "send_weights", "close_weight_sync", "connect_weight_group"):
-            setattr(self, name, Remote(log, name))
-        self.open_weight_group = Remote(log, "open_weight_group", 4321)
+        self.log = log
+
+    def weight_specs(self):
+        self.log.append(("weight_specs",))
+        return SPECS
+
+    def open_shared_weights(self, path):
+        self.log.append(("open_shared_weights", path))
+
+    def send_weights(self):
+        self.log.append(("send_weights",))
+        return Done()
+
+    def close_weight_sync(self):
+        self.log.append(("close_weight_sync",))
+
+    def open_weight_group(self, host, port):
+        self.log.append(("open_weight_group", host, port))
+        return 4321
+
+    def connect_weight_group(self, world_size, buckets, timeout_s, secret):
+        self.log.append(("connect_weight_group", world_size, buckets, timeout_s, secret))
+        return Done()
 
 
 class FakeWorkers:
@@ -43,18 +58,24 @@ class FakeWorkers:
         self.dying: set[int] = set()
         self.failing: set[int] = set()
         self.restarted_now: list[int] = []
-        self.handles = [SimpleNamespace(join_weight_group=Remote(log, f"join {i}")) for i in range(n)]
 
     def __len__(self) -> int:
         return self.n
 
-    def get(self, ref, what: str, actor: str = ""):
-        return ref
-
-    def call(self, method: str, *args, workers=None) -> dict:
-        chosen = list(range(self.n) if workers is None else workers)
+    def _each(self, method: str, only) -> dict:
+        chosen = list(range(self.n) if only is None else only)
         self.log.append((method, chosen))
         return {i: (method, i) for i in chosen}
+
+    def receive_weights(self, version, only=None) -> dict:
+        return self._each("receive_weights", only)
+
+    def open_shared_weights(self, path, specs, only=None) -> dict:
+        return self._each("open_shared_weights", only)
+
+    def join_weight_group(self, host, port, world_size, specs, buckets, timeout_s, secret) -> dict:
+        self.log.append(("join_weight_group", host, port, world_size, secret))
+        return {i: ("join", i) for i in range(self.n)}
 
     def settle(self, calls: dict, what: str, others=None) -> Settled:
         out = Settled()
@@ -74,10 +95,9 @@ class FakeWorkers:
 
 def transport(kind, n: int = 3):
     log: list = []
-    cluster = SimpleNamespace(learner=FakeLearner(log), single_node=True, sync_host="127.0.0.1")
-    workers = FakeWorkers(n, log)
-    push = SharedMemoryPush(Config(), cluster, workers, "test") if kind == "shm" \
-        else BroadcastPush(Config(), cluster, workers)
+    learner, workers = FakeLearner(log), FakeWorkers(n, log)
+    push = SharedMemoryPush(Config(), learner, workers, "test") if kind == "shm" \
+        else BroadcastPush(Config(), learner, workers, "127.0.0.1")
     log.clear()
     return push, workers, log
 
@@ -139,9 +159,11 @@ def test_reviving_after_a_broadcast_forms_the_group_again_with_every_member():
     log.clear()
     push.revive([0], 2)
     names = [entry[0] for entry in log]
-    assert names == ["open_weight_group", "connect_weight_group", "join 0", "join 1",
+    assert names == ["open_weight_group", "connect_weight_group", "join_weight_group",
                      "send_weights", "receive_weights"]
-    world, ranks = log[1][1], [log[2][3], log[3][3]]
-    assert world == 3 and ranks == [1, 2]  # learner rank 0, then one rank per engine
-    secrets = {log[1][4], log[2][8], log[3][8]}
-    assert len(secrets) == 1  # every member was told the same new secret
+    assert log[1][1] == log[2][3] == 3  # the learner and one rank per engine
+    assert log[2][2] == 4321  # the port the learner opened
+    assert log[1][4] == log[2][4]  # every member was told the same secret
+    first = log[1][4]
+    push.revive([], 2)
+    assert log[-4][4] != first  # a group formed again has a new one

@@ -23,7 +23,7 @@ def workers(answers: list, call_timeout_s: float = 60.0, max_restarts: int = 3, 
     cfg = Config()
     cfg.cluster.call_timeout_s, cfg.cluster.max_worker_restarts = call_timeout_s, max_restarts
     handles = [SimpleNamespace(ready=SimpleNamespace(remote=lambda i=i: i)) for i in range(2)]
-    pool = RolloutWorkers(handles, buffer=None, cfg=cfg)
+    pool = RolloutWorkers(handles, cfg)
     pool.incarnations = ["a", "b"]
     pending = list(answers)
 
@@ -43,10 +43,9 @@ def workers(answers: list, call_timeout_s: float = 60.0, max_restarts: int = 3, 
 def test_a_restarted_worker_is_seen_waited_for_and_counted(monkeypatch):
     pool = workers([UNAVAILABLE, UNAVAILABLE, "b2"], monkeypatch=monkeypatch)
     assert pool.restarted() == [1]  # asked while Ray restarts it: waited for, not an error
-    pool.await_restart([1])
-    assert pool.incarnations == ["a", "b2"] and pool.restarts == 1
-    pool.await_restart([1])  # the same incarnation again is not a new restart
-    assert pool.restarts == 1
+    assert pool.await_restart([1]) == 1
+    assert pool.incarnations == ["a", "b2"]
+    assert pool.await_restart([1]) == 0  # the same incarnation again is not a new restart
 
 
 def test_a_restart_that_never_ends_times_out_naming_the_worker(monkeypatch):
@@ -61,3 +60,16 @@ def test_a_worker_ray_gave_up_on_ends_the_run_in_one_line(monkeypatch):
     with pytest.raises(RunError, match=r"rollout worker 1 died and Ray could not restart it "
                                        r"\(cluster.max_worker_restarts=2\)"):
         pool.await_restart([1])
+
+
+def test_every_engine_joins_the_weight_group_at_its_own_ranks():
+    """The learner is rank 0; worker i's tensor-parallel ranks start at 1 + i x their number."""
+    cfg = Config()
+    cfg.rollout.tensor_parallel_size = 2
+    joined = []
+    handles = [SimpleNamespace(join_weight_group=SimpleNamespace(
+        remote=lambda *args, i=i: joined.append((i, args)) or i)) for i in range(3)]
+    refs = RolloutWorkers(handles, cfg).join_weight_group("10.0.0.1", 4321, 7, [], [[0]], 30.0, "s")
+    assert refs == {0: 0, 1: 1, 2: 2}
+    assert [(i, args[2]) for i, args in joined] == [(0, 1), (1, 3), (2, 5)]
+    assert all(args[:2] == ("10.0.0.1", 4321) and args[3] == 7 and args[7] == "s" for _, args in joined)
