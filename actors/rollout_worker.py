@@ -9,7 +9,6 @@ import logging
 import os
 import queue
 import tempfile
-import threading
 import time
 import uuid
 import zlib
@@ -20,6 +19,7 @@ import ray
 import torch
 
 from actors.engine_loop import EngineLoop
+from actors.reward_model import RewardModelClient, model_rewards
 from actors.vllm_extension import WeightSyncExtension, exit_for_restart
 from common import logs, models
 from common.buffer import buffer_name
@@ -129,8 +129,10 @@ class RolloutWorker:
             llm.update_weight_version(str(self.version))
             return llm
 
-        self.scorer = Scorer(cfg.rollout.rewards, cfg.rollout.reward_weights)
-        self._scoring = threading.Lock()  # reward plug-ins need not be thread-safe
+        reward_models = {name: RewardModelClient(run_id, k, cfg.reward_model.num_workers)
+                         for k, name in enumerate(model_rewards(cfg))}
+        self.scorer = Scorer(cfg.rollout.rewards, cfg.rollout.reward_weights, cfg.rollout.reward_timeout_s,
+                             reward_models)
         # In-flight updates keep up to max_in_flight groups generating; between rounds, every
         # group submitted is admitted at once, as LLM.generate would. The loop's thread builds
         # the engine, and is the only one that touches it.
@@ -173,31 +175,46 @@ class RolloutWorker:
 
         rollout = self.cfg.rollout
         start = time.perf_counter()
-        finished: queue.SimpleQueue[Future] = queue.SimpleQueue()  # in the engine's order
+        events: queue.SimpleQueue = queue.SimpleQueue()  # generated, then scored, in any order
         submitted = self.loop.submit_all([(p.token_ids, SamplingParams(
             n=n, max_tokens=rollout.max_tokens, temperature=rollout.temperature, top_p=rollout.top_p,
             logprobs=0, seed=request_seed(self.cfg.seed, round_, p.index))) for p in prompts],
-            on_done=finished.put)
+            on_done=events.put)
         position = {future: i for i, future in enumerate(submitted)}
         groups: list[RolloutGroup | None] = [None] * len(prompts)
-        for _ in submitted:
-            future = finished.get()
-            i = position[future]
-            groups[i] = self._group(prompts[i], future.result().outputs)
+        # Scoring runs on the scorer's thread while the engine generates on: a group is scored
+        # as soon as its completions are done, and stored as soon as it is scored.
+        for _ in range(2 * len(prompts)):
+            event = events.get()
+            if isinstance(event, Future):  # a prompt's completions, done
+                i, outputs = position[event], event.result().outputs
+                self._score(prompts[i], outputs).add_done_callback(
+                    lambda scored, i=i, outputs=outputs: events.put((i, outputs, scored)))
+                continue
+            i, outputs, scored = event
+            groups[i] = self._group(prompts[i], outputs, *scored.result())
             if on_group is not None:
                 on_group(groups[i])
         stats = GenerationStats(tokens=sum(g.num_tokens for g in groups), seconds=time.perf_counter() - start)
         return groups, stats
 
-    def _group(self, prompt: Prompt, completions: list) -> RolloutGroup:
-        """One prompt's completions, scored, with the version that sampled each token."""
-        texts = [c.text for c in completions]
+    def _score(self, prompt: Prompt, completions: list) -> Future:
+        """The rewards of one prompt's completions, as TRL's reward functions take them."""
         n = len(completions)
-        with self._scoring:
-            rewards, parts = self.scorer([prompt.text] * n, texts, {k: [v] * n for k, v in prompt.columns.items()})
+        texts = [c.text for c in completions]
+        if isinstance(prompt.raw, list):  # chat messages: completions are messages too
+            texts = [[{"role": "assistant", "content": text}] for text in texts]
+        return self.scorer.submit([prompt.text if prompt.raw is None else prompt.raw] * n, texts,
+                                  [list(c.token_ids) for c in completions],
+                                  {k: [v] * n for k, v in prompt.columns.items()}, step=self.version)
+
+    def _group(self, prompt: Prompt, completions: list, rewards: list[float],
+               parts: dict[str, list[float]]) -> RolloutGroup:
+        """One prompt's completions, scored, with the version that sampled each token."""
         versions = [token_versions(c) for c in completions]
         return RolloutGroup(
-            prompt=prompt, completions=texts, completion_ids=[list(c.token_ids) for c in completions],
+            prompt=prompt, completions=[c.text for c in completions],
+            completion_ids=[list(c.token_ids) for c in completions],
             logprobs=[[lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)] for c in completions],
             token_versions=versions, finish_reasons=[c.finish_reason for c in completions],
             rewards=rewards, reward_parts=parts,

@@ -159,9 +159,14 @@ class RolloutConfig(ActorResources):
     top_p: Annotated[float, Bound(gt=0, le=1)] = 1.0
     """Nucleus sampling; 1.0 samples from the full distribution, which GRPO assumes."""
     rewards: tuple[str, ...] = ("explicit_pos",)
-    """Reward functions: built-in names (see common/rewards.py) or `module:function` paths."""
+    """Reward functions: built-in names (see common/rewards.py), `module:function` paths, or
+    `model:PATH`, a sequence-classification model (a local directory or a hub id) scoring in
+    actors of its own (see reward_model)."""
     reward_weights: tuple[float, ...] = ()
     """One weight per reward function; empty means 1.0 each."""
+    reward_timeout_s: Annotated[float, Bound(gt=0)] = 120.0
+    """Longest an `async` reward function may take on one group before the run stops, naming
+    it (a verifier behind a network that stopped answering)."""
     tensor_parallel_size: Annotated[int, Bound(ge=1)] = 1
     """GPU only: GPUs one engine shards the model over."""
     gpu_memory_utilization: Annotated[float, Bound(gt=0, le=1)] = 0.85
@@ -195,6 +200,13 @@ class RolloutConfig(ActorResources):
         from common import rewards  # the reward plug-ins may import much
 
         for name in self.rewards:
+            if name.startswith("model:"):
+                from common import models
+
+                problem = models.reward_model_problem(name.removeprefix("model:"))
+                if problem:
+                    yield f"{prefix}rewards: {name}: {problem}"
+                continue
             try:
                 rewards.resolve(name)
             except rewards.RewardError as e:
@@ -295,6 +307,15 @@ class BufferConfig(Section):
     `max_policy_lag + 1` batches."""
     timeout_s: Annotated[float, Bound(gt=0)] = 600.0
     """Longest wait for a batch (learner) or for room (workers) before the run fails."""
+
+
+@dataclass
+class RewardModelConfig(ActorResources):
+    """The actors of each `model:PATH` reward in rollout.rewards: a sequence-classification
+    model scoring completions beside the engines, on resources of its own."""
+
+    num_workers: Annotated[int, Bound(ge=1)] = 1
+    """Actors per reward model; the rollout workers send them groups in turn."""
 
 
 @dataclass
@@ -401,6 +422,7 @@ class Config:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     buffer: BufferConfig = field(default_factory=BufferConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     steps: Annotated[int, Bound(ge=1)] = 40
@@ -433,7 +455,7 @@ class Config:
         """Every problem that would stop or spoil the run, one line each: the run's own fields',
         each section's, then the rules that tie sections together."""
         lines = out_of_bounds(self, "") + [*self.validate_resume_has_run_dir()]
-        for name in ("grpo", "rollout", "learner", "buffer", "data", "cluster", "logging"):
+        for name in ("grpo", "rollout", "learner", "reward_model", "buffer", "data", "cluster", "logging"):
             lines += getattr(self, name).problems(f"{name}.")
         for rule in (self.validate_capacity_holds_a_batch, self.validate_batch_splits_over_ranks,
                      self.validate_in_flight_has_lag, self.validate_sequence_fits_model,
@@ -473,8 +495,9 @@ class Config:
                    f"exceeds model.max_model_len ({most})")
 
     def validate_no_gpus_on_cpu(self) -> Iterator[str]:
-        if self.cluster.device == "cpu" and (self.gpus("rollout") > 0 or self.gpus("learner") > 0):
-            yield "cluster.device is cpu but rollout.num_gpus or learner.num_gpus is set"
+        for role in ("rollout", "learner", "reward_model"):
+            if self.cluster.device == "cpu" and self.gpus(role) > 0:
+                yield f"cluster.device is cpu but {role}.num_gpus is set"
 
     def validate_tensor_parallel_on_gpu(self) -> Iterator[str]:
         if self.cluster.device == "cpu" and self.rollout.tensor_parallel_size > 1:
@@ -496,9 +519,10 @@ class Config:
         if self.cluster.device != "cpu" and self.cluster.weight_sync == "shm":
             yield "cluster.weight_sync shm is for CPU engines; use broadcast (NCCL) on GPU"
 
-    def gpus(self, role: Literal["rollout", "learner"]) -> float:
+    def gpus(self, role: Literal["rollout", "learner", "reward_model"]) -> float:
         """GPUs for each of `role`'s actors: its `num_gpus`, or when unset what the device
-        implies (none on a CPU; an engine's tensor-parallel ranks, or the learner's one)."""
+        implies (none on a CPU; an engine's tensor-parallel ranks, or one for the learner and
+        each reward model)."""
         chosen = getattr(self, role).num_gpus
         if chosen is not None:
             return chosen
@@ -511,15 +535,16 @@ class Config:
         return self.grpo.batch_size // self.grpo.group_size
 
 
-def cpu_threads(cfg: Config, role: Literal["rollout", "learner"], cores: int) -> int:
+def cpu_threads(cfg: Config, role: Literal["rollout", "learner", "reward_model"], cores: int) -> int:
     """Threads for a CPU actor of `role` on a node with `cores` cores, when `threads` is 0. In a
     synchronous run generation and training take turns, so each uses the node's cores (the
     rollout workers share them, and the learner's ranks do); when they overlap, each keeps to
-    its Ray CPUs, so that actors on one machine do not fight over cores."""
-    section = cfg.rollout if role == "rollout" else cfg.learner
+    its Ray CPUs, so that actors on one machine do not fight over cores. A reward model scores
+    while the engines generate: it keeps to its Ray CPUs."""
+    section = getattr(cfg, role)
     if section.threads:
         return section.threads
-    if cfg.buffer.max_policy_lag == 0:
+    if cfg.buffer.max_policy_lag == 0 and role != "reward_model":
         return max(1, cores // (cfg.rollout.num_workers if role == "rollout" else cfg.learner.num_ranks))
     return max(1, int(section.num_cpus))
 

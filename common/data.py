@@ -176,7 +176,8 @@ def prepare(ds: datasets.Dataset, cfg: DataConfig, tokenizer: Any) -> tuple[list
             ids = ids[-limit:]
             text = tokenizer.decode(ids)
         columns = {k: v for k, v in row.items() if k not in (cfg.prompt_column, "split")}
-        prompts.append(Prompt(index=i, text=text, token_ids=list(ids), columns=columns))
+        prompts.append(Prompt(index=i, text=text, token_ids=list(ids), columns=columns,
+                              raw=row[cfg.prompt_column]))
 
     if not prompts:
         if rows:

@@ -1,18 +1,23 @@
 """Reward functions: the built-ins, plug-ins named by `module:function`, and their weighted sum.
 
-A reward function is batched like TRL's reward_funcs:
-`fn(prompts, completions, **columns) -> list[float | None]`, where `columns` are the dataset's
-other columns (each a list aligned with `prompts`); functions take `**kwargs` for those they
-ignore, and return None for a completion they do not score.
+A reward function is one of TRL's `reward_funcs`, called as TRL's GRPOTrainer calls it:
+`fn(prompts=..., completions=..., completion_ids=..., trainer_state=..., **columns)`, returning
+a list of float or None (a completion it does not score). Prompts and completions are strings,
+or chat messages when the dataset's prompts are (a completion is then
+`[{"role": "assistant", "content": text}]`); `columns` are the dataset's other columns, each a
+list aligned with `prompts`. Functions take `**kwargs` for what they ignore, and may be `async`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import importlib
 import math
 import numbers
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from common.errors import RunError, one_line
@@ -66,9 +71,19 @@ def resolve(name: str) -> RewardFn:
 
 
 class Scorer:
-    """Scores completions with several reward functions combined by weights."""
+    """Scores completions with several reward functions combined by weights, calling each as
+    TRL's GRPOTrainer does (`_calculate_rewards`): by keyword, `async` ones awaited.
 
-    def __init__(self, names: Sequence[str], weights: Sequence[float] = ()):
+    Calls run on the scorer's own thread, so scoring never holds up the caller: `async`
+    functions on an event loop, as many at once as there are groups to score; plain ones one
+    at a time on a second thread (a plug-in need not be thread-safe)."""
+
+    def __init__(self, names: Sequence[str], weights: Sequence[float] = (), timeout_s: float = 120.0,
+                 functions: dict[str, RewardFn] | None = None):
+        """`functions` gives the function of names that `resolve` does not know (the rollout
+        worker's clients of `model:PATH` reward models)."""
+        from trl.trainer.utils import is_async_callable
+
         self.names = list(names)
         if not self.names:
             raise RewardError("at least one reward function is needed")
@@ -80,24 +95,57 @@ class Scorer:
                               f"{len(self.names)} reward functions")
         if not all(math.isfinite(w) for w in self.weights):
             raise RewardError(f"reward weights must be finite numbers (got {self.weights})")
-        self._fns = [resolve(n) for n in self.names]
+        functions = functions or {}
+        self._fns = [functions[n] if n in functions else resolve(n) for n in self.names]
+        self._is_async = [is_async_callable(fn) for fn in self._fns]
+        self.timeout_s = timeout_s
+        self._loop = asyncio.new_event_loop()
+        threading.Thread(target=self._loop.run_forever, name="rewards", daemon=True).start()
+        self._plain = ThreadPoolExecutor(1, thread_name_prefix="reward")
 
-    def __call__(
-        self, prompts: list[str], completions: list[str], columns: dict[str, list] | None = None
-    ) -> tuple[list[float], dict[str, list[float]]]:
-        """(weighted sum per completion, {name: that function's raw scores}). A function may
-        return None for a completion it does not score (TRL's convention, for multi-task data):
-        the sum is over the functions that scored it, NaN when none did."""
-        columns = columns or {}
+    def __call__(self, prompts: list, completions: list, completion_ids: list[list[int]] | None = None,
+                 columns: dict[str, list] | None = None, step: int = 0
+                 ) -> tuple[list[float], dict[str, list[float]]]:
+        """`submit`, waited for."""
+        return self.submit(prompts, completions, completion_ids, columns, step).result()
+
+    def submit(self, prompts: list, completions: list, completion_ids: list[list[int]] | None = None,
+               columns: dict[str, list] | None = None, step: int = 0) -> Future:
+        """Score `completions` of `prompts` (strings, or chat messages as TRL gives them) with
+        every function; a Future of (weighted sum per completion, {name: that function's
+        scores}). `columns` are the dataset's other columns, `step` the learner steps done
+        (TRL's `trainer_state.global_step`). A function may return None for a completion it
+        does not score (TRL's convention, for multi-task data): the sum is over the functions
+        that scored it, NaN when none did."""
+        from transformers import TrainerState
+
         n = len(completions)
-        if len(prompts) != n:
-            raise RewardError(f"{len(prompts)} prompts for {n} completions")
-        for key, values in columns.items():
+        kwargs = dict(prompts=prompts, completions=completions,
+                      completion_ids=completion_ids if completion_ids is not None else [[] for _ in completions],
+                      **(columns or {}))
+        for key, values in kwargs.items():
             if len(values) != n:
-                raise RewardError(f"column `{key}` has {len(values)} values for {n} completions")
-        parts = {name: _call(name, fn, prompts, completions, columns)
-                 for name, fn in zip(self.names, self._fns)}
-        return combine(list(parts.values()), self.weights), parts
+                raise RewardError(f"`{key}` has {len(values)} values for {n} completions")
+        kwargs["trainer_state"] = TrainerState(global_step=step)
+        return asyncio.run_coroutine_threadsafe(self._score(kwargs), self._loop)
+
+    async def _score(self, kwargs: dict) -> tuple[list[float], dict[str, list[float]]]:
+        scores = await asyncio.gather(*(self._one(name, fn, is_async, kwargs) for name, fn, is_async
+                                        in zip(self.names, self._fns, self._is_async)))
+        return combine(scores, self.weights), dict(zip(self.names, scores))
+
+    async def _one(self, name: str, fn: RewardFn, is_async: bool, kwargs: dict) -> list[float]:
+        if not is_async:
+            return await asyncio.get_running_loop().run_in_executor(self._plain, _call, name, fn, kwargs)
+        n = len(kwargs["completions"])
+        try:
+            scores = await asyncio.wait_for(fn(**kwargs), self.timeout_s)
+        except TimeoutError:
+            raise RewardError(f"reward `{name}` took over {self.timeout_s:g} s on {n} completions "
+                              "(rollout.reward_timeout_s)") from None
+        except Exception as e:
+            raise RewardError(f"reward `{name}` raised {one_line(repr(e), 200)} on {n} completions") from e
+        return _checked(name, scores, kwargs["completions"])
 
 
 def combine(scores: list[list[float]], weights: Sequence[float]) -> list[float]:
@@ -111,21 +159,27 @@ def combine(scores: list[list[float]], weights: Sequence[float]) -> list[float]:
     return totals
 
 
-def _call(name: str, fn: RewardFn, prompts: list[str], completions: list[str],
-          columns: dict[str, list]) -> list[float]:
+def _call(name: str, fn: RewardFn, kwargs: dict) -> list[float]:
     """Run one reward function and check what it returns, so bad scores never reach the loss."""
-    n = len(completions)
-    if n == 0:
+    completions = kwargs["completions"]
+    if not completions:
         return []
     try:
-        scores = fn(prompts, completions, **columns)
+        scores = fn(**kwargs)
     except Exception as e:
-        i, err = _first_failing_sample(fn, prompts, completions, columns)
+        i, err = _first_failing_sample(fn, kwargs)
         if err is None:
-            raise RewardError(f"reward `{name}` raised {one_line(repr(e), 200)} on a batch of {n} "
-                              "(no single sample fails alone)") from e
+            raise RewardError(f"reward `{name}` raised {one_line(repr(e), 200)} on a batch of "
+                              f"{len(completions)} (no single sample fails alone)") from e
         raise RewardError(f"reward `{name}` raised {one_line(repr(err), 200)} on sample {i} "
                           f"(completion: {_snippet(completions[i])})") from err
+    return _checked(name, scores, completions)
+
+
+def _checked(name: str, scores: Any, completions: list) -> list[float]:
+    """`scores` as floats, NaN for None; a RewardError for anything that is not one finite
+    number per completion."""
+    n = len(completions)
     if not isinstance(scores, (list, tuple)):
         raise RewardError(f"reward `{name}` returned a {type(scores).__name__}, "
                           "expected a list of floats")
@@ -143,21 +197,26 @@ def _call(name: str, fn: RewardFn, prompts: list[str], completions: list[str],
     return out
 
 
-def _first_failing_sample(fn: RewardFn, prompts: list[str], completions: list[str],
-                          columns: dict[str, list]) -> tuple[int, Exception | None]:
+def _first_failing_sample(fn: RewardFn, kwargs: dict) -> tuple[int, Exception | None]:
     # A batched call cannot say which sample broke it; rerunning one at a time (only on this
     # error path) finds the first that fails alone.
-    for i in range(len(completions)):
+    for i in range(len(kwargs["completions"])):
         try:
-            fn(prompts[i:i + 1], completions[i:i + 1],
-               **{k: v[i:i + 1] for k, v in columns.items()})
+            fn(**{k: v if k == "trainer_state" else v[i:i + 1] for k, v in kwargs.items()})
         except Exception as e:
             return i, e
     return -1, None
 
 
-def _snippet(text: str, limit: int = 60) -> str:
+def _snippet(completion: str | list[dict], limit: int = 60) -> str:
+    text = text_of(completion)
     return repr(text[:limit] + ("..." if len(text) > limit else ""))
+
+
+def text_of(completion: str | list[dict]) -> str:
+    """A completion's text: itself, or the content of its last message when it is
+    conversational (TRL's `[{"role": "assistant", "content": ...}]`)."""
+    return completion if isinstance(completion, str) else completion[-1]["content"]
 
 
 # ---- built-ins ----
@@ -178,19 +237,19 @@ def _vader() -> Any:
 
 
 @register("explicit_pos")
-def explicit_pos(prompts: list[str], completions: list[str], **kwargs: Any) -> list[float]:
+def explicit_pos(completions: list, **kwargs: Any) -> list[float]:
     """VADER compound sentiment of the completion alone, in [-1, 1]."""
     analyzer = _vader()
-    return [float(analyzer.polarity_scores(c)["compound"]) for c in completions]
+    return [float(analyzer.polarity_scores(text_of(c))["compound"]) for c in completions]
 
 
 @register("length")
-def length(prompts: list[str], completions: list[str], **kwargs: Any) -> list[float]:
+def length(completions: list, **kwargs: Any) -> list[float]:
     """Word count over LENGTH_TARGET_WORDS, capped at 1."""
-    return [min(len(c.split()) / LENGTH_TARGET_WORDS, 1.0) for c in completions]
+    return [min(len(text_of(c).split()) / LENGTH_TARGET_WORDS, 1.0) for c in completions]
 
 
 @register("format")
-def format_(prompts: list[str], completions: list[str], **kwargs: Any) -> list[float]:
+def format_(completions: list, **kwargs: Any) -> list[float]:
     """1 if the completion ends a sentence (`.`, `!` or `?`), else 0."""
-    return [1.0 if c.strip().endswith(_ENDINGS) else 0.0 for c in completions]
+    return [1.0 if text_of(c).strip().endswith(_ENDINGS) else 0.0 for c in completions]

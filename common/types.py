@@ -17,6 +17,9 @@ class Prompt:
     token_ids: list[int]
     columns: dict = field(default_factory=dict)
     """The row's other dataset columns, passed to reward functions as keyword arguments."""
+    raw: str | list[dict] | None = None
+    """The dataset's prompt as it was, a string or chat messages: what reward functions get as
+    `prompts`, as TRL gives it; None: `text`."""
     position: int = -1
     """Place in the run's prompt stream (how many prompts were taken before it); -1 outside
     the stream (evaluation, probes). A synchronous batch is chosen in this order."""

@@ -59,7 +59,7 @@ NOT_CALLABLE = 3
 
 
 def score(name: str, completions: list[str], **columns) -> list[float]:
-    _, parts = Scorer([name])([""] * len(completions), completions, columns)
+    _, parts = Scorer([name])([""] * len(completions), completions, columns=columns)
     return parts[name]
 
 
@@ -149,7 +149,7 @@ def test_weights_length_mismatch():
 
 def test_columns_passed_as_kwargs():
     total, _ = Scorer([f"{HERE}:echo_bonus"])(
-        ["cat", "dog"], ["a cat", "a cow"], {"bonus": [10.0, 20.0], "unused": ["x", "y"]})
+        ["cat", "dog"], ["a cat", "a cow"], columns={"bonus": [10.0, 20.0], "unused": ["x", "y"]})
     assert total == [11.0, 20.0]
 
 
