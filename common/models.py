@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from common.errors import RunError
+from common.errors import RunError, one_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -93,6 +93,21 @@ def check_name(name: str) -> str | None:
         f"unknown model `{name}`: not a preset ({', '.join(PRESETS)}), not a local model "
         f"directory, not a hub id like {HUB_EXAMPLE}"
     )
+
+
+def reward_model_problem(name: str) -> str | None:
+    """None if `name` is a model a reward model can load (its config, read now: a local
+    directory, or from the hub where it is reachable), else the problem in one line."""
+    problem = check_name(name)
+    if problem or name in PRESETS:
+        return problem
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(str(Path(name).expanduser()))
+    except Exception as e:  # a missing file, an unknown architecture, no network: all say why
+        return f"cannot load its config ({one_line(str(e), 200)})"
+    return None
 
 
 def resolve(name: str, cache_dir: str = "") -> Path:

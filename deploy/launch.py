@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from ray.util.placement_group import PlacementGroup
 
 log = logging.getLogger(__name__)
-LEARNER_BUNDLE = 0  # bundles 0.. are the learner ranks' (the buffer shares rank 0's); workers follow
+LEARNER_BUNDLE = 0  # bundles 0.. are the learner ranks' (the buffer shares rank 0's); then the
+# rollout workers', then the reward models' actors
 WORKER_CALLS = 16  # a rollout worker's calls in progress at once
 
 
@@ -29,6 +30,7 @@ class ResourcePlan:
     strategy: str
     learner: dict
     worker: dict
+    reward_model: dict
 
     @property
     def total_cpus(self) -> float:
@@ -37,8 +39,11 @@ class ResourcePlan:
 
 def plan(cfg: Config) -> ResourcePlan:
     rollout, cluster = cfg.rollout, cfg.cluster
+    from actors.reward_model import model_rewards
+
     learner = {"num_cpus": cfg.learner.num_cpus, "num_gpus": cfg.gpus("learner")}
     worker = {"num_cpus": rollout.num_cpus, "num_gpus": cfg.gpus("rollout")}
+    reward_model = {"num_cpus": cfg.reward_model.num_cpus, "num_gpus": cfg.gpus("reward_model")}
     custom = {cluster.rollout_resource: 1.0} if cluster.rollout_resource else {}
     if custom:
         worker["resources"] = custom
@@ -50,9 +55,10 @@ def plan(cfg: Config) -> ResourcePlan:
         return b
 
     bundles = [bundle(learner, {}) for _ in range(cfg.learner.num_ranks)] \
-        + [bundle(worker, custom) for _ in range(rollout.num_workers)]
+        + [bundle(worker, custom) for _ in range(rollout.num_workers)] \
+        + [bundle(reward_model, {}) for _ in range(len(model_rewards(cfg)) * cfg.reward_model.num_workers)]
     return ResourcePlan(bundles=bundles, strategy=cluster.placement_strategy, learner=learner,
-                        worker=worker)
+                        worker=worker, reward_model=reward_model)
 
 
 PLACEMENT_QUIET_S = 5.0  # a placement still pending after this is said in the log
@@ -139,6 +145,7 @@ class RunActors:
     learner_node: tuple[str, str]                  # (node id, node ip)
     worker_nodes: list[tuple[str, str]] = field(default_factory=list)
     learner_ranks: list[ActorHandle] = field(default_factory=list)  # the learner's other ranks
+    reward_models: list[ActorHandle] = field(default_factory=list)  # every reward model's actors
 
     @property
     def single_node(self) -> bool:
@@ -164,7 +171,8 @@ def shutdown(actors: RunActors, wait_s: float = 10.0) -> None:
     from actors.rollout_worker import engine_scratch
     from common.held import remove_unheld
 
-    for actor in [*actors.workers, actors.learner, *actors.learner_ranks, actors.buffer]:
+    for actor in [*actors.workers, actors.learner, *actors.learner_ranks, *actors.reward_models,
+                  actors.buffer]:
         ray.kill(actor)
     ray.util.remove_placement_group(actors.placement_group)
     left = [engine_scratch(actors.run_id, i) + "*" for i in range(len(actors.workers))]
@@ -182,6 +190,7 @@ def launch(cfg: Config, timeout_s: float) -> RunActors:
     from ray.util.placement_group import placement_group, placement_group_table
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+    from actors.reward_model import RewardModel, actor_name, model_rewards
     from actors.rollout_worker import RolloutWorker
     from common.buffer import RolloutBuffer, buffer_name
     from learner.learner import Learner
@@ -218,12 +227,21 @@ def launch(cfg: Config, timeout_s: float) -> RunActors:
         ).remote(cfg, i, run_id)
         for i in range(cfg.rollout.num_workers)
     ]
+    first, each = LEARNER_BUNDLE + ranks + cfg.rollout.num_workers, cfg.reward_model.num_workers
+    reward_models = [
+        ray.remote(RewardModel).options(
+            **p.reward_model, scheduling_strategy=at(first + k * each + i), name=actor_name(run_id, k, i),
+            max_restarts=cfg.cluster.max_worker_restarts, max_task_retries=0,
+        ).remote(cfg, name, i)
+        for k, name in enumerate(model_rewards(cfg)) for i in range(each)
+    ]
     nodes = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
     placed = placement_group_table(pg)["bundles_to_node_id"]
     where = [(placed[i], nodes[placed[i]]) for i in range(len(p.bundles))]
     actors = RunActors(run_id=run_id, buffer=buffer, learner=learners[0], workers=workers, placement_group=pg,
-                      learner_node=where[LEARNER_BUNDLE], worker_nodes=where[LEARNER_BUNDLE + ranks:],
-                      learner_ranks=learners[1:])
+                       learner_node=where[LEARNER_BUNDLE],
+                       worker_nodes=where[LEARNER_BUNDLE + ranks : LEARNER_BUNDLE + ranks + len(workers)],
+                       learner_ranks=learners[1:], reward_models=reward_models)
     if ranks > 1:
         _join_learner_ranks(learners, where[LEARNER_BUNDLE : LEARNER_BUNDLE + ranks], timeout_s)
     return actors

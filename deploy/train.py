@@ -205,6 +205,7 @@ def run(cfg: Config) -> RunSummary:
     log.info("starting %d rollout worker(s) and the learner (a vLLM engine takes ~25 s on a CPU)",
              cfg.rollout.num_workers)
     actors = launch(cfg, cfg.cluster.call_timeout_s)
+    log.info("run id %s (it names what the run keeps outside its run directory)", actors.run_id)
     try:
         return Training(cfg, actors, run_dir, prompts, tokenizer, started).run()
     except ActorDied as e:

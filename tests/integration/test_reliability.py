@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -51,11 +52,15 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
 
 
-def temporary_files() -> set[str]:
-    """What runs may leave in the temporary directory: the engines' directories, and vLLM's
-    rendezvous files, which vLLM never removes (with none of ours, they land here)."""
-    tmp = tempfile.gettempdir()
-    return set(glob.glob(f"{tmp}/grpo-ray-engine-*")) | set(glob.glob(f"{tmp}/vllm_dist_*"))
+def run_ids(run_dir: Path) -> list[str]:
+    """The ids of the runs (each invocation is one) whose driver logged into `run_dir`."""
+    return re.findall(r"run id (\w+)", (run_dir / "logs" / "driver.log").read_text())
+
+
+def left_outside(run_id: str) -> list[str]:
+    """What run `run_id` keeps outside its run directory: its weights in shared memory, its
+    engines' temporary directories (another run on the machine has its own)."""
+    return glob.glob(SHARED_WEIGHTS.format(run_id)) + glob.glob(f"{tempfile.gettempdir()}/grpo-ray-engine-{run_id}-*")
 
 
 def steps_logged(run_dir: Path) -> list[int]:
@@ -119,21 +124,25 @@ def test_a_local_runs_actors_are_not_starved_by_other_work_on_the_machine():
     assert actor == driver
 
 
-@pytest.mark.parametrize("transport, workers, weight_update, task", [
-    ("shm", 1, "between_rounds", "stream"),             # killed while generating its share
-    ("broadcast", 2, "in_flight", "receive_weights"),  # killed in the middle of a broadcast
+@pytest.mark.parametrize("transport, workers, weight_update, task, reward_model", [
+    # killed while generating its share; and the reward model's actor killed too
+    ("shm", 1, "between_rounds", "stream", True),
+    ("broadcast", 2, "in_flight", "receive_weights", False),  # killed in the middle of a broadcast
 ])
 def test_a_killed_rollout_worker_is_restarted_and_training_completes(tmp_path, prompts_file,
                                                                      transport, workers,
-                                                                     weight_update, task):
+                                                                     weight_update, task,
+                                                                     reward_model, reward_model_dir):
     run_dir = tmp_path / "run"
+    model = f"model:{reward_model_dir}"
+    rewards = ("explicit_pos", "length", *([model] if reward_model else []))
+    weights = ("1.0", "0.5", "0.25")[:len(rewards)]
     proc = start(args(run_dir, prompts_file, 8, "--cluster.weight-sync", transport,
                       "--rollout.num-workers", str(workers), "--buffer.max-policy-lag", "1",
                       "--rollout.weight-update", weight_update,
                       "--cluster.weight-sync-timeout-s", str(SYNC_TIMEOUT_S),
                       "--cluster.call-timeout-s", "600", "--cluster.sync-bucket-mb", "1",
-                      "--rollout.rewards", "explicit_pos", "length",
-                      "--rollout.reward-weights", "1.0", "0.5"))
+                      "--rollout.rewards", *rewards, "--rollout.reward-weights", *weights))
     wait_for_step(proc, run_dir, 2)
     assert len(actor_processes(proc, "ray::RolloutWorker")) == workers
     deadline = time.monotonic() + TIMEOUT
@@ -141,9 +150,14 @@ def test_a_killed_rollout_worker_is_restarted_and_training_completes(tmp_path, p
         assert time.monotonic() < deadline and proc.poll() is None, f"never saw {task}"
         time.sleep(0.005)
     busy[0].kill()  # SIGKILL
+    if reward_model:
+        [scorer] = actor_processes(proc, "ray::RewardModel")
+        scorer.kill()
     killed_at, steps_then = time.monotonic(), max(steps_logged(run_dir), default=0)
     wait_for_step(proc, run_dir, steps_then + 1)
     recovered_s = time.monotonic() - killed_at
+    if reward_model:  # Ray restarted it, and the step after the kill was scored by it
+        assert [p.pid for p in actor_processes(proc, "ray::RewardModel")] not in ([], [scorer.pid])
     code, err = finish(proc)
     assert code == 0, err[-3000:]
     # Within the weight-sync timeout and an engine's restart, not cluster.call_timeout_s (600 s).
@@ -159,37 +173,36 @@ def test_a_killed_rollout_worker_is_restarted_and_training_completes(tmp_path, p
                                        + last["buffer_dropped_zero_std"] + last["buffer_size"])
     assert last["overlong_prompts"] == OVERLONG
     assert (run_dir / "final" / "model.safetensors").is_file()
-    for m in history:  # two rewards, weighted 1.0 and 0.5, reach the learner as their sum
-        assert m["reward"] == pytest.approx(m["reward/explicit_pos"] + 0.5 * m["reward/length"], abs=1e-6)
+    for m in history:  # the rewards, weighted 1.0, 0.5 (and 0.25), reach the learner as their sum
+        assert m["reward"] == pytest.approx(m["reward/explicit_pos"] + 0.5 * m["reward/length"]
+                                            + (0.25 * m[f"reward/{model}"] if reward_model else 0), abs=1e-6)
     assert any(m["reward/length"] > 0 for m in history)
 
 
 def test_a_killed_learner_ends_the_run_with_one_line_and_resume_completes_it(tmp_path, prompts_file):
     run_dir = tmp_path / "run"
     in_flight = ("--buffer.max-policy-lag", "1", "--rollout.weight-update", "in_flight")
-    before, temporary = set(glob.glob(SHARED_WEIGHTS.format("*"))), temporary_files()
     proc = start(args(run_dir, prompts_file, 8, *in_flight))
     wait_for_step(proc, run_dir, 3)
-    ours = set(glob.glob(SHARED_WEIGHTS.format("*"))) - before
-    assert len(ours) == 1  # the precondition: the run's weights are in shared memory
-    engine_dirs = temporary_files() - temporary
-    assert len(engine_dirs) == 1 and glob.glob(f"{engine_dirs.pop()}/vllm_dist_*")  # and vLLM's file
+    [run_id] = run_ids(run_dir)
+    weights, engine_dir = sorted(left_outside(run_id), key=lambda path: "engine" in path)
+    assert weights == SHARED_WEIGHTS.format(run_id)  # the precondition: its weights in shared memory,
+    assert glob.glob(f"{engine_dir}/vllm_dist_*")  # and vLLM's file in its engine's directory
     actor_processes(proc, "ray::Learner")[0].kill()
     code, err = finish(proc)
     assert code == 1
     line = one_line_error(err, "error:")
     assert "the learner died" in line and "--resume" in line
-    assert not any(os.path.exists(path) for path in ours)  # no model-sized file left in RAM
+    assert left_outside(run_id) == []  # no model-sized file left in RAM, nothing in /tmp
 
     resumed = run(args(run_dir, prompts_file, 8, *in_flight, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert steps_logged(run_dir) == list(range(1, 9))  # no step lost, none repeated
-    assert temporary_files() <= temporary  # nothing left in the temporary directory either
+    assert [left_outside(i) for i in run_ids(run_dir)] == [[], []]
 
 
 def test_a_killed_driver_takes_its_cluster_down_and_resume_completes_the_run(tmp_path, prompts_file):
     run_dir = tmp_path / "run"
-    temporary = temporary_files()
     proc = start(args(run_dir, prompts_file, 8))
     wait_for_step(proc, run_dir, 3)
     cluster = [p for p in psutil.Process(proc.pid).children(recursive=True)
@@ -200,12 +213,13 @@ def test_a_killed_driver_takes_its_cluster_down_and_resume_completes_the_run(tmp
     _, alive = psutil.wait_procs(cluster, timeout=60)
     assert not alive, f"left running after the driver died: {[p.name() for p in alive]}"
 
-    assert len(temporary_files() - temporary) == 1  # the killed engine's directory is left
+    [killed] = run_ids(run_dir)
+    assert len(left_outside(killed)) == 2  # its weights and its engine's directory are left
 
     resumed = run(args(run_dir, prompts_file, 8, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert steps_logged(run_dir) == list(range(1, 9))
-    assert temporary_files() <= temporary  # the resumed run removed it, and its own
+    assert [left_outside(i) for i in run_ids(run_dir)] == [[], []]  # the resumed run removed them, and its own
     assert not list((run_dir / "checkpoints").glob("*.tmp"))
     # No eval split here: said, and left out of metrics.jsonl (a NaN there is not JSON).
     assert "eval-split reward: no eval split" in resumed.stderr

@@ -258,3 +258,30 @@ def test_on_a_gpu_the_engine_loop_steps_on_the_model_runners_stream():
     assert same == [True]
     groups, _ = worker.generate([Prompt(0, "p", [1, 2, 3])], 0)
     assert len(groups[0].completion_ids) == cfg.grpo.group_size and all(groups[0].completion_ids)
+
+
+def test_a_reward_model_actor_scores_each_group_with_the_classifiers_logits(ray_local, prompts,
+                                                                             reward_model_dir):
+    """`model:PATH` scores in an actor of its own: what reaches the group is the classifier's
+    logit on the dataset's prompt + the completion, computed here independently."""
+    from actors.reward_model import RewardModel, actor_name
+    from actors.rollout_worker import RolloutWorker
+    from deploy.launch import WORKER_CALLS
+    from tests.integration.conftest import tiny_config
+    from tests.unit.actors.test_reward_model import logits_one_at_a_time
+
+    name, run_id = f"model:{reward_model_dir}", "reward-model-test"
+    cfg = tiny_config(rewards=("explicit_pos", name))
+    scorer = ray.remote(num_cpus=1)(RewardModel).options(name=actor_name(run_id, 0, 0)).remote(cfg, name)
+    worker = ray.remote(num_cpus=1, max_concurrency=WORKER_CALLS)(RolloutWorker).remote(cfg, 0, run_id)
+    try:
+        groups, _ = ray.get(worker.generate.remote(prompts[:2], 0), timeout=TIMEOUT)
+    finally:
+        ray.kill(worker)
+        ray.kill(scorer)
+    texts = [g.prompt.raw + c for g in groups for c in g.completions]
+    scored = [s for g in groups for s in g.reward_parts[name]]
+    assert scored == pytest.approx(logits_one_at_a_time(reward_model_dir, texts), abs=1e-4)
+    for g in groups:  # summed with the other reward, weight 1 each
+        assert g.rewards == pytest.approx([a + b for a, b in zip(g.reward_parts["explicit_pos"],
+                                                                 g.reward_parts[name])], abs=1e-6)

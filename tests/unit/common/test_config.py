@@ -3,6 +3,7 @@ command-line overrides, resuming."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,11 @@ RULE_ROWS = [
     ("rollout.gpu_memory_utilization", 0.0, "rollout.gpu_memory_utilization must be in (0, 1] (got 0.0)"),
     ("rollout.kv_cache_gib", 0.0, "rollout.kv_cache_gib must be > 0 (got 0.0)"),
     ("rollout.max_in_flight", 0, "rollout.max_in_flight must be >= 1 (got 0)"),
+    ("rollout.reward_timeout_s", 0, "rollout.reward_timeout_s must be > 0 (got 0)"),
+    ("reward_model.num_workers", 0, "reward_model.num_workers must be >= 1 (got 0)"),
+    ("reward_model.num_cpus", 0, "reward_model.num_cpus must be > 0 (got 0)"),
+    ("reward_model.num_gpus", -1, "reward_model.num_gpus must be >= 0 (got -1)"),
+    ("reward_model.threads", -1, "reward_model.threads must be >= 0 (got -1)"),
     ("rollout.weight_update", "in_flight", "rollout.weight_update in_flight needs "
      "buffer.max_policy_lag >= 1: with 0 nothing is being generated when the weights change"),
     ("grpo.group_size", 1, "grpo.group_size must be >= 2 for group-relative advantages (got 1)"),
@@ -124,9 +130,9 @@ def test_each_rule_gives_its_line(path, value, line):
 
 
 def test_every_declared_bound_has_a_row():
-    declared = {*bounds(Config)} | {f"{name}.{field}" for name in ("model", "data", "rollout", "grpo",
-                                                                   "buffer", "learner", "cluster",
-                                                                   "logging")
+    sections = [name for name, value in vars(Config()).items() if dataclasses.is_dataclass(value)]
+    assert "reward_model" in sections
+    declared = {*bounds(Config)} | {f"{name}.{field}" for name in sections
                                     for field in bounds(type(getattr(Config(), name)))}
     assert declared <= {path for path, _, _ in RULE_ROWS}
 
@@ -193,7 +199,7 @@ def test_a_negative_value_of_any_numeric_field_is_refused_in_one_line(path):
 
 def test_the_sweep_reaches_every_section():
     assert {p.split(".")[0] for p in numeric_fields() if "." in p} == {
-        "model", "data", "rollout", "grpo", "buffer", "learner", "cluster", "logging"}
+        "model", "data", "rollout", "grpo", "buffer", "learner", "reward_model", "cluster", "logging"}
 
 
 def test_group_size_one_line_says_why_and_what_was_given():
