@@ -105,7 +105,7 @@ def test_two_workers_generate_side_by_side(workers, prompts, cfg):
     refs = [w.generate.remote(prompts[4 * i : 4 * i + 4], 0) for i, w in enumerate(workers)]
     results = ray.get(refs, timeout=TIMEOUT)
     for i, (groups, stats) in enumerate(results):
-        assert stats.worker == i and len(groups) == 4
+        assert stats.tokens > 0 and len(groups) == 4
         assert all(g.worker == i and len(g.completion_ids) == cfg.grpo.group_size for g in groups)
 
 
