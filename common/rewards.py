@@ -237,19 +237,19 @@ def _vader() -> Any:
 
 
 @register("explicit_pos")
-def explicit_pos(completions: list, **kwargs: Any) -> list[float]:
+def explicit_pos(prompts: list, completions: list, **kwargs: Any) -> list[float]:
     """VADER compound sentiment of the completion alone, in [-1, 1]."""
     analyzer = _vader()
     return [float(analyzer.polarity_scores(text_of(c))["compound"]) for c in completions]
 
 
 @register("length")
-def length(completions: list, **kwargs: Any) -> list[float]:
+def length(prompts: list, completions: list, **kwargs: Any) -> list[float]:
     """Word count over LENGTH_TARGET_WORDS, capped at 1."""
     return [min(len(text_of(c).split()) / LENGTH_TARGET_WORDS, 1.0) for c in completions]
 
 
 @register("format")
-def format_(completions: list, **kwargs: Any) -> list[float]:
+def format_(prompts: list, completions: list, **kwargs: Any) -> list[float]:
     """1 if the completion ends a sentence (`.`, `!` or `?`), else 0."""
     return [1.0 if text_of(c).strip().endswith(_ENDINGS) else 0.0 for c in completions]

@@ -197,3 +197,12 @@ def test_a_reward_may_leave_samples_unscored():
 def test_a_sample_no_reward_scores_is_nan():
     total, _ = Scorer([f"{HERE}:scores_questions_only"])(["Say hi"], ["hi"])
     assert math.isnan(total[0])
+
+
+def test_built_ins_take_both_the_positional_form_and_trls_keywords():
+    """Plug-ins written for the positional form call the built-ins so (a test plug-in does)."""
+    completions = ["I love it!", "I hate it."]
+    positional = rewards.explicit_pos(["p", "p"], completions)
+    assert rewards.explicit_pos(prompts=["p", "p"], completions=completions, completion_ids=[[], []]) == positional
+    messages = [[{"role": "assistant", "content": "one two"}]]
+    assert rewards.length(["p"], ["one two"]) == rewards.length(prompts=["p"], completions=messages)
