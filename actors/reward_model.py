@@ -15,14 +15,10 @@ import torch
 
 from common import logs, models
 from common.config import Config, cpu_threads
+from common.rewards import MODEL_PREFIX, is_reward_model
 
 log = logging.getLogger(__name__)
-PREFIX = "model:"  # in rollout.rewards: `model:PATH` scores with the classifier at PATH
 RESTART_POLL_S = 1.0
-
-
-def is_reward_model(name: str) -> bool:
-    return name.startswith(PREFIX)
 
 
 def model_rewards(cfg: Config) -> list[str]:
@@ -42,8 +38,11 @@ class RewardModel:
 
         if cfg.run_dir:
             logs.actor_file(cfg.run_dir, f"reward-model-{index}")
-        path = models.resolve(name.removeprefix(PREFIX), cfg.model.cache_dir)
-        self.device = "cuda" if cfg.cluster.device == "gpu" and torch.cuda.is_available() else "cpu"
+        path = models.resolve(name.removeprefix(MODEL_PREFIX), cfg.model.cache_dir)
+        # On a GPU cluster "cuda" is the actor's own GPU: Ray sets CUDA_VISIBLE_DEVICES to the
+        # GPUs of its num_gpus (ray/_private/utils.py, set_visible_accelerator_ids), as for the
+        # learner (learner/learner.py).
+        self.device = "cpu" if cfg.cluster.device == "cpu" else "cuda"
         if self.device == "cpu":
             torch.set_num_threads(cpu_threads(cfg, "reward_model", len(os.sched_getaffinity(0))))
         self.tokenizer = models.load_tokenizer(path)
@@ -55,9 +54,6 @@ class RewardModel:
         self.model.config.get_text_config().pad_token_id = self.tokenizer.pad_token_id
         self.model.eval()
         log.info("reward model %s loaded on %s", path, self.device)
-
-    def ready(self) -> bool:
-        return True
 
     def score(self, prompts: list, completions: list) -> list[float]:
         """The model's first logit for each prompt + completion, as TRL computes it: the text

@@ -200,10 +200,10 @@ class RolloutConfig(ActorResources):
         from common import rewards  # the reward plug-ins may import much
 
         for name in self.rewards:
-            if name.startswith("model:"):
+            if rewards.is_reward_model(name):
                 from common import models
 
-                problem = models.reward_model_problem(name.removeprefix("model:"))
+                problem = models.reward_model_problem(name.removeprefix(rewards.MODEL_PREFIX))
                 if problem:
                     yield f"{prefix}rewards: {name}: {problem}"
                 continue

@@ -23,6 +23,13 @@ from typing import Any
 from common.errors import RunError, one_line
 
 RewardFn = Callable[..., list[float]]
+MODEL_PREFIX = "model:"
+"""In rollout.rewards, `model:PATH` scores with the sequence-classification model at PATH, in
+actors of its own (actors/reward_model.py)."""
+
+
+def is_reward_model(name: str) -> bool:
+    return name.startswith(MODEL_PREFIX)
 
 _REGISTRY: dict[str, RewardFn] = {}
 
