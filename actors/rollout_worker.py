@@ -94,6 +94,7 @@ class RolloutWorker:
         self.incarnation = uuid.uuid4().hex
         self.in_flight = cfg.rollout.weight_update == "in_flight"
         self.spans = Spans(f"rollout worker {index}")
+        self.spans.since_process_start("start process")  # Ray's worker process and our imports
         # Resolved on this worker's node (it may not be the driver's).
         model_path = str(models.resolve(cfg.model.name, cfg.model.cache_dir))
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # not a line per weight reload
@@ -116,7 +117,8 @@ class RolloutWorker:
         for orphan in remove_unheld(os.path.join(tempfile.gettempdir(), "grpo-ray-engine-*")):
             log.info("removed %s, left by a rollout worker that is gone", orphan)
         tempfile.tempdir = held_dir(engine_scratch(run_id, index))
-        from vllm import LLM
+        with self.spans.span("import vllm"):
+            from vllm import LLM
 
         # Every reload warns that the rotary embedding got no weights: it has none to get (its
         # cos/sin cache is computed, and vLLM puts it back).
@@ -139,9 +141,10 @@ class RolloutWorker:
         # A loop that stopped leaves an actor that can do nothing: it exits, and Ray restarts it
         # (an engine whose tensor-parallel worker died, or that stepped on weights left half
         # loaded, would otherwise fail every call while Ray saw a live actor).
-        self.loop = EngineLoop(build, cfg.rollout.max_in_flight if self.in_flight else 0,
-                               self.spans, salt=lambda: f"policy-{self.version}",
-                               on_failure=lambda _: exit_for_restart("the engine's loop stopped"))
+        with self.spans.span("start engine"):
+            self.loop = EngineLoop(build, cfg.rollout.max_in_flight if self.in_flight else 0,
+                                   self.spans, salt=lambda: f"policy-{self.version}",
+                                   on_failure=lambda _: exit_for_restart("the engine's loop stopped"))
         self.llm = self.loop.llm
 
     def ready(self) -> tuple[str, int]:
@@ -154,10 +157,12 @@ class RolloutWorker:
     # --- generation --------------------------------------------------------------------------
 
     def generate(self, prompts: list[Prompt], round_: int = 0, n: int | None = None,
-                 ) -> tuple[list[RolloutGroup], GenerationStats]:
-        """G completions per prompt, scored, with their behaviour log-probs; all of them, in
-        the order of `prompts`, once every group is done."""
-        return self._generate(prompts, round_, n or self.cfg.grpo.group_size, on_group=None)
+                 max_tokens: int | None = None) -> tuple[list[RolloutGroup], GenerationStats]:
+        """G (or `n`) completions per prompt of `rollout.max_tokens` (or `max_tokens`: the
+        benchmark's prefill-only call asks 1), scored, with their behaviour log-probs; all of
+        them, in the order of `prompts`, once every group is done."""
+        return self._generate(prompts, round_, n or self.cfg.grpo.group_size, on_group=None,
+                              max_tokens=max_tokens or self.cfg.rollout.max_tokens)
 
     def stream(self, prompts: list[Prompt], round_: int) -> GenerationStats:
         """As `generate`, but each group goes into the buffer the moment its G completions are
@@ -165,19 +170,19 @@ class RolloutWorker:
         self.spans.step = round_
         buffer, stored = ray.get_actor(buffer_name(self.run_id)), []
         _, stats = self._generate(prompts, round_, self.cfg.grpo.group_size, on_group=lambda g: stored.append(
-            buffer.put.remote([g], self.cfg.buffer.timeout_s)))
+            buffer.put.remote([g], self.cfg.buffer.timeout_s)), max_tokens=self.cfg.rollout.max_tokens)
         ray.get(stored)
         return stats
 
     def _generate(self, prompts: list[Prompt], round_: int, n: int, on_group,
-                  ) -> tuple[list[RolloutGroup], GenerationStats]:
+                  max_tokens: int) -> tuple[list[RolloutGroup], GenerationStats]:
         from vllm import SamplingParams
 
         rollout = self.cfg.rollout
         start = time.perf_counter()
         events: queue.SimpleQueue = queue.SimpleQueue()  # generated, then scored, in any order
         submitted = self.loop.submit_all([(p.token_ids, SamplingParams(
-            n=n, max_tokens=rollout.max_tokens, temperature=rollout.temperature, top_p=rollout.top_p,
+            n=n, max_tokens=max_tokens, temperature=rollout.temperature, top_p=rollout.top_p,
             logprobs=0, seed=request_seed(self.cfg.seed, round_, p.index))) for p in prompts],
             on_done=events.put)
         position = {future: i for i, future in enumerate(submitted)}

@@ -90,7 +90,9 @@ class ModelConfig(Section):
     `pythia-1.4b-shape`), a local Hugging Face model directory, or a hub id such as
     `EleutherAI/pythia-410m-deduped`."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weights and compute dtype: `auto` is float32 on CPU and bfloat16 on GPU."""
+    """Weights and compute dtype: `auto` is bfloat16 mixed precision (float32 master weights,
+    bfloat16 compute and engines) where the hardware multiplies bfloat16 natively (a GPU of
+    compute capability 8.0 or more; a CPU with AMX or AVX512-BF16), else float32."""
     max_model_len: Annotated[int, Bound(ge=1)] = 512
     """Longest prompt plus completion, in tokens, for the engines and the learner."""
     cache_dir: str = ""

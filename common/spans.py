@@ -43,6 +43,14 @@ class Spans:
         finally:
             self.add(name, start, time.time() - start)
 
+    def since_process_start(self, name: str) -> None:
+        """A span from this process's start to now: the interpreter and the imports an actor's
+        construction waited for (Ray may have started the process before it was asked for)."""
+        import psutil
+
+        start = psutil.Process().create_time()
+        self.add(name, start, time.time() - start)
+
     def add(self, name: str, start: float, seconds: float) -> None:
         with self._lock:
             self._spans.append(Span(name, self.actor, start, seconds, self.step))

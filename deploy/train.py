@@ -174,6 +174,18 @@ def finished(run_dir: Path, steps: int) -> bool:
     return (run_dir / "final").is_dir() and checkpoint.step_of(checkpoint.latest(run_dir)) >= steps
 
 
+
+def dtype_choice(device: str) -> str:
+    """`model.dtype auto` on this machine, in words; the learner and the engines each decide it
+    on their own hardware, which is this machine's unless the cluster puts them elsewhere."""
+    import torch
+
+    if device == "gpu" and not torch.cuda.is_available():
+        return "bfloat16 on GPUs of compute capability 8.0 or more, else float32 (decided on each GPU)"
+    dtype, why = models.auto_dtype(device)
+    mixed = " (mixed precision: float32 master weights)" if dtype != torch.float32 else ""
+    return f"{str(dtype).removeprefix('torch.')}{mixed}: {why}"
+
 def run(cfg: Config) -> RunSummary:
     """Train; everything the run writes goes under cfg.run_dir."""
     from deploy.launch import check_machine, cluster_address, init_ray, launch, shutdown
@@ -187,6 +199,8 @@ def run(cfg: Config) -> RunSummary:
     log.info("run directory: %s", run_dir)
     detected, why = models.detect_device()
     log.info("device: %s (%s)", cfg.cluster.device, why if detected == cfg.cluster.device else "cluster.device")
+    if cfg.model.dtype == "auto":
+        log.info("model.dtype auto: %s", dtype_choice(cfg.cluster.device))
     mismatch = versions.vllm_mismatch()
     if mismatch:
         log.warning(mismatch)
@@ -195,19 +209,23 @@ def run(cfg: Config) -> RunSummary:
     if cfg.resume and finished(run_dir, cfg.steps):
         log.info("the run is already complete (%d steps); its model is in %s", cfg.steps, run_dir / "final")
         return RunSummary(steps=cfg.steps, complete=True)
-    tokenizer = models.tokenizer_for(cfg.model.name, cfg.model.cache_dir)
-    prompts = data.load_prompts(cfg.data, tokenizer)
+    spans = Spans("driver")  # the start-up's phases are the trace's first spans
+    with spans.span("load prompts"):
+        tokenizer = models.tokenizer_for(cfg.model.name, cfg.model.cache_dir)
+        prompts = data.load_prompts(cfg.data, tokenizer)
     log.info("%d train prompts, %d eval prompts (%d over data.max_prompt_tokens, %s)",
              len(prompts.train), len(prompts.eval), prompts.overlong,
              "truncated" if cfg.data.overlong == "truncate" else "skipped")
-    init_ray(cfg)
+    with spans.span("start ray"):
+        init_ray(cfg)
     stop_on_sigterm(cfg)  # again: ray.init replaced the handler
     log.info("starting %d rollout worker(s) and the learner (a vLLM engine takes ~25 s on a CPU)",
              cfg.rollout.num_workers)
-    actors = launch(cfg, cfg.cluster.call_timeout_s)
+    with spans.span("place actors"):
+        actors = launch(cfg, cfg.cluster.call_timeout_s)
     log.info("run id %s (it names what the run keeps outside its run directory)", actors.run_id)
     try:
-        return Training(cfg, actors, run_dir, prompts, tokenizer, started).run()
+        return Training(cfg, actors, run_dir, prompts, tokenizer, started, spans).run()
     except ActorDied as e:
         if e.at_start:
             raise
@@ -224,7 +242,7 @@ class Training:
     evaluation and checkpoints on their schedule, and the final model at the end."""
 
     def __init__(self, cfg: Config, actors: RunActors, run_dir: Path, prompts: PromptSplits,
-                 tokenizer, started: float):
+                 tokenizer, started: float, spans: Spans):
         from deploy.clients import BufferClient, LearnerClient
         from deploy.metrics import MetricsLog
         from deploy.rollouts import Rollouts
@@ -233,13 +251,15 @@ class Training:
         from deploy.workers import RolloutWorkers
 
         self.cfg, self.run_dir, self.eval_prompts = cfg, run_dir, prompts.eval
+        self.spans, self.trace = spans, Trace(run_dir / "trace.json")
         timeout = cfg.cluster.call_timeout_s
         self.learner = LearnerClient(actors.learner, timeout)
         self.buffer = BufferClient(actors.buffer, timeout)
         self.workers = RolloutWorkers(actors.workers, cfg)
         self.state = RunState()
         if cfg.resume:
-            self.state = self.learner.load_checkpoint(cfg.run_dir)
+            with spans.span("load checkpoint"):
+                self.state = self.learner.load_checkpoint(cfg.run_dir)
             log.info("resumed from step %d", self.state.step)
             if self.state.buffer_counts:
                 self.buffer.carry_on(self.state.buffer_counts)
@@ -247,8 +267,10 @@ class Training:
         self.stop = min(cfg.steps, self.state.step + cfg.stop_after) if cfg.stop_after else cfg.steps
         self.constants = {"overlong_prompts": prompts.overlong}
 
-        self.workers.start()  # the weight transport forms only once every engine is up
-        self.transport = weight_push(cfg, actors, self.learner, self.workers, actors.run_id)
+        with spans.span("wait for engines"):  # the weight transport forms once every engine is up
+            self.workers.start()
+        with spans.span("weight channel"):
+            self.transport = weight_push(cfg, actors, self.learner, self.workers, actors.run_id)
         dtypes = "/".join(sorted({s.dtype for s in self.transport.specs}))
         log.info("weight sync: %s (%.0f MB of %s per update, on %s); learner on node %s, workers on %s",
                  self.transport.name, self.transport.nbytes / 1e6, dtypes, actors.sync_host,
@@ -260,7 +282,6 @@ class Training:
                                 if position is None else position)
         self.rollouts = Rollouts(cfg, self.workers, self.buffer, self.transport, sampler, self.state)
         self.metrics = MetricsLog(cfg, run_dir, first_step=self.state.step)
-        self.spans, self.trace = Spans("driver"), Trace(run_dir / "trace.json")
 
     def run(self) -> RunSummary:
         try:
@@ -279,8 +300,10 @@ class Training:
 
     def start(self) -> None:
         """Every engine starts from the learner's exact weights; the eval split is scored once."""
-        self.rollouts.push_weights(self.state.step)
-        self.check_weights(self.state.step)
+        with self.spans.span("first sync"):
+            self.rollouts.push_weights(self.state.step)
+        with self.spans.span("check weights"):
+            self.check_weights(self.state.step)
         if not self.eval_prompts:
             self.metrics.note("no eval split: the eval reward is not measured (data.eval_split)")
         elif self.state.eval_before is None:

@@ -54,17 +54,23 @@ def trained_tokens(groups: list[RolloutGroup], mask_truncated: bool = False) -> 
 
 
 def micro_batches(groups: list[RolloutGroup], size: int, scale: str, pad_id: int,
-                  mask_truncated: bool = False, rows: list[int] | None = None) -> list[MicroBatch]:
+                  mask_truncated: bool = False, rows: list[int] | None = None,
+                  by_length: bool = False) -> list[MicroBatch]:
     """The batch (or its sequences `rows`) in micro-batches of `size` sequences, with advantages
     over the whole batch. Completions no reward function scored (NaN) are left out of the loss,
-    and with `mask_truncated` those cut off at the token limit."""
+    and with `mask_truncated` those cut off at the token limit. With `by_length`, sequences of
+    like lengths share a micro-batch (ordered by completion, then prompt length; ties keep their
+    order), so a row is padded only to its neighbours' length, not to the batch's longest."""
     seqs = flat_sequences(groups)
     advantages = advantages_of(groups, scale)
     rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float32)  # [N]
     truncated = torch.tensor([f == "length" for g in groups for f in g.finish_reasons])  # [N]
-    if rows is not None:
-        seqs, advantages = [seqs[i] for i in rows], advantages[rows]
-        rewards, truncated = rewards[rows], truncated[rows]
+    if rows is None:
+        rows = list(range(len(seqs)))
+    if by_length:
+        rows = sorted(rows, key=lambda i: (len(seqs[i][1]), len(seqs[i][0])))
+    seqs, advantages = [seqs[i] for i in rows], advantages[rows]
+    rewards, truncated = rewards[rows], truncated[rows]
     out = []
     for i in range(0, len(seqs), size):
         mb = collate(seqs[i : i + size], advantages[i : i + size], pad_id)
@@ -98,6 +104,13 @@ def collate(seqs: list[tuple[list[int], list[int], list[float]]], advantages: to
         behaviour_logp=behaviour,
         advantages=advantages,
     )
+
+
+def padded_share(batches: list[MicroBatch]) -> float:
+    """The share of the positions the forward passes compute that are padding."""
+    positions = sum(mb.attention_mask.numel() for mb in batches)
+    real = torch.stack([mb.attention_mask.sum() for mb in batches]).sum().item()  # one read
+    return 1 - real / max(positions, 1)
 
 
 def batch_stats(groups: list[RolloutGroup], trained_version: int) -> dict:

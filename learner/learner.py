@@ -26,6 +26,7 @@ from learner.batch import (
     collate,
     flat_sequences,
     micro_batches,
+    padded_share,
     trained_tokens,
 )
 from learner.grpo import Normalisers, grpo_loss
@@ -55,13 +56,16 @@ class Learner:
         # round away in bfloat16 for most weights); forward and backward run in the compute
         # dtype, which is also the engines' dtype and what they are sent.
         self.compute_dtype = models.torch_dtype(cfg.model.dtype, cfg.cluster.device)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(self.device)
-        self.model.train()
-        self.ref_model = None
-        if cfg.grpo.beta > 0:  # the reference costs a model's memory: load it only when used
-            self.ref_model = AutoModelForCausalLM.from_pretrained(
-                model_path, dtype=self.compute_dtype).to(self.device)
-            self.ref_model.eval().requires_grad_(False)
+        self.spans = Spans("learner")
+        self.spans.since_process_start("start process")  # Ray's worker process and our imports
+        with self.spans.span("load model"):
+            self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(self.device)
+            self.model.train()
+            self.ref_model = None
+            if cfg.grpo.beta > 0:  # the reference costs a model's memory: load it only when used
+                self.ref_model = AutoModelForCausalLM.from_pretrained(
+                    model_path, dtype=self.compute_dtype).to(self.device)
+                self.ref_model.eval().requires_grad_(False)
         self.pad_id = models.load_tokenizer(model_path).pad_token_id
         self.optimizer = self.scheduler = None
         if not self.sharded:  # sharded: once the ranks have met (`join_ranks`)
@@ -69,7 +73,6 @@ class Learner:
         # float16 gradients underflow without loss scaling; bfloat16 and float32 need none.
         self.scaler = torch.amp.GradScaler(self.device, enabled=self.compute_dtype == torch.float16)
         self.version = 0
-        self.spans = Spans("learner")
         self.sender = WeightSender(self.model, self.compute_dtype, self.device, rank, self.sharded,
                                    self.spans)
 
@@ -120,7 +123,7 @@ class Learner:
         # float sums depend on order: in a fixed one, a rerun or a resumed run makes the same
         # update bit for bit.
         groups = sorted(groups, key=lambda g: (g.policy_version, g.worker, g.prompt.index))
-        batches, shares, totals = self._micro_batches(groups)
+        batches, shares, totals, pad_frac = self._micro_batches(groups)
         ref_logps = [self._ref_logprobs(mb) for mb in batches]
         old_logps: list[torch.Tensor | None] = [None] * len(batches)
         measured = UpdateMetrics(self.device, grpo.num_iterations)
@@ -155,21 +158,23 @@ class Learner:
         update = measured.read(self.sender.changed_since(before), self.sharded)
         seconds = time.perf_counter() - start
         return {"step": self.version, **update, "lr": self.scheduler.get_last_lr()[0],
-                "train_tokens": totals.num_tokens, "train_s": seconds,
+                "train_tokens": totals.num_tokens, "train_s": seconds, "pad_frac": pad_frac,
                 "train_tokens_per_s": totals.num_tokens * grpo.num_iterations / seconds,
                 **batch_stats(groups, trained_version=self.version - 1)}
 
     def _micro_batches(self, groups: list[RolloutGroup]
-                       ) -> tuple[list[MicroBatch], list[float], Normalisers]:
-        """This rank's micro-batches on the device, each one's share of the batch's tokens, and
-        the loss's normalisers, which are the whole batch's: each rank trains on its share of the
-        sequences."""
+                       ) -> tuple[list[MicroBatch], list[float], Normalisers, float]:
+        """This rank's micro-batches on the device, each one's share of the batch's tokens, the
+        loss's normalisers, which are the whole batch's (each rank trains on its share of the
+        sequences), and the share of their positions that is padding."""
         grpo, ranks = self.cfg.grpo, self.cfg.learner.num_ranks
         lengths = [len(p) + len(c) for p, c, _ in flat_sequences(groups)]
         rows = sharding.deal(lengths, ranks)[self.rank] if self.sharded else None
+        # Sequences of like lengths together pad less; bnpo alone depends on which sequences
+        # share a micro-batch (its normaliser is the micro-batch's tokens), so it keeps TRL's.
         on_host = micro_batches(groups, self.cfg.learner.micro_batch_size, grpo.scale_rewards,
                                 self.pad_id, mask_truncated=grpo.mask_truncated_completions,
-                                rows=rows)
+                                rows=rows, by_length=grpo.loss_type != "bnpo")
         totals = Normalisers(num_sequences=len(lengths),
                              num_tokens=trained_tokens(groups, grpo.mask_truncated_completions),
                              max_completion_length=self.cfg.rollout.max_tokens,
@@ -177,7 +182,7 @@ class Learner:
         # Counted on the host, before the micro-batches move to the device.
         tokens = torch.stack([mb.completion_mask.sum() for mb in on_host])
         shares = (tokens / max(totals.num_tokens, 1)).tolist()
-        return [mb.to(self.device) for mb in on_host], shares, totals
+        return [mb.to(self.device) for mb in on_host], shares, totals, padded_share(on_host)
 
     def probe_logprobs(self, sequences: list[list[int]], starts: list[int]) -> list[list[float]]:
         """The learner's log-prob of every token of each sequence from its `start` on, each

@@ -27,7 +27,7 @@ METRICS_KEYS = {
     "reward/explicit_pos", "eval_reward", "zero_std_groups", "unscored_frac", "truncated_frac",
     "completion_len", "policy_lag", "policy_lag_max", "lag_hist", "token_lag_mean",
     "mixed_version_frac", "is_weight", "is_masked", "mismatch_kl", "mismatch_max",
-    "engine_weights_changed", "train_tokens", "train_tokens_per_s", "train_s", "gen_tokens_per_s",
+    "engine_weights_changed", "train_tokens", "train_tokens_per_s", "train_s", "pad_frac", "gen_tokens_per_s",
     "sync_s", "step_s", "elapsed_s", "engine_busy", "learner_busy", "probe_logprob_diff_mean",
     "probe_logprob_diff_max", "overlong_prompts", "lost_groups", "worker_restarts", "extra_groups",
     "buffer_produced", "buffer_consumed", "buffer_dropped_stale", "buffer_dropped_zero_std",
@@ -118,6 +118,14 @@ def test_the_timeline_is_a_chrome_trace_with_spans_from_every_actor(sync_run):
     for e in spans:
         by_actor.setdefault(rows[e["tid"]], set()).add(e["name"])
     assert {"train", "send weights", "checkpoint"} <= by_actor["learner"]
+    # The start-up, phase by phase, before the first step: the driver's in the order it runs them.
+    startup = [e for e in spans if e["args"]["step"] is None]
+    driver = [e["name"] for e in sorted(startup, key=lambda e: e["ts"]) if rows[e["tid"]] == "driver"]
+    assert driver == ["load prompts", "start ray", "place actors", "wait for engines", "weight channel",
+                      "first sync", "check weights", "evaluate"]
+    assert {"start process", "load model"} <= {e["name"] for e in startup if rows[e["tid"]] == "learner"}
+    assert {"start process", "import vllm", "start engine"} <= {
+        e["name"] for e in startup if rows[e["tid"]] == "rollout worker 0"}
     assert {"generate", "reload"} <= by_actor["rollout worker 0"]
     assert {"put", "get"} <= by_actor["rollout buffer"]
     assert {"push weights", "check weights", "evaluate"} <= by_actor["driver"]

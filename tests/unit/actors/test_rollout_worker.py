@@ -13,9 +13,11 @@ from common.config import Config
 
 
 @pytest.fixture(autouse=True)
-def an_ampere_gpu(monkeypatch):
-    """What `dtype auto` asks of the GPU where the engine runs (none here): compute capability."""
+def an_ampere_gpu_and_a_cpu_without_bf16(monkeypatch):
+    """What `dtype auto` asks of the hardware where the engine runs: the GPU's compute
+    capability (none here), the CPU's flags (whatever this machine has)."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (8, 6))
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True, "avx512_f": True})
 
 
 def gpu_config(tp: int) -> Config:
@@ -38,6 +40,11 @@ def test_engine_args_cpu():
         enforce_eager=True, kv_cache_memory_bytes=1_610_612_736,  # 1.5 * 2**30
         enable_chunked_prefill=False, max_num_batched_tokens=4096,
     )
+
+
+def test_engine_args_cpu_with_bf16_units_run_in_bfloat16(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_f": True, "amx_bf16": True})
+    assert engine_args(Config(), "m", 0)["dtype"] == "bfloat16"
 
 
 def test_engine_args_cpu_batched_tokens_cover_a_long_model():

@@ -253,7 +253,12 @@ def test_default_learning_rate() -> None:
 
 
 def test_torch_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert models.torch_dtype("auto", "cpu") == torch.float32
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_f": True, "avx2": True})
+    assert models.torch_dtype("auto", "cpu") == torch.float32  # AVX-512 without its bf16 part
+    for flag in ("avx512_bf16", "amx_bf16"):  # AMD EPYC (Zen 4 on), Intel Xeon (Sapphire Rapids on)
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_f": True, flag: True})
+        dtype, why = models.auto_dtype("cpu")
+        assert dtype == torch.bfloat16 and flag in why
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (8, 0))  # A100, A10G, H100
     assert models.torch_dtype("auto", "gpu") == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (7, 5))  # T4: no bfloat16
@@ -262,6 +267,7 @@ def test_torch_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
     assert models.torch_dtype("bfloat16", "gpu") == torch.bfloat16
     with pytest.raises(ModelError, match="unknown dtype `int8`"):
         models.torch_dtype("int8", "cpu")
+
 
 
 def test_a_vllm_of_another_minor_version_is_named_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:

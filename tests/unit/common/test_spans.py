@@ -28,6 +28,18 @@ def test_spans_are_stamped_with_the_step_and_taken_once():
     assert spans.take() == []
 
 
+def test_a_span_since_the_process_started_begins_at_its_start_time():
+    import time
+
+    import psutil
+
+    spans = Spans("rollout worker 0")
+    spans.since_process_start("start process")
+    [span] = spans.take()
+    assert span.start == psutil.Process().create_time()
+    assert span.start + span.seconds == pytest.approx(time.time(), abs=1.0)
+
+
 def test_the_trace_is_chrome_trace_json_with_a_named_row_per_actor(tmp_path):
     trace = Trace(tmp_path / "trace.json")
     trace.add([Span("train", "learner", 100.0, 0.5, 1), Span("generate", "rollout worker 0", 100.2, 0.25, 1)])

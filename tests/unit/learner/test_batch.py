@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common.types import Prompt, RolloutGroup
-from learner.batch import batch_stats, collate, micro_batches
+from learner.batch import batch_stats, collate, micro_batches, padded_share
 from learner.grpo import group_advantages
 
 PAD = 0
@@ -155,3 +155,19 @@ def test_batch_stats_with_nothing_scored():
     assert math.isnan(stats["reward"]) and stats["reward_std"] == 0.0
     assert stats["unscored_frac"] == 1.0 and stats["zero_std_groups"] == 1.0
     assert stats["policy_lag"] == 0 and stats["lag_hist"] == {"0": 1}
+
+
+def test_by_length_puts_like_lengths_together_and_pads_less():
+    # Completions of 1, 4, 1, 4 tokens after one-token prompts: in order, each micro-batch of 2
+    # pads a 1 to 4 (3 of 10 positions each); by length, none pads.
+    groups = [group(0, [1], [[5], [5, 6, 7, 8]], rewards=[1.0, 0.0]),
+              group(1, [2], [[6], [6, 7, 8, 9]], rewards=[0.0, 1.0])]
+    in_order = micro_batches(groups, size=2, scale="group", pad_id=PAD)
+    by_length = micro_batches(groups, size=2, scale="group", pad_id=PAD, by_length=True)
+    assert padded_share(in_order) == pytest.approx(6 / 20) and padded_share(by_length) == 0.0
+    assert [mb.completion_ids.tolist() for mb in by_length] == [[[5], [6]], [[5, 6, 7, 8], [6, 7, 8, 9]]]
+    # Each sequence keeps its own advantage and behaviour log-probs wherever it lands.
+    expected = group_advantages(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), "group").reshape(-1)
+    assert torch.cat([mb.advantages for mb in by_length]).tolist() == expected[[0, 2, 1, 3]].tolist()
+    torch.testing.assert_close(by_length[1].behaviour_logp, torch.tensor([[-0.1, -0.2, -0.3, -0.4],
+                                                                          [-0.2, -0.3, -0.4, -0.5]]))
