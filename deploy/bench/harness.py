@@ -1,5 +1,5 @@
 """What every section runs with: the settings they share, the Ray cluster and the training runs
-they reuse, the shapes of models, and the matmul peak that every fraction of peak is against."""
+they reuse, the shapes of models, and the machine's limits that every floor is against."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from common import config_loading
 from common.config import Config
 from deploy.bench.cluster import ClusterPool
 from deploy.bench.machine import ModelShape
+from deploy.bench.peak import PeakResult
 from deploy.bench.results import BenchResults
 from deploy.bench.runs import Runner
 
@@ -62,10 +63,16 @@ class Harness:
         return machine.model_shape(name, models.resolve(name, self.pool.base.model.cache_dir))
 
     @property
-    def peak_gflops(self) -> float:
-        from deploy.bench.peak import PeakResult
-
+    def peak(self) -> PeakResult:
+        """The machine's limits (the peak section's), that every floor is against."""
         peak = self.results.sections.get("peak")
         if not isinstance(peak, PeakResult):
             raise RuntimeError("no matmul peak to measure against: the peak section failed")
-        return peak.gflops
+        return peak
+
+    @staticmethod
+    def dtype(cfg: Config) -> str:
+        """What a run of `cfg` computes in on this machine (`model.dtype auto` decided here)."""
+        from common import models
+
+        return str(models.torch_dtype(cfg.model.dtype, cfg.cluster.device)).removeprefix("torch.")

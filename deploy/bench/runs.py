@@ -54,6 +54,28 @@ class RunRecord:
     steps: list[Step]
     stop_at: float | None = None
     """The reward TRL's run stopped at (None: it ran all its steps; always None for ours)."""
+    startup: list[StartupSpan] = field(default_factory=list)
+    """Ours: the spans of its trace before the first step, by when they started."""
+
+
+@dataclass
+class StartupSpan:
+    actor: str
+    name: str
+    start_s: float
+    """Seconds after the first span of the run began."""
+    seconds: float
+
+
+def startup_spans(trace_path: Path) -> list[StartupSpan]:
+    """The spans of a run's trace.json that belong to no step (its start-up, the eval before
+    training among them), in the order they started."""
+    events = json.loads(trace_path.read_text())["traceEvents"]
+    rows = {e["tid"]: e["args"]["name"] for e in events if e["ph"] == "M"}
+    spans = [e for e in events if e["ph"] == "X" and e["args"]["step"] is None]
+    first = min((e["ts"] for e in spans), default=0.0)
+    return sorted((StartupSpan(rows[e["tid"]], e["name"], (e["ts"] - first) / 1e6, e["dur"] / 1e6)
+                   for e in spans), key=lambda s: s.start_s)
 
 
 @dataclass
@@ -89,13 +111,15 @@ class RunOf:
     """Our run's buffer.max_policy_lag (0 synchronous); None for TRL's GRPOTrainer."""
     weight_update: str = field(default="between_rounds", kw_only=True)
     """Our run's rollout.weight_update."""
+    dtype: str = field(default="float32", kw_only=True)
+    """What the run computes in (TRL's: float32, or bfloat16 with its `bf16=True`)."""
 
     @property
     def mode(self) -> str:
         """The run in a word: sync, async (one step of lag), lagN, in_flight, or trl."""
         lag = self.policy_lag
         if lag is None:
-            return "trl"
+            return "trl" if self.dtype == "float32" else "trl_bf16"
         if self.weight_update == "in_flight":
             return "in_flight" if lag == 1 else f"in_flight_lag{lag}"
         return {0: "sync", 1: "async"}.get(lag, f"lag{lag}")
@@ -105,7 +129,7 @@ class RunOf:
         """The run as tables and charts name it."""
         lag = self.policy_lag
         if lag is None:
-            return "TRL GRPOTrainer"
+            return "TRL GRPOTrainer" + ("" if self.dtype == "float32" else ", bf16=True")
         if lag == 0:
             return "ours, synchronous"
         steps = f"{lag} step{'s' if lag > 1 else ''}"
@@ -133,8 +157,10 @@ def run_config(cfg: Config) -> dict[str, object]:
             "TRL threads": total_threads(cfg)}
 
 
-def spec_for(cfg: Config, threads: int, output_dir: str, stop_at: float | None) -> dict:
-    """TRL's side of the identical configuration (see trl_baseline.py)."""
+def spec_for(cfg: Config, threads: int, output_dir: str, stop_at: float | None,
+             dtype: str = "float32") -> dict:
+    """TRL's side of the identical configuration (see trl_baseline.py), in `dtype` (bfloat16:
+    its `bf16=True`, autocast over float32 weights, as our mixed precision)."""
     g, l, r = cfg.grpo, cfg.learner, cfg.rollout
     micro = l.micro_batch_size if g.batch_size % l.micro_batch_size == 0 else g.batch_size
     return {
@@ -148,7 +174,7 @@ def spec_for(cfg: Config, threads: int, output_dir: str, stop_at: float | None) 
         "weight_decay": l.weight_decay, "max_grad_norm": l.max_grad_norm, "beta": g.beta,
         "loss_type": g.loss_type, "epsilon": g.epsilon, "epsilon_high": g.epsilon_high,
         "scale_rewards": g.scale_rewards, "num_iterations": g.num_iterations,
-        "output_dir": output_dir, "stop_at": stop_at,
+        "output_dir": output_dir, "stop_at": stop_at, "bf16": dtype == "bfloat16",
     }
 
 
@@ -190,26 +216,29 @@ class Runner:
         history = read_jsonl(run_dir / "metrics.jsonl")
         self.done[key] = RunRecord(
             run_dir=str(run_dir), first_step_start_s=history[0]["elapsed_s"] - history[0]["step_s"],
+            startup=startup_spans(run_dir / "trace.json"),
             steps=[Step(step=m["step"], elapsed_s=m["elapsed_s"], reward=m.get("reward", math.nan),
                         tokens=m["train_tokens"], metrics=m) for m in history])
         return self.done[key]
 
-    def trl(self, cfg: Config, section: str, steps: int, stop_at: float | None = None) -> RunRecord:
-        """TRL's run of `cfg` for `steps` in its own process, on as many threads as our
-        synchronous run uses; with `stop_at`, it stops at the first step whose mean reward
+    def trl(self, cfg: Config, section: str, steps: int, stop_at: float | None = None,
+            dtype: str = "float32") -> RunRecord:
+        """TRL's run of `cfg` for `steps` in its own process, in `dtype`, on as many threads as
+        our synchronous run uses; with `stop_at`, it stops at the first step whose mean reward
         reaches it."""
         cfg = copy.deepcopy(cfg)
         cfg.buffer.max_policy_lag, cfg.steps = 0, steps
-        threads, label = total_threads(cfg), f"{section}-trl-{cfg.model.name}"
-        key = f"trl {threads} " + _key(cfg)
+        threads, label = total_threads(cfg), f"{section}-trl_{dtype}-{cfg.model.name}"
+        key = f"trl {threads} {dtype} " + _key(cfg)
         cached = self.done.get(key)
         if cached is not None and cached.stop_at in (None, stop_at):
             return cached
         self.pool.shutdown()
         run_dir = self._fresh(label)
-        spec = spec_for(cfg, threads, str(run_dir / "trainer"), stop_at)
+        spec = spec_for(cfg, threads, str(run_dir / "trainer"), stop_at, dtype)
         (run_dir / "spec.json").write_text(json.dumps(spec, indent=1))
-        log.info("TRL GRPOTrainer run %s: %s, %d steps", label, cfg.model.name, cfg.steps)
+        log.info("TRL GRPOTrainer run %s: %s, %d steps, %s", label, cfg.model.name, cfg.steps,
+                 dtype)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
         with open(run_dir / "trl.log", "w") as logfile:
             proc = subprocess.run([sys.executable, "-m", "deploy.bench.trl_baseline",

@@ -1,6 +1,6 @@
 """The benchmark's sections, in the order they run: for each, its settings (a group of
 command-line options), how it runs, and how the report shows it. The peak runs first because
-every fraction of peak is against it; scaling runs before generation so that a smoke run's two
+every floor is against it; scaling runs before generation so that a smoke run's two
 share one cluster; the training runs come after the sections that share a cluster."""
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ class Section:
     markdown: Callable  # result -> the lines under its heading
     chart: Callable | None = None  # (axes, result) -> its panel of bench.png
     targets: Callable | None = None  # result -> its rows of the Targets table
-    uses_peak: bool = False  # its fractions of peak need the peak section first
+    uses_peak: bool = False  # its floors need the peak section first
 
 
 SECTIONS = {
-    "peak": Section("Float32 matmul peak", peak.Settings, peak.run, peak.markdown),
+    "peak": Section("The machine's limits: matmul peaks and memory bandwidth", peak.Settings,
+                    peak.run, peak.markdown),
     "scaling": Section("Scaling: 1 vs 2 rollout workers", scaling.Settings, scaling.run,
                        scaling.markdown, scaling.chart),
     "generation": Section("Generation: rollout path vs Hugging Face `generate`",

@@ -77,7 +77,7 @@ def main(spec_path: str, result_path: str) -> None:
         beta=spec["beta"], loss_type=spec["loss_type"], epsilon=spec["epsilon"],
         epsilon_high=spec["epsilon_high"], scale_rewards=spec["scale_rewards"],
         num_iterations=spec["num_iterations"],
-        use_cpu=True, bf16=False, report_to="none", save_strategy="no", logging_steps=1,
+        use_cpu=True, bf16=spec["bf16"], report_to="none", save_strategy="no", logging_steps=1,
         disable_tqdm=True,
     )
     clock = StepClock(spec.get("stop_at"))

@@ -48,7 +48,8 @@ def test_smoke_writes_the_markdown(bench):
                     "## Time to reward"):
         assert heading in md
     machine = next(line for line in md.splitlines() if line.startswith("*Machine*: "))
-    assert machine.startswith(f"*Machine*: {cpu_model()}, {os.cpu_count()} cores, ")
+    assert machine.startswith(f"*Machine*: {cpu_model()} (")
+    assert f"), {os.cpu_count()} cores, " in machine
 
 
 def test_smoke_chart_has_a_panel_per_section(bench):
@@ -88,11 +89,16 @@ def test_smoke_json_has_every_section_with_positive_numbers(bench):
     assert not [name for name in SECTIONS if s[name] is None or "error" in s[name]]
     assert set(results["section_s"]) == set(SECTIONS)
 
-    assert positive(s["peak"]["gflops"])
+    peak = s["peak"]
+    assert positive(peak["gflops_by_dtype"]["float32"]) and positive(peak["gflops_by_dtype"]["bfloat16"])
+    assert positive(peak["bandwidth_gb_s"])
     for batch in s["generation"]["batches"]:
         for side in ("ours", "ours_engine", "hf_generate"):
             assert positive(batch[side]["tokens_per_s"])
             assert positive(batch[side]["fraction_of_peak"])
+        assert [p["name"] for p in batch["phases"]] == ["prefill", "decode"]
+        assert all(positive(p["measured_s"]) and positive(p["floor_s"]) for p in batch["phases"])
+        assert 0 < batch["share_of_floor"] < 1  # a floor no run can beat
     for workers in ("one", "two"):
         assert positive(s["scaling"][workers]["tokens_per_s"])
     sync = s["weight_sync"]["presets"]["tiny"]
@@ -106,6 +112,10 @@ def test_smoke_json_has_every_section_with_positive_numbers(bench):
         assert positive(run["completions_per_s"]) and positive(run["tokens_per_s"])
     ours, trl = e2e["ours"][0], e2e["trl"]
     assert ours["vs_trl"] == pytest.approx(ours["completions_per_s"] / trl["completions_per_s"])
+    assert trl["dtype"] == "bfloat16"  # the smoke's TRL runs with bf16=True
+    assert [p["name"] for p in ours["phases"]] == ["prefill + decode", "learner", "the rest"]
+    assert all(positive(p["measured_s"]) for p in ours["phases"][:2])
+    assert 0 < ours["share_of_floor"] < 1 and 0 < trl["share_of_floor"] < 1
     for run in (*ttr["ours"], ttr["trl"]):
         assert run["step"] is None or 1 <= run["step"] <= run["steps_run"]
         assert positive(run["startup_s"])
