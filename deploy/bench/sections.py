@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from deploy.bench import (end_to_end, generation, modes, peak, ranks, scaling, time_to_reward,
-                          weight_sync)
+from deploy.bench import (end_to_end, generation, modes, padding, peak, ranks, scaling,
+                          time_to_reward, weight_sync)
 
 
 @dataclass(frozen=True)
@@ -44,4 +44,6 @@ SECTIONS = {
                      modes.run, modes.markdown, modes.chart),
     "ranks": Section("The learner on 1 and 2 ranks (FSDP2)", ranks.Settings, ranks.run,
                      ranks.markdown),
+    "padding": Section("Padding: the learner on completions of spread lengths", padding.Settings,
+                       padding.run, padding.markdown, targets=padding.targets),
 }

@@ -15,7 +15,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = ("peak", "scaling", "generation", "weight_sync", "e2e", "time_to_reward", "modes", "ranks")
+SECTIONS = ("peak", "scaling", "generation", "weight_sync", "e2e", "time_to_reward", "modes", "ranks",
+            "padding")
 CHARTS = ("scaling", "generation", "weight_sync", "e2e", "time_to_reward", "modes")  # bench.png's panels
 PANEL = (462, 770)  # pixels (height, width) of a panel: 4.2 x 7 inches at 110 dpi
 
@@ -128,5 +129,8 @@ def test_smoke_json_has_every_section_with_positive_numbers(bench):
     one, two = s["ranks"]["ranks"]
     assert (one["ranks"], two["ranks"]) == (1, 2) and positive(one["seconds_per_step"])
     assert one["communication_s"] == 0 and 0 < two["communication_share"] < 1  # FSDP's ranges found
-    for name in ("generation", "scaling", "e2e", "time_to_reward", "modes", "ranks"):
+    padding = s["padding"]  # spread lengths: by length pads less than in the batch's order
+    assert 0 <= padding["by_length"]["padded_share"] < padding["in_order"]["padded_share"]
+    assert positive(padding["by_length"]["seconds_per_step"])
+    for name in ("generation", "scaling", "e2e", "time_to_reward", "modes", "ranks", "padding"):
         assert s[name]["model"]["name"] == "tiny" and s[name]["config"]
