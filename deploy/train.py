@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -175,6 +176,17 @@ def finished(run_dir: Path, steps: int) -> bool:
 
 
 
+def load_prompts(cfg: Config, spans: Spans) -> tuple[object, PromptSplits]:
+    """The model's tokenizer, and the train and eval prompts rendered and tokenized with it."""
+    with spans.span("load prompts"):
+        tokenizer = models.tokenizer_for(cfg.model.name, cfg.model.cache_dir)
+        prompts = data.load_prompts(cfg.data, tokenizer)
+    log.info("%d train prompts, %d eval prompts (%d over data.max_prompt_tokens, %s)",
+             len(prompts.train), len(prompts.eval), prompts.overlong,
+             "truncated" if cfg.data.overlong == "truncate" else "skipped")
+    return tokenizer, prompts
+
+
 def dtype_choice(device: str) -> str:
     """`model.dtype auto` on this machine, in words; the learner and the engines each decide it
     on their own hardware, which is this machine's unless the cluster puts them elsewhere."""
@@ -185,6 +197,7 @@ def dtype_choice(device: str) -> str:
     dtype, why = models.auto_dtype(device)
     mixed = " (mixed precision: float32 master weights)" if dtype != torch.float32 else ""
     return f"{str(dtype).removeprefix('torch.')}{mixed}: {why}"
+
 
 def run(cfg: Config) -> RunSummary:
     """Train; everything the run writes goes under cfg.run_dir."""
@@ -210,12 +223,11 @@ def run(cfg: Config) -> RunSummary:
         log.info("the run is already complete (%d steps); its model is in %s", cfg.steps, run_dir / "final")
         return RunSummary(steps=cfg.steps, complete=True)
     spans = Spans("driver")  # the start-up's phases are the trace's first spans
-    with spans.span("load prompts"):
-        tokenizer = models.tokenizer_for(cfg.model.name, cfg.model.cache_dir)
-        prompts = data.load_prompts(cfg.data, tokenizer)
-    log.info("%d train prompts, %d eval prompts (%d over data.max_prompt_tokens, %s)",
-             len(prompts.train), len(prompts.eval), prompts.overlong,
-             "truncated" if cfg.data.overlong == "truncate" else "skipped")
+    # The prompts load on a thread of their own while Ray and the actors start: neither needs
+    # the other, and each takes seconds.
+    pool = ThreadPoolExecutor(1, thread_name_prefix="prompts")
+    loading = pool.submit(load_prompts, cfg, spans)
+    pool.shutdown(wait=False)
     with spans.span("start ray"):
         init_ray(cfg)
     stop_on_sigterm(cfg)  # again: ray.init replaced the handler
@@ -225,6 +237,7 @@ def run(cfg: Config) -> RunSummary:
         actors = launch(cfg, cfg.cluster.call_timeout_s)
     log.info("run id %s (it names what the run keeps outside its run directory)", actors.run_id)
     try:
+        tokenizer, prompts = loading.result()
         return Training(cfg, actors, run_dir, prompts, tokenizer, started, spans).run()
     except ActorDied as e:
         if e.at_start:

@@ -16,6 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.integration.conftest import RUN_DTYPE, engines_had_the_learners_weights
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 16
@@ -97,7 +99,7 @@ def test_sync_grpo_raises_the_reward(sync_run):
     assert all(m["lost_groups"] == 0 for m in history)
     # The engines sampled with exactly the learner's weights: a sync that silently failed would
     # leave them a step behind, and the importance weight far from 1.
-    assert all(abs(m["is_weight"] - 1) < 1e-3 for m in history), [m["is_weight"] for m in history]
+    assert engines_had_the_learners_weights(history), [m["is_weight"] for m in history]
     assert set().union(*history) == METRICS_KEYS
     assert (sync_run / "reward_curve.png").is_file()  # its content: tests/unit/deploy/test_metrics.py
     assert (sync_run / "config.yaml").is_file()
@@ -121,8 +123,9 @@ def test_the_timeline_is_a_chrome_trace_with_spans_from_every_actor(sync_run):
     # The start-up, phase by phase, before the first step: the driver's in the order it runs them.
     startup = [e for e in spans if e["args"]["step"] is None]
     driver = [e["name"] for e in sorted(startup, key=lambda e: e["ts"]) if rows[e["tid"]] == "driver"]
-    assert driver == ["load prompts", "start ray", "place actors", "wait for engines", "weight channel",
-                      "first sync", "check weights", "evaluate"]
+    assert set(driver[:2]) == {"load prompts", "start ray"}  # side by side, the prompts on a thread
+    assert driver[2:] == ["place actors", "wait for engines", "weight channel", "first sync", "check weights",
+                          "evaluate"]
     assert {"start process", "load model"} <= {e["name"] for e in startup if rows[e["tid"]] == "learner"}
     assert {"start process", "import vllm", "start engine"} <= {
         e["name"] for e in startup if rows[e["tid"]] == "rollout worker 0"}
@@ -237,8 +240,9 @@ def test_a_learner_of_two_ranks_learns_syncs_and_resumes_exactly(tmp_path):
     history = metrics(straight)
     # The engines sampled with the sharded learner's exact weights (gathered for every sync):
     # their log-probs are the learner's on the sampled tokens and on the probe set.
-    assert all(abs(m["is_weight"] - 1) < 1e-3 for m in history), [m["is_weight"] for m in history]
-    assert max(m["probe_logprob_diff_max"] for m in history) < 1e-4
+    assert engines_had_the_learners_weights(history), [m["is_weight"] for m in history]
+    if RUN_DTYPE == "float32":  # in bfloat16 the run's own check holds them (mean under 0.1)
+        assert max(m["probe_logprob_diff_max"] for m in history) < 1e-4
 
     train(run_dir, "--learner.num-ranks", "2", "--stop-after", "8")
     saved = run_dir / "checkpoints" / "step_000008"
