@@ -223,21 +223,21 @@ def run(cfg: Config) -> RunSummary:
         log.info("the run is already complete (%d steps); its model is in %s", cfg.steps, run_dir / "final")
         return RunSummary(steps=cfg.steps, complete=True)
     spans = Spans("driver")  # the start-up's phases are the trace's first spans
-    # The prompts load on a thread of their own while Ray and the actors start: neither needs
-    # the other, and each takes seconds.
+    # The prompts load on a thread of their own while Ray starts: neither needs the other, and
+    # each takes seconds. Bad data still stops the run before any actor starts.
     pool = ThreadPoolExecutor(1, thread_name_prefix="prompts")
     loading = pool.submit(load_prompts, cfg, spans)
     pool.shutdown(wait=False)
     with spans.span("start ray"):
         init_ray(cfg)
     stop_on_sigterm(cfg)  # again: ray.init replaced the handler
+    tokenizer, prompts = loading.result()
     log.info("starting %d rollout worker(s) and the learner (a vLLM engine takes ~25 s on a CPU)",
              cfg.rollout.num_workers)
     with spans.span("place actors"):
         actors = launch(cfg, cfg.cluster.call_timeout_s)
     log.info("run id %s (it names what the run keeps outside its run directory)", actors.run_id)
     try:
-        tokenizer, prompts = loading.result()
         return Training(cfg, actors, run_dir, prompts, tokenizer, started, spans).run()
     except ActorDied as e:
         if e.at_start:

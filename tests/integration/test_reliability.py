@@ -289,12 +289,12 @@ def test_bad_config_values_are_one_line_each(tmp_path, prompts_file, extra, expe
 
 def test_a_plan_this_machine_cannot_hold_is_refused_before_anything_starts(tmp_path, prompts_file):
     """More engines than cores (64 on a 2-core machine, say): Ray would start what fits and wait for the rest, silently
-    and for ever. The run says so in seconds, naming the fields, and makes no run directory."""
+    and for ever. The run says so at once, naming the fields, and makes no run directory: its output is these two
+    lines and nothing else (no Ray, no actor started; not timed, since a loaded machine starts Python slowly)."""
     cores = os.cpu_count()
-    start = time.monotonic()
     proc = run(args(tmp_path / "run", prompts_file, 2, "--rollout.num-workers", str(cores + 1),
                     "--rollout.kv-cache-gib", "65536"))
-    assert time.monotonic() - start < 10 and proc.returncode == 2
+    assert proc.returncode == 2
     assert [line for line in proc.stderr.splitlines() if line.strip()] == [
         f"config error: rollout.num_workers ({cores + 1}) x rollout.num_cpus (1) asks {cores + 1} CPUs "
         f"for the engines; this machine has {cores}",
