@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -176,6 +176,24 @@ def finished(run_dir: Path, steps: int) -> bool:
 
 
 
+def prompts_loading(cfg: Config, spans: Spans) -> Future:
+    """The prompts (`load_prompts`), on a thread of their own while a local Ray starts: neither
+    needs the other, and each takes seconds; the run waits for them before any actor starts, so
+    bad data still costs no actor. Before joining a cluster they load first: under `ray job
+    submit`, ray.init moved the working directory away from the thread (getcwd failed in the
+    thread's import of transformers)."""
+    from deploy.launch import cluster_address
+
+    if cluster_address(cfg):
+        done: Future = Future()
+        done.set_result(load_prompts(cfg, spans))
+        return done
+    pool = ThreadPoolExecutor(1, thread_name_prefix="prompts")
+    loading = pool.submit(load_prompts, cfg, spans)
+    pool.shutdown(wait=False)  # the thread finishes its one task
+    return loading
+
+
 def load_prompts(cfg: Config, spans: Spans) -> tuple[object, PromptSplits]:
     """The model's tokenizer, and the train and eval prompts rendered and tokenized with it."""
     with spans.span("load prompts"):
@@ -223,11 +241,7 @@ def run(cfg: Config) -> RunSummary:
         log.info("the run is already complete (%d steps); its model is in %s", cfg.steps, run_dir / "final")
         return RunSummary(steps=cfg.steps, complete=True)
     spans = Spans("driver")  # the start-up's phases are the trace's first spans
-    # The prompts load on a thread of their own while Ray starts: neither needs the other, and
-    # each takes seconds. Bad data still stops the run before any actor starts.
-    pool = ThreadPoolExecutor(1, thread_name_prefix="prompts")
-    loading = pool.submit(load_prompts, cfg, spans)
-    pool.shutdown(wait=False)
+    loading = prompts_loading(cfg, spans)
     with spans.span("start ray"):
         init_ray(cfg)
     stop_on_sigterm(cfg)  # again: ray.init replaced the handler
