@@ -39,8 +39,9 @@ class LearnerClient(Client):
     def take_spans(self) -> list[Span]:
         return self._call(self.handle.take_spans.remote(), "the learner's spans").result()
 
-    def probe_logprobs(self, sequences: list[list[int]], starts: list[int]) -> list[list[float]]:
-        return self._call(self.handle.probe_logprobs.remote(sequences, starts),
+    def probe_logprobs(self, sequences: list[list[int]], starts: list[int],
+                       in_float32: bool = False) -> list[list[float]]:
+        return self._call(self.handle.probe_logprobs.remote(sequences, starts, in_float32),
                           "the learner to score the probe set").result()
 
     def load_checkpoint(self, run_dir: str) -> RunState:

@@ -20,6 +20,13 @@ from deploy.workers import RolloutWorkers
 # hundredths, but a token the policy finds very unlikely (log-prob -16) can be a whole unit
 # apart after some training, rounding alone: the mean is the statistic, not the worst token.
 TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.05}
+# That rounding grows as the policy sharpens: a tiny model trained at 3e-2 for 24 steps reached a
+# mean of 0.375 in bfloat16 with the weights exactly the learner's. An unsharded learner measures
+# it (its probe log-probs in float32 against its compute dtype, `probe_rounding`), and the
+# tolerance follows: ROUNDING_FACTOR x that, at least ROUNDING_FLOOR. Measured over that run, the
+# engines' mean was at most 1.96x the learner's own rounding; one tensor scaled by 1.5 on the
+# way (tests/integration/corrupting_reward.py) put it at 10x, 0.0148 against 0.0015.
+ROUNDING_FACTOR, ROUNDING_FLOOR = 4.0, 0.005
 PROBE_PROMPTS = 2
 PROBE_COMPLETION = " I think that is a good question, and the answer is not a simple one."
 
@@ -64,6 +71,9 @@ class WeightCheck:
         self.dtype = next(s.dtype for s in specs if s.dtype in TOLERANCE)
         tolerance = cfg.cluster.weight_check_tolerance
         self.tolerance = TOLERANCE[self.dtype] if tolerance is None else tolerance
+        # FSDP's ranks compute only in the compute dtype: sharded, the fixed tolerance holds.
+        self.measure_rounding = self.dtype != "float32" and cfg.learner.num_ranks == 1
+        self.follows_rounding = self.measure_rounding and tolerance is None
 
     def __call__(self, version: int) -> dict[str, float]:
         """Every engine, now at `version`, against the learner: the largest mean and per-token
@@ -71,16 +81,23 @@ class WeightCheck:
         if not self.tolerance:
             return {}
         learner = self.learner.probe_logprobs(self.sequences, self.starts)
+        rounding, tolerance, why = 0.0, self.tolerance, "cluster.weight_check_tolerance"
+        if self.measure_rounding:
+            exact = self.learner.probe_logprobs(self.sequences, self.starts, in_float32=True)
+            rounding = compare(exact, learner).mean
+        if self.follows_rounding:
+            tolerance = max(ROUNDING_FLOOR, ROUNDING_FACTOR * rounding)
+            why = f"{ROUNDING_FACTOR:g}x the learner's own {self.dtype} rounding of it, {rounding:.3g}"
         seen = []
         for i, engine in enumerate(self.workers.probe_logprobs(self.sequences, self.starts)):
             a = compare(learner, engine)
-            if a.mean > self.tolerance:
+            if a.mean > tolerance:
                 raise WeightCheckFailed(
                     f"after weight sync {version}, rollout worker {i} scores the probe set "
                     f"{a.mean:.3g} apart from the learner per token (worst: token {a.token} of "
                     f"probe {a.probe}, {a.engine:.4f} against {a.learner:.4f}), over the {self.dtype} "
-                    f"tolerance {self.tolerance:g} (cluster.weight_check_tolerance); the engines "
-                    "do not hold the learner's weights")
+                    f"tolerance {tolerance:.3g} ({why}); the engines do not hold the learner's weights")
             seen.append(a)
         return {"probe_logprob_diff_mean": max(a.mean for a in seen),
-                "probe_logprob_diff_max": max(a.worst for a in seen)}
+                "probe_logprob_diff_max": max(a.worst for a in seen), "probe_rounding": rounding,
+                "probe_tolerance": tolerance}

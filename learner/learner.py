@@ -184,20 +184,24 @@ class Learner:
         shares = (tokens / max(totals.num_tokens, 1)).tolist()
         return [mb.to(self.device) for mb in on_host], shares, totals, padded_share(on_host)
 
-    def probe_logprobs(self, sequences: list[list[int]], starts: list[int]) -> list[list[float]]:
+    def probe_logprobs(self, sequences: list[list[int]], starts: list[int],
+                       in_float32: bool = False) -> list[list[float]]:
         """The learner's log-prob of every token of each sequence from its `start` on, each
-        given the tokens before it, at temperature 1 (as `RolloutWorker.probe_logprobs`)."""
+        given the tokens before it, at temperature 1 (as `RolloutWorker.probe_logprobs`). With
+        `in_float32`, from the float32 weights without autocast: what the compute dtype's
+        rounding moves (an unsharded learner's; FSDP's ranks compute in the compute dtype)."""
         peers = [peer.probe_logprobs.remote(sequences, starts) for peer in self.peers]
         with on_every_rank(peers), torch.no_grad():
             seqs = [(ids[:start], ids[start:], []) for ids, start in zip(sequences, starts)]
             mb = collate(seqs, torch.zeros(len(seqs)), self.pad_id).to(self.device)
-            logp, _ = self.logprobs(mb, temperature=1.0)
+            logp, _ = self.logprobs(mb, temperature=1.0, autocast=not in_float32)
             sharding.reshard(self.model)
             return [row[: len(ids) - start].tolist()
                     for row, ids, start in zip(logp, sequences, starts)]
 
     def logprobs(self, mb: MicroBatch, model: torch.nn.Module | None = None, entropy: bool = False,
-                 temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 temperature: float | None = None, autocast: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probs of the completion tokens ([B, C]) under `model` (default: the policy) at
         `temperature` (default: the sampling temperature), and with `entropy` each position's
         entropy (no gradient). On a sharded learner, a forward with no backward after it leaves
@@ -208,7 +212,7 @@ class Learner:
         # token (slicing the logits afterwards costs a vocabulary-sized copy in backward).
         keep = torch.arange(length - completion_len - 1, length - 1, device=mb.input_ids.device)
         with torch.autocast(self.device, dtype=self.compute_dtype,
-                            enabled=self.compute_dtype != torch.float32):
+                            enabled=autocast and self.compute_dtype != torch.float32):
             logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
                            position_ids=mb.position_ids, logits_to_keep=keep).logits.float()
         temperature = self.cfg.rollout.temperature if temperature is None else temperature

@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from common.weight_sync import SHARED_WEIGHTS
+from tests.integration.conftest import RUN_DTYPE
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -252,7 +253,7 @@ def test_a_weight_sync_that_delivers_other_weights_stops_the_run_with_one_line(t
     assert proc.returncode == 1
     line = one_line_error(proc.stderr, "error:")
     assert line.startswith("error: after weight sync 2, rollout worker 0 scores the probe set ")
-    assert "tolerance 0.001" in line and "do not hold the learner's weights" in line
+    assert f"over the {RUN_DTYPE} tolerance " in line and "do not hold the learner's weights" in line
     assert steps_logged(run_dir) == [1]  # step 2's update was made, never trained on
 
 

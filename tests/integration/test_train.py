@@ -31,7 +31,7 @@ METRICS_KEYS = {
     "mixed_version_frac", "is_weight", "is_masked", "mismatch_kl", "mismatch_max",
     "engine_weights_changed", "train_tokens", "train_tokens_per_s", "train_s", "pad_frac", "gen_tokens_per_s",
     "sync_s", "step_s", "elapsed_s", "engine_busy", "learner_busy", "probe_logprob_diff_mean",
-    "probe_logprob_diff_max", "overlong_prompts", "lost_groups", "worker_restarts", "extra_groups",
+    "probe_logprob_diff_max", "probe_rounding", "probe_tolerance", "overlong_prompts", "lost_groups", "worker_restarts", "extra_groups",
     "buffer_produced", "buffer_consumed", "buffer_dropped_stale", "buffer_dropped_zero_std",
     "buffer_size",
 }

@@ -35,3 +35,70 @@ def test_probe_sets_of_other_shapes_are_an_error_not_a_pass():
 
 def test_float32_is_held_to_a_thousandth_and_16_bit_formats_to_their_rounding():
     assert TOLERANCE["float32"] == 1e-3 and TOLERANCE["bfloat16"] > TOLERANCE["float16"] > 1e-3
+
+
+class FakeLearner:
+    """Scores the probe set in its compute dtype, or from its float32 weights."""
+
+    def __init__(self, scored: list[list[float]], exact: list[list[float]]):
+        self.scored, self.exact = scored, exact
+
+    def probe_logprobs(self, sequences, starts, in_float32: bool = False):
+        return self.exact if in_float32 else self.scored
+
+
+class FakeWorkers:
+    def __init__(self, scored: list[list[float]]):
+        self.scored = scored
+
+    def probe_logprobs(self, sequences, starts):
+        return [self.scored]
+
+
+def check(learner_scores, exact, engine, ranks: int = 1, tolerance: float | None = None):
+    from types import SimpleNamespace
+
+    from common.config import Config
+    from common.types import Prompt
+    from deploy.weight_check import WeightCheck
+
+    cfg = Config()
+    cfg.learner.num_ranks, cfg.cluster.weight_check_tolerance = ranks, tolerance
+    return WeightCheck(cfg, FakeLearner(learner_scores, exact), FakeWorkers(engine),
+                       [SimpleNamespace(dtype="bfloat16")], [Prompt(0, "p", [1, 2]), Prompt(1, "q", [3])],
+                       lambda text, add_special_tokens: {"input_ids": [7, 8]})
+
+
+def shifted(scores: list[list[float]], by: float) -> list[list[float]]:
+    return [[x + by for x in row] for row in scores]
+
+
+def test_in_16_bits_the_tolerance_follows_the_learners_own_rounding():
+    from deploy.weight_check import ROUNDING_FACTOR, ROUNDING_FLOOR, WeightCheckFailed
+
+    learner = [[-1.0, -20.0], [-2.0, -25.0]]
+    # A sharp policy: its float32 scores are 0.3 from its bfloat16 ones, so an engine 0.5 apart
+    # (about what bfloat16 kernels put between two sides, 1x to 2x) holds, as the fixed 0.1 would not.
+    exact = shifted(learner, 0.3)
+    got = check(learner, exact, shifted(learner, -0.5))(3)
+    assert got["probe_rounding"] == pytest.approx(0.3) and got["probe_tolerance"] == pytest.approx(ROUNDING_FACTOR * 0.3)
+    assert 0.5 > TOLERANCE["bfloat16"]  # the precondition: the fixed tolerance would have stopped it
+    with pytest.raises(WeightCheckFailed, match=r"tolerance 1\.2 \(4x the learner's own bfloat16 rounding of it, 0\.3\)"):
+        check(learner, exact, shifted(learner, -1.5))(3)
+    # Rounding near nothing (a fresh model): the floor, so a small corruption still stops it.
+    fresh = check(learner, shifted(learner, 1e-4), shifted(learner, 0.004))(1)
+    assert fresh["probe_tolerance"] == ROUNDING_FLOOR
+    with pytest.raises(WeightCheckFailed):
+        check(learner, shifted(learner, 1e-4), shifted(learner, 0.015))(2)
+
+
+def test_a_set_tolerance_and_a_sharded_learner_keep_the_fixed_one():
+    from deploy.weight_check import WeightCheckFailed
+
+    learner = [[-1.0, -20.0]]
+    exact = shifted(learner, 0.3)
+    assert check(learner, exact, learner, tolerance=0.05)(1)["probe_tolerance"] == 0.05
+    sharded = check(learner, exact, shifted(learner, 0.05), ranks=2)(1)
+    assert sharded["probe_rounding"] == 0.0 and sharded["probe_tolerance"] == TOLERANCE["bfloat16"]
+    with pytest.raises(WeightCheckFailed, match="cluster.weight_check_tolerance"):
+        check(learner, exact, shifted(learner, 0.5), ranks=2)(1)
