@@ -116,6 +116,15 @@ class RolloutWorker:
         # ends, and the next worker on this node removes any that a killed process left.
         for orphan in remove_unheld(os.path.join(tempfile.gettempdir(), "grpo-ray-engine-*")):
             log.info("removed %s, left by a rollout worker that is gone", orphan)
+        # torch's inductor keeps the kernels it compiles (vLLM's sampler compiles its log-prob
+        # gathering on the first call: 13 s on 2 cores) and its precompiled headers under the
+        # temporary directory (torch/_inductor/runtime/cache_dir_utils.py, default_cache_dir;
+        # torch/_inductor/codecache.py reads it for _HEADER_DIR when imported): in the
+        # machine's, where the next run finds them, not in the scratch below that the run removes.
+        from torch._inductor import codecache  # noqa: F401
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
         tempfile.tempdir = held_dir(engine_scratch(run_id, index))
         with self.spans.span("import vllm"):
             from vllm import LLM
