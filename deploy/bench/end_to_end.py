@@ -116,7 +116,8 @@ def phases_of(shape: ModelShape, peak: PeakResult, prompts_per_step: int, group_
         prompts = [round(prompt_len)] * prompts_per_step
         lengths = [[round(completion_len)] * group_size] * prompts_per_step
         mean = lambda f: sum(map(f, steps)) / len(steps) if steps and steps[0].metrics else math.nan
-        gen_s = mean(lambda s: s.tokens / s.metrics["gen_tokens_per_s"])
+        # metrics.jsonl leaves out a NaN (a step whose rounds were all generated before it)
+        gen_s = mean(lambda s: s.tokens / s.metrics.get("gen_tokens_per_s", math.nan))
         train_s = mean(lambda s: s.metrics["train_s"])
         step_s = mean(lambda s: s.metrics["step_s"])
         sequences = prompts_per_step * group_size
