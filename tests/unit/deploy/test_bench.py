@@ -377,3 +377,18 @@ def test_the_learners_gpu_bench_runs_without_ray_vllm_or_the_cli_libraries(tmp_p
     assert all(s["seconds_per_step"] > 0 and 0 < s["mfu"] for s in out["steps"])
     assert out["steps"][1]["loss_scale"] > 0 and out["checkpoint_bit_for_bit"] is True
     assert out["broadcast"]["aborted"] is True and out["broadcast"]["abort_s"] < 1
+
+
+def test_a_steps_phases_read_an_async_step_without_generation_as_unmeasured():
+    """metrics.jsonl leaves out a NaN: a step whose rounds were generated before it has no
+    gen_tokens_per_s, and its phases must still be read (the e2e section failed on it)."""
+    import math
+
+    from deploy.bench.end_to_end import phases_of
+
+    phases = phases_of(PYTHIA_70M, PEAK, 2, 8, 30.0, 1)
+    steps = [Step(1, 10.0, 0.0, 64, {"train_s": 2.0, "step_s": 3.0})]
+    gen, learner, rest = phases("bfloat16", 4.0, steps)
+    assert math.isnan(gen.measured_s) and gen.floor_s > 0 and learner.measured_s == 2.0
+    measured = [Step(1, 10.0, 0.0, 64, {"train_s": 2.0, "step_s": 3.0, "gen_tokens_per_s": 64.0})]
+    assert phases("bfloat16", 4.0, measured)[0].measured_s == 1.0
