@@ -57,9 +57,3 @@ def training(shape: ModelShape, prompt_len: float, completion_len: float) -> flo
                + _logits(shape) * completion_len)
     return 3 * forward
 
-
-def grpo_step(shape: ModelShape, prompts: int, group_size: int, prompt_len: float,
-              completion_len: float) -> float:
-    """One GRPO step from mean lengths: generate `prompts` x G completions, train on them."""
-    gen = generation(shape, [prompt_len] * prompts, [[completion_len] * group_size] * prompts)
-    return gen + prompts * group_size * training(shape, prompt_len, completion_len)
