@@ -377,9 +377,9 @@ class ClusterConfig(Section):
     weight_check_tolerance: Annotated[float | None, Bound(ge=0)] = None
     """After every weight sync every engine and the learner score the same probe sequences;
     a mean per-token log-prob difference above this stops the run (the engines would be
-    sampling from other weights). None: 1e-3 in float32; in 16 bits 4x the learner's own rounding
-    of the probes (its float32 weights against its compute dtype), at least 0.005, or on a
-    sharded learner 0.1 in bfloat16 and 0.05 in float16; 0: off."""
+    sampling from other weights). None: 1e-3 in float32; in 16 bits 3x the learner's own
+    rounding of the probes (its float32 weights against them cast to the engines' dtype), at
+    least 0.005, or on a sharded learner 0.1 in bfloat16 and 0.05 in float16; 0: off."""
     rollout_resource: str = ""
     """Custom Ray resource every rollout worker asks for (one unit each), to pin the workers
     to the nodes that offer it."""

@@ -40,8 +40,8 @@ class LearnerClient(Client):
         return self._call(self.handle.take_spans.remote(), "the learner's spans").result()
 
     def probe_logprobs(self, sequences: list[list[int]], starts: list[int],
-                       in_float32: bool = False) -> list[list[float]]:
-        return self._call(self.handle.probe_logprobs.remote(sequences, starts, in_float32),
+                       dtype: str | None = None) -> list[list[float]]:
+        return self._call(self.handle.probe_logprobs.remote(sequences, starts, dtype),
                           "the learner to score the probe set").result()
 
     def load_checkpoint(self, run_dir: str) -> RunState:

@@ -15,18 +15,22 @@ from deploy.clients import LearnerClient
 from deploy.workers import RolloutWorkers
 
 # Largest mean |learner - engine| log-prob difference per probe token accepted, by the weights'
-# dtype. The two compute the same function with different kernels: in float32 they agree to
-# about 1e-5 per token. In 16-bit formats the mean stays within a few
-# hundredths, but a token the policy finds very unlikely (log-prob -16) can be a whole unit
-# apart after some training, rounding alone: the mean is the statistic, not the worst token.
+# dtype. The learner scores the probes as an engine would: from its weights cast to the engines'
+# dtype and computed in it throughout. The two then differ only by their kernels: in float32 by
+# about 1e-5 per token; in 16 bits by a share of that dtype's own rounding, which grows as the
+# policy sharpens (a token the policy finds very unlikely, log-prob -16, can move a whole unit):
+# the mean is the statistic, not the worst token.
 TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1, "float16": 0.05}
-# That rounding grows as the policy sharpens: a tiny model trained at 3e-2 for 24 steps reached a
-# mean of 0.375 in bfloat16 with the weights exactly the learner's. An unsharded learner measures
-# it (its probe log-probs in float32 against its compute dtype, `probe_rounding`), and the
-# tolerance follows: ROUNDING_FACTOR x that, at least ROUNDING_FLOOR. Measured over that run, the
-# engines' mean was at most 1.96x the learner's own rounding; one tensor scaled by 1.5 on the
-# way (tests/integration/corrupting_reward.py) put it at 10x, 0.0148 against 0.0015.
-ROUNDING_FACTOR, ROUNDING_FLOOR = 4.0, 0.005
+# An unsharded learner measures that rounding (`probe_rounding`: its probe log-probs in float32
+# against the engines' dtype) and the tolerance follows it: ROUNDING_FACTOR x that, at least
+# ROUNDING_FLOOR. Over two 24-step bfloat16 runs of the tiny model at 3e-2 (in flight and
+# synchronous, rounding from 0.0012 to 0.11 per token) the engine stayed within 0.86x of it, a
+# quarter of the tolerance at most; one tensor scaled by 1.5 on the way
+# (tests/integration/corrupting_reward.py) put it 0.051 away at step 2, 10x the floor. Autocast
+# is no oracle for a bfloat16 engine: it keeps the residual stream and the norms in float32, and
+# on a sharpened policy (step 16 of a run) put a correct engine 0.30 per token away where the
+# cast weights put it 0.0016 away.
+ROUNDING_FACTOR, ROUNDING_FLOOR = 3.0, 0.005
 PROBE_PROMPTS = 2
 PROBE_COMPLETION = " I think that is a good question, and the answer is not a simple one."
 
@@ -80,10 +84,10 @@ class WeightCheck:
         differences, as metrics; raises WeightCheckFailed over the tolerance."""
         if not self.tolerance:
             return {}
-        learner = self.learner.probe_logprobs(self.sequences, self.starts)
+        learner = self.learner.probe_logprobs(self.sequences, self.starts, self.dtype)
         rounding, tolerance, why = 0.0, self.tolerance, "cluster.weight_check_tolerance"
         if self.measure_rounding:
-            exact = self.learner.probe_logprobs(self.sequences, self.starts, in_float32=True)
+            exact = self.learner.probe_logprobs(self.sequences, self.starts, "float32")
             rounding = compare(exact, learner).mean
         if self.follows_rounding:
             tolerance = max(ROUNDING_FLOOR, ROUNDING_FACTOR * rounding)

@@ -185,16 +185,28 @@ class Learner:
         return [mb.to(self.device) for mb in on_host], shares, totals, padded_share(on_host)
 
     def probe_logprobs(self, sequences: list[list[int]], starts: list[int],
-                       in_float32: bool = False) -> list[list[float]]:
+                       dtype: str | None = None) -> list[list[float]]:
         """The learner's log-prob of every token of each sequence from its `start` on, each
         given the tokens before it, at temperature 1 (as `RolloutWorker.probe_logprobs`). With
-        `in_float32`, from the float32 weights without autocast: what the compute dtype's
-        rounding moves (an unsharded learner's; FSDP's ranks compute in the compute dtype)."""
+        `dtype`, from its weights cast to `dtype` and computed in it throughout, without autocast:
+        what an engine holding exactly these weights in `dtype` computes. Without, as it trains
+        (autocast). A sharded learner's ranks compute in the compute dtype either way."""
         peers = [peer.probe_logprobs.remote(sequences, starts) for peer in self.peers]
         with on_every_rank(peers), torch.no_grad():
             seqs = [(ids[:start], ids[start:], []) for ids, start in zip(sequences, starts)]
             mb = collate(seqs, torch.zeros(len(seqs)), self.pad_id).to(self.device)
-            logp, _ = self.logprobs(mb, temperature=1.0, autocast=not in_float32)
+            if dtype is None or self.sharded:
+                logp, _ = self.logprobs(mb, temperature=1.0)
+            else:
+                # An engine's residual stream, norms and logits are all in its dtype; autocast
+                # keeps them in float32, which on a sharpened policy moves a bfloat16 log-prob
+                # by whole units. A cast copy (half the float32 weights' memory, for the call).
+                cast = {name: p.to(getattr(torch, dtype)) for name, p in self.model.named_parameters()}
+
+                def engine(**inputs):
+                    return torch.func.functional_call(self.model, cast, kwargs=inputs)
+
+                logp, _ = self.logprobs(mb, engine, temperature=1.0, autocast=False)
             sharding.reshard(self.model)
             return [row[: len(ids) - start].tolist()
                     for row, ids, start in zip(logp, sequences, starts)]

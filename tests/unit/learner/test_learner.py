@@ -271,3 +271,28 @@ def test_a_step_reads_from_the_device_a_fixed_number_of_times_whatever_its_micro
 
     one, four = reads_in_a_step(8), reads_in_a_step(2)
     assert one > 0 and four == one, (one, four)  # the precondition: reads are seen
+
+
+def test_the_probe_set_is_scored_as_an_engine_holding_the_weights_in_bfloat16_scores_it():
+    """The mismatch alarm's oracle: a bfloat16 engine computes everything in bfloat16, which
+    autocast (float32 residual stream and norms) does not; an independent bfloat16 copy of the
+    model, loaded from the same weights, must score exactly what the learner reports for it."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = Config()
+    cfg.model.dtype = "bfloat16"
+    learner = Learner(cfg)
+    prompt = [12092, 27, 8894, 187, 15, 2]
+    sequences, starts = [prompt + [1010, 2020, 3030, 4040], prompt[:3] + [5050, 6060]], [6, 3]
+    engine = AutoModelForCausalLM.from_pretrained(learner.model_path, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = [engine(torch.tensor([ids])).logits[0, start - 1:-1].float().log_softmax(-1)
+                    .gather(-1, torch.tensor(ids[start:])[:, None])[:, 0].tolist()
+                    for ids, start in zip(sequences, starts)]
+    autocast = learner.probe_logprobs(sequences, starts)
+    apart = max(abs(a - b) for row, other in zip(autocast, expected) for a, b in zip(row, other))
+    assert apart > 1e-3  # the precondition: autocast is not what a bfloat16 engine computes
+    scored = learner.probe_logprobs(sequences, starts, "bfloat16")
+    assert [[pytest.approx(x, abs=1e-5) for x in row] for row in expected] == scored
+    assert learner.probe_logprobs(sequences, starts, "float32") != scored
+    assert {p.dtype for p in learner.model.parameters()} == {torch.float32}  # the masters untouched
