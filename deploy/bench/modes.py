@@ -47,7 +47,8 @@ class Settings:
 
     @classmethod
     def smoke(cls) -> Settings:
-        return cls(preset="tiny", batch=8, tokens=16, steps=3, warmup=1, lr=3e-2)
+        # The end-to-end smoke's configuration with one worker: its synchronous run is reused.
+        return cls(preset="tiny", batch=8, tokens=8, workers=1, steps=2, warmup=1, lr=3e-2)
 
 
 @dataclass
