@@ -45,7 +45,8 @@ class _Call:
 
 class EngineLoop:
     def __init__(self, build: Callable[[], object], max_in_flight: int, spans: Spans,
-                 salt: Callable[[], str], on_failure: Callable[[BaseException], None] | None = None):
+                 salt: Callable[[], str], adapter: Callable[[], object] = lambda: None,
+                 on_failure: Callable[[BaseException], None] | None = None):
         """`build` makes the engine (a vllm.LLM), on the engine's own thread: the thread that
         steps an engine must be the one that built it. With one GPU per engine vLLM's worker runs
         in the calling thread (vllm/v1/executor/uniproc_executor.py, UniProcExecutor), and its
@@ -59,6 +60,8 @@ class EngineLoop:
         self.max_in_flight = max_in_flight
         """Most requests in the engine at once; 0: every request submitted."""
         self.spans, self.salt = spans, salt
+        self.adapter = adapter
+        """The LoRA request (a vllm.LoRARequest, or None) of a request admitted now."""
         self.on_failure = on_failure
         """Called on the engine's thread once the loop stopped for good, every waiter told."""
         self._waiting: deque[Request] = deque()  # guarded by _lock, as _calls
@@ -195,7 +198,7 @@ class EngineLoop:
                 # never reused, which a prefix-cache reset cannot ensure while requests run
                 # (vllm/v1/core/block_pool.py, BlockPool.reset_prefix_cache then refuses).
                 self.engine.add_request(request_id, tokens_input(request.prompt_ids, cache_salt=self.salt()),
-                                        request.params)
+                                        request.params, lora_request=self.adapter())
             except Exception as e:  # a bad request fails alone
                 request.done.set_exception(e)
                 continue

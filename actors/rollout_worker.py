@@ -21,7 +21,7 @@ import torch
 from actors.engine_loop import EngineLoop
 from actors.reward_model import RewardModelClient, model_rewards
 from actors.vllm_extension import WeightSyncExtension, exit_for_restart
-from common import logs, models
+from common import logs, lora, models
 from common.buffer import buffer_name
 from common.config import Config, cpu_threads
 from common.held import held_dir, remove_unheld
@@ -53,6 +53,9 @@ def engine_args(cfg: Config, model_path: str, index: int) -> dict:
         # which is what the learner's importance weights compare against.
         logprobs_mode="processed_logprobs",
     )
+    if lora.enabled(cfg.learner):
+        # One adapter slot: the engines serve one policy, its adapter replaced at every sync.
+        args.update(enable_lora=True, max_loras=1, max_lora_rank=lora.engine_rank(cfg.learner.lora_rank))
     if cfg.cluster.device == "cpu":
         args.update(enforce_eager=True, kv_cache_memory_bytes=int(cfg.rollout.kv_cache_gib * 2**30),
                     # A seeded request whose prompt is split over two steps makes vLLM rewind its
@@ -91,6 +94,9 @@ class RolloutWorker:
         if cfg.run_dir:
             logs.actor_file(cfg.run_dir, f"rollout-worker-{index}")
         self.version = 0
+        self.has_adapter = False
+        """With LoRA: whether the learner's adapter has arrived; until then the engine generates
+        with the base model, which is what a new adapter (B = 0) computes."""
         self.incarnation = uuid.uuid4().hex
         self.in_flight = cfg.rollout.weight_update == "in_flight"
         self.spans = Spans(f"rollout worker {index}")
@@ -153,6 +159,7 @@ class RolloutWorker:
         with self.spans.span("start engine"):
             self.loop = EngineLoop(build, cfg.rollout.max_in_flight if self.in_flight else 0,
                                    self.spans, salt=lambda: f"policy-{self.version}",
+                                   adapter=self._adapter,
                                    on_failure=lambda _: exit_for_restart("the engine's loop stopped"))
         self.llm = self.loop.llm
 
@@ -265,9 +272,18 @@ class RolloutWorker:
 
     def _reload(self, version: int) -> None:
         with self.spans.span("reload"):
-            self._on_every_rank(WeightSyncExtension.receive_weights, version)
+            adapter = lora.peft_config(self.cfg.learner) if lora.enabled(self.cfg.learner) else None
+            self._on_every_rank(WeightSyncExtension.receive_weights, version, adapter)
+        self.has_adapter = adapter is not None
         self.llm.update_weight_version(str(version))  # the tokens sampled from now on
         self.version = version  # and the cache salt of the prompts admitted from now on
+
+    def _adapter(self):
+        """The LoRA request every request admitted now generates under (None: the model alone).
+        A request admitted before a sync goes on under the new adapter from its next token, as
+        under new full weights: vLLM reads the adapter's slot at every step
+        (vllm/lora/model_manager.py, LoRAModelManager.activate_adapter)."""
+        return lora.request(self.version) if self.has_adapter else None
 
     def _on_every_rank(self, method: Callable, *args) -> None:
         """`method` of the engine's worker extension on each of its ranks. vLLM's RPC is the one

@@ -57,7 +57,9 @@ class WeightSyncExtension(_VllmWorker):
             self._channel.close()
         self._channel = None
 
-    def receive_weights(self, version: int) -> None:
+    def receive_weights(self, version: int, adapter: dict | None = None) -> None:
+        """Load policy `version` from the channel: the model's weights, or with `adapter` (peft's
+        LoRA configuration) the LoRA adapter that replaces the engine's."""
         if self._channel is None:
             raise WeightSyncError("weights were sent before this engine joined a weight transport")
         try:
@@ -68,6 +70,9 @@ class WeightSyncExtension(_VllmWorker):
             # the group again and resends, to an engine whose weights are as they were.
             self.close_weight_sync()
             raise
+        if adapter is not None:
+            self._install_adapter(adapter, weights)  # whole or not at all: no restart needed
+            return
         try:
             self._load(self._channel.specs, weights)
         except BaseException:
@@ -96,6 +101,39 @@ class WeightSyncExtension(_VllmWorker):
                 repack[id(module)] = module
         for module in repack.values():
             module.quant_method.process_weights_after_loading(module)
+
+    def _install_adapter(self, config: dict, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Build a LoRA adapter from `weights` (peft's names) in memory and put it in place of
+        the engine's, as vLLM's own loader does from a directory
+        (vllm/lora/worker_manager.py, WorkerLoRAManager._load_adapter, then
+        LRUCacheWorkerLoRAManager.add_adapter's remove, add and activate). Activating copies it
+        into the adapter's slot in every LoRA layer (vllm/lora/model_manager.py,
+        LoRAModelManager.activate_adapter), which the next step reads."""
+        from vllm.lora.lora_model import LoRAModel
+        from vllm.lora.peft_helper import PEFTHelper
+
+        from common.lora import ADAPTER_ID
+
+        worker = self.model_runner.lora_manager  # vllm/v1/worker/lora_model_runner_mixin.py
+        manager = worker._adapter_manager
+        helper = PEFTHelper.from_dict({**config, "vllm_max_position_embeddings": worker.max_position_embeddings})
+        helper.validate_legal(worker.lora_config)
+        model = manager.model
+        mapper = getattr(model, "hf_to_vllm_mapper", None)
+        # Copies: LoRAModel.optimize scales lora_B in place (vllm/lora/lora_weights.py), and a
+        # shared-memory tensor is every engine's.
+        tensors = {name: tensor.clone() for name, tensor in weights}
+        loaded = LoRAModel.from_lora_tensors(
+            ADAPTER_ID, tensors, helper, device="cpu", dtype=worker.lora_config.lora_dtype,
+            model_vocab_size=worker.vocab_size,
+            weights_mapper=mapper.get_rename_mapper() if mapper is not None else None,
+            skip_prefixes=getattr(model, "lora_skip_prefixes", None))
+        unplaced = sorted(set(loaded.loras) - set(manager.modules))
+        if unplaced:  # vLLM would leave them out without a word
+            raise WeightSyncError(f"the engine has no LoRA layer for {', '.join(unplaced[:3])}")
+        manager.remove_adapter(ADAPTER_ID)
+        manager.add_adapter(loaded)
+        manager.activate_adapter(ADAPTER_ID)
 
     def _targets(self, specs: list[TensorSpec]) -> list[tuple[torch.nn.Module, str]] | None:
         """Where each sent tensor goes: (module, parameter name), in the order they arrive; None

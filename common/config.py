@@ -348,6 +348,30 @@ class LearnerConfig(ActorResources):
     the end."""
     keep_checkpoints: Annotated[int, Bound(ge=1)] = 2
     """Most recent checkpoints kept on disk."""
+    # LoRA, with the names of peft's LoraConfig (r, lora_alpha, lora_dropout, target_modules).
+    lora_rank: Annotated[int, Bound(ge=0, le=512, why="(vLLM's largest max_lora_rank)")] = 0
+    """0 trains every weight. Above 0, a LoRA adapter of this rank (peft's `r`) trains on
+    `lora_target_modules` and the model under it stays frozen: only the adapter has gradients
+    and AdamW state, only the adapter travels to the engines (which serve it with vLLM's LoRA
+    support), and with `grpo.beta` the reference model is the same model with the adapter off.
+    Checkpoints hold the adapter; the final model has it merged, and holds it alone in
+    `adapter/` beside."""
+    lora_alpha: Annotated[float, Bound(gt=0)] = 16.0
+    """The adapter's update BA is scaled by `lora_alpha / lora_rank`."""
+    lora_dropout: Annotated[float, Bound(ge=0, le=1)] = 0.0
+    """Dropout on the adapter's input while training. Above 0 the learner's log-probs are no
+    longer the engines' (they run without it), so the importance weights move off 1."""
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"])
+    """Layers that get an adapter, by the last part of their module name (peft's
+    `target_modules`); the default is every linear layer of a GPT-NeoX (Pythia) block."""
+
+    def problems(self, prefix: str) -> list[str]:
+        return super().problems(prefix) + [*self.validate_lora_targets(prefix)]
+
+    def validate_lora_targets(self, prefix: str) -> Iterator[str]:
+        if not self.lora_target_modules:
+            yield f"{prefix}lora_target_modules is empty: a LoRA adapter needs layers to adapt"
 
 
 @dataclass
@@ -464,7 +488,7 @@ class Config:
                      self.validate_in_flight_has_lag, self.validate_sequence_fits_model,
                      self.validate_no_gpus_on_cpu, self.validate_tensor_parallel_on_gpu,
                      self.validate_engine_gpus, self.validate_learner_gpu,
-                     self.validate_shm_on_cpu):
+                     self.validate_shm_on_cpu, self.validate_lora_on_one_rank):
             lines += rule()
         return lines + self.model.problems("model.")
 
@@ -521,6 +545,11 @@ class Config:
     def validate_shm_on_cpu(self) -> Iterator[str]:
         if self.cluster.device != "cpu" and self.cluster.weight_sync == "shm":
             yield "cluster.weight_sync shm is for CPU engines; use broadcast (NCCL) on GPU"
+
+    def validate_lora_on_one_rank(self) -> Iterator[str]:
+        if self.learner.lora_rank and self.learner.num_ranks > 1:
+            yield ("learner.lora_rank needs learner.num_ranks 1: a LoRA adapter on a sharded "
+                   "learner is not supported yet")
 
     def gpus(self, role: Literal["rollout", "learner", "reward_model"]) -> float:
         """GPUs for each of `role`'s actors: its `num_gpus`, or when unset what the device

@@ -299,8 +299,10 @@ class Training:
         with spans.span("weight channel"):
             self.transport = weight_push(cfg, actors, self.learner, self.workers, actors.run_id)
         dtypes = "/".join(sorted({s.dtype for s in self.transport.specs}))
-        log.info("weight sync: %s (%.0f MB of %s per update, on %s); learner on node %s, workers on %s",
-                 self.transport.name, self.transport.nbytes / 1e6, dtypes, actors.sync_host,
+        what = f"the LoRA adapter's {self.transport.nbytes / 1e6:.2g} MB" if cfg.learner.lora_rank \
+            else f"{self.transport.nbytes / 1e6:.0f} MB"
+        log.info("weight sync: %s (%s of %s per update, on %s); learner on node %s, workers on %s",
+                 self.transport.name, what, dtypes, actors.sync_host,
                  actors.learner_node[0][:8], [node[:8] for node, _ in actors.worker_nodes])
         self.check_weights = WeightCheck(cfg, self.learner, self.workers, self.transport.specs,
                                          prompts.eval or prompts.train, tokenizer)

@@ -1,7 +1,8 @@
 """Checkpoint directories: written whole or not at all, found again on resume, pruned.
 
-A checkpoint is `run_dir/checkpoints/step_NNNNNN/` holding the model, the optimizer and
-scheduler state (`learner.pt`) and the driver's state (`driver.json`, a `RunState`). It is written under a
+A checkpoint is `run_dir/checkpoints/step_NNNNNN/` holding the model (or, training LoRA, the
+adapter alone, in peft's format), the optimizer and scheduler state (`learner.pt`) and the
+driver's state (`driver.json`, a `RunState`). It is written under a
 temporary name and renamed into place, so a crash mid-save never damages the last good one.
 
 `save_learner` and `load_learner` import torch where they run: the driver reads checkpoint
@@ -33,6 +34,9 @@ _NAME = re.compile(r"step_(\d{6,})")
 FILES = ("model/model.safetensors", "model/config.json", "learner.pt", "driver.json")
 SHARDED_FILES = ("sharded/.metadata", "learner.pt", "driver.json")
 """A learner of several ranks saves its model and optimizer with torch.distributed.checkpoint."""
+ADAPTER_FILES = ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "learner.pt",
+                 "driver.json")
+"""A LoRA learner saves its adapter (the model under it never changes)."""
 
 
 class CheckpointError(RunError):
@@ -79,11 +83,18 @@ def latest(run_dir: str | Path) -> Path:
 
 def check_whole(directory: Path) -> None:
     """Every file a resume reads is there and readable."""
-    expected = SHARDED_FILES if (directory / "sharded").is_dir() else FILES
+    expected = _layout(directory)
     missing = [f for f in expected if not (directory / f).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {directory} is damaged: missing {', '.join(missing)}")
     check_readable(directory)
+
+
+def _layout(directory: Path) -> tuple[str, ...]:
+    """The files a checkpoint of its kind holds."""
+    if (directory / "sharded").is_dir():
+        return SHARDED_FILES
+    return ADAPTER_FILES if (directory / "adapter").is_dir() else FILES
 
 
 def _is_whole(directory: Path) -> bool:
@@ -99,12 +110,13 @@ def check_readable(directory: Path) -> None:
     the safetensors header and its data length, the optimizer archive, the driver's JSON."""
     from safetensors import SafetensorError, safe_open
 
+    weights = next((f for f in _layout(directory) if f.endswith(".safetensors")), None)
     try:
-        if not (directory / "sharded").is_dir():
-            with safe_open(directory / "model" / "model.safetensors", "pt") as f:
+        if weights is not None:
+            with safe_open(directory / weights, "pt") as f:
                 f.keys()
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"checkpoint {directory} is damaged: model.safetensors: {e}") from None
+        raise CheckpointError(f"checkpoint {directory} is damaged: {weights}: {e}") from None
     if not zipfile.is_zipfile(directory / "learner.pt"):
         raise CheckpointError(f"checkpoint {directory} is damaged: learner.pt is not a torch archive")
     read_state(directory / "driver.json")
@@ -195,14 +207,15 @@ def _fsync_dir(path: Path) -> None:
 
 def save_learner(learner: Learner, run_dir: str | Path, state: RunState) -> Path:
     """Model, optimizer, scheduler, loss scaler and RNG, plus the driver's `state`, as one atomic
-    checkpoint of `learner.version`: the model in safetensors (one rank) or with
-    torch.distributed.checkpoint (its shards, every rank calling this)."""
+    checkpoint of `learner.version`: the model in safetensors (one rank; with LoRA the adapter
+    alone) or with torch.distributed.checkpoint (its shards, every rank calling this)."""
     final = path_for(run_dir, learner.version)
     if learner.sharded:
         _save_sharded(learner, final, state)
     else:
         with atomic_dir(final) as tmp:
-            learner.model.save_pretrained(tmp / "model")
+            # A peft model saves its adapter alone, in float32 as it trains.
+            learner.model.save_pretrained(tmp / ("adapter" if learner.lora else "model"))
             _save_rest(learner, tmp, state, [_rng(learner.device)])
     return final
 
@@ -253,6 +266,10 @@ def load_learner(learner: Learner, run_dir: str | Path) -> RunState:
     with _unreadable_said(directory, learner.sharded):
         if learner.sharded:
             sharded = _read_sharded(learner, directory)
+        elif learner.lora:
+            from safetensors.torch import load_file
+
+            saved = load_file(directory / ADAPTER_FILES[0])
         else:
             # Through from_pretrained: saved files use the checkpoint names (embed_out), the
             # module uses its own (lm_head), and transformers maps one to the other.
@@ -264,7 +281,12 @@ def load_learner(learner: Learner, run_dir: str | Path) -> RunState:
         set_state_dict(learner.model, learner.optimizer, model_state_dict=sharded["model"],
                        optim_state_dict=sharded["optimizer"])
     else:
-        learner.model.load_state_dict(saved.state_dict())
+        if learner.lora:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(learner.model, saved)
+        else:
+            learner.model.load_state_dict(saved.state_dict())
         learner.optimizer.load_state_dict(state["optimizer"])
     learner.scheduler.load_state_dict(state["scheduler"])
     learner.scaler.load_state_dict(state["scaler"])

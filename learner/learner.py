@@ -5,8 +5,11 @@ model run on every rank (learner/sharding.py)."""
 
 from __future__ import annotations
 
+import copy
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -14,7 +17,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, get_scheduler
 from trl.trainer.utils import entropy_from_logits
 
-from common import logs, models
+from common import logs, lora, models
 from common.config import Config, cpu_threads
 from common.spans import Span, Spans
 from common.types import RolloutGroup, RunState, RunSummary
@@ -34,6 +37,7 @@ from learner.sharding import on_every_rank
 from learner.update_metrics import UpdateMetrics
 from learner.weight_sender import WeightSender
 
+ADAPTER_DIR = "adapter"  # the final model's LoRA adapter alone, beside the merged model
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
 
@@ -58,11 +62,19 @@ class Learner:
         self.compute_dtype = models.torch_dtype(cfg.model.dtype, cfg.cluster.device)
         self.spans = Spans("learner")
         self.spans.since_process_start("start process")  # Ray's worker process and our imports
+        self.lora = lora.enabled(cfg.learner)
         with self.spans.span("load model"):
             self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(self.device)
+            if self.lora:  # the model frozen under an adapter that alone trains
+                from peft import LoraConfig, get_peft_model
+
+                self.model = get_peft_model(self.model, LoraConfig(**lora.peft_config(cfg.learner),
+                                                                   task_type="CAUSAL_LM"))
             self.model.train()
             self.ref_model = None
-            if cfg.grpo.beta > 0:  # the reference costs a model's memory: load it only when used
+            # The reference costs a model's memory: loaded only when used, and with LoRA never
+            # (it is the policy with its adapter off).
+            if cfg.grpo.beta > 0 and not self.lora:
                 self.ref_model = AutoModelForCausalLM.from_pretrained(
                     model_path, dtype=self.compute_dtype).to(self.device)
                 self.ref_model.eval().requires_grad_(False)
@@ -74,17 +86,21 @@ class Learner:
         self.scaler = torch.amp.GradScaler(self.device, enabled=self.compute_dtype == torch.float16)
         self.version = 0
         self.sender = WeightSender(self.model, self.compute_dtype, self.device, rank, self.sharded,
-                                   self.spans)
+                                   self.spans, adapter_only=self.lora)
 
     def _make_optimizer(self) -> None:
         # fused AdamW takes plain tensors; over FSDP's shards (DTensors) the foreach one.
         fused = dict(foreach=True) if self.sharded else dict(fused=True)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.learner.learning_rate,
+        self.optimizer = torch.optim.AdamW(self.trainable(), lr=self.cfg.learner.learning_rate,
                                            weight_decay=self.cfg.learner.weight_decay, **fused)
         grpo, learner = self.cfg.grpo, self.cfg.learner
         self.scheduler = get_scheduler(SCHEDULES[learner.lr_schedule], self.optimizer,
                                        num_warmup_steps=learner.warmup_steps * grpo.num_iterations,
                                        num_training_steps=self.cfg.steps * grpo.num_iterations)
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        """The parameters that train: every one, or with LoRA the adapter's."""
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     # --- the ranks (learner.num_ranks > 1) ---------------------------------------------------
 
@@ -148,7 +164,7 @@ class Learner:
                     measured.add_first_pass(old_logps[i], entropy, mb, shares[i])
             max_norm = self.cfg.learner.max_grad_norm or float("inf")
             self.scaler.unscale_(self.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            norm = torch.nn.utils.clip_grad_norm_(self.trainable(), max_norm)
             measured.grad_norms.append(sharding.full(norm))
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -192,7 +208,7 @@ class Learner:
         what an engine holding exactly these weights in `dtype` computes. Without, as it trains
         (autocast). A sharded learner's ranks compute in the compute dtype either way."""
         peers = [peer.probe_logprobs.remote(sequences, starts) for peer in self.peers]
-        with on_every_rank(peers), torch.no_grad():
+        with on_every_rank(peers), torch.no_grad(), evaluating(self.model):
             seqs = [(ids[:start], ids[start:], []) for ids, start in zip(sequences, starts)]
             mb = collate(seqs, torch.zeros(len(seqs)), self.pad_id).to(self.device)
             if dtype is None or self.sharded:
@@ -241,8 +257,11 @@ class Learner:
 
     @torch.no_grad()
     def _ref_logprobs(self, mb: MicroBatch) -> torch.Tensor | None:
-        if self.ref_model is None:
+        if self.cfg.grpo.beta == 0:
             return None
+        if self.lora:
+            with self.model.disable_adapter():
+                return self.logprobs(mb)[0]
         logp = self.logprobs(mb, self.ref_model)[0]
         sharding.reshard(self.ref_model)
         return logp
@@ -312,6 +331,12 @@ class Learner:
             if self.rank != 0:
                 return ""
             self.model.save_pretrained(directory, state_dict=whole)
+        elif self.lora:
+            # The adapter alone, in peft's format, and the model with it merged (W + BA x
+            # lora_alpha / r), which loads as any Hugging Face model. Merged into a copy: the
+            # learner's own stays as it trains.
+            self.model.save_pretrained(directory / ADAPTER_DIR)
+            copy.deepcopy(self.model).merge_and_unload().save_pretrained(directory)
         else:
             self.model.save_pretrained(directory)
         models.load_tokenizer(self.model_path).save_pretrained(directory)
@@ -319,3 +344,12 @@ class Learner:
         (directory / "README.md").write_text(card)
         return str(directory)
 
+
+@contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """`model` in eval mode for the block (no dropout: an engine has none), then back in train."""
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train()

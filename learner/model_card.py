@@ -98,5 +98,13 @@ def _settings(cfg: Config) -> dict:
         "mask truncated completions": grpo.mask_truncated_completions,
         "dynamic sampling": grpo.drop_zero_std_groups,
         "max policy lag": cfg.buffer.max_policy_lag, "learning rate": cfg.learner.learning_rate,
-        "rollout workers": rollout.num_workers, "seed": cfg.seed,
+        "rollout workers": rollout.num_workers, "seed": cfg.seed, "LoRA": _lora(cfg.learner),
     }
+
+
+def _lora(learner) -> str:
+    if not learner.lora_rank:
+        return "off: every weight trained"
+    return (f"rank {learner.lora_rank}, alpha {learner.lora_alpha:g} on "
+            f"{', '.join(learner.lora_target_modules)}: merged into these weights; the adapter "
+            f"alone is in `adapter/` (peft)")

@@ -32,8 +32,10 @@ class WeightSender:
     (each gathers its shards with the others) and rank 0 alone sends them."""
 
     def __init__(self, model: torch.nn.Module, compute_dtype: torch.dtype, device: str,
-                 rank: int, sharded: bool, spans: Spans):
+                 rank: int, sharded: bool, spans: Spans, adapter_only: bool = False):
         self.model, self.compute_dtype, self.device = model, compute_dtype, device
+        self.adapter_only = adapter_only
+        """A peft model whose LoRA adapter alone trains: only the adapter is sent."""
         self.rank, self.sharded, self.spans = rank, sharded, spans
         self.channel: WeightChannel | None = None
         """The open transport, or None."""
@@ -44,8 +46,18 @@ class WeightSender:
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The weights as the engines take them, one at a time: whole (a sharded one gathered
         from every rank, so every rank must go through them all), in the dtype they are sent in."""
-        for name, t in self.model.state_dict().items():
+        for name, t in self._state().items():
             yield name, sharding.full(t).to(self.sent_dtype(t))
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        """What the engines take: the model's state dict, or its LoRA adapter's under the names
+        of peft's adapter file (`base_model.model.<module>.lora_A.weight`), which vLLM's LoRA
+        loader reads (vllm/lora/utils.py, parse_fine_tuned_lora_name)."""
+        if not self.adapter_only:
+            return self.model.state_dict()
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.model)
 
     def sent_dtype(self, t: torch.Tensor) -> torch.dtype:
         """Floating-point weights go in the compute dtype (bfloat16: half the bytes of float32)."""
@@ -53,7 +65,7 @@ class WeightSender:
 
     def specs(self) -> list[TensorSpec]:
         return specs_of((name, torch.empty(t.shape, dtype=self.sent_dtype(t), device="meta"))
-                        for name, t in self.model.state_dict().items())
+                        for name, t in self._state().items())
 
     # --- the transport --------------------------------------------------------------------------
 
@@ -115,11 +127,11 @@ class WeightSender:
     # --- what an update changed -----------------------------------------------------------------
 
     def sample(self) -> list[torch.Tensor]:
-        """Every SAMPLE_STRIDE-th element of this rank's parameters (its shards) as the engines
-        hold them, in the compute dtype: a whole copy would cost half the model's memory again
-        on a GPU, every step."""
+        """Every SAMPLE_STRIDE-th element of this rank's trained parameters (its shards) as the
+        engines hold them, in the compute dtype: a whole copy would cost half the model's memory
+        again on a GPU, every step."""
         return [_local(p).reshape(-1)[::SAMPLE_STRIDE].to(self.compute_dtype, copy=True)
-                for p in self.model.parameters()]
+                for p in self.model.parameters() if p.requires_grad]
 
     def changed_since(self, before: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """How many of the sampled parameters changed since `before` as the engines see them (on

@@ -26,7 +26,7 @@ class FakeEngine:
         self.steps = 0
         self.fail_at_step = fail_at_step
 
-    def add_request(self, request_id, prompt, params):
+    def add_request(self, request_id, prompt, params, lora_request=None):
         self.running[request_id] = prompt["prompt_token_ids"][0]
 
     def step(self):

@@ -104,6 +104,12 @@ RULE_ROWS = [
     ("learner.checkpoint_every", -1, "learner.checkpoint_every must be >= 0 (got -1)"),
     ("learner.keep_checkpoints", 0, "learner.keep_checkpoints must be >= 1 (got 0)"),
     ("learner.num_ranks", 0, "learner.num_ranks must be >= 1 (got 0)"),
+    ("learner.lora_rank", -1, "learner.lora_rank must be in 0..512 (vLLM's largest max_lora_rank) (got -1)"),
+    ("learner.lora_rank", 513, "learner.lora_rank must be in 0..512 (vLLM's largest max_lora_rank) (got 513)"),
+    ("learner.lora_alpha", 0.0, "learner.lora_alpha must be > 0 (got 0.0)"),
+    ("learner.lora_dropout", 1.5, "learner.lora_dropout must be in 0..1 (got 1.5)"),
+    ("learner.lora_target_modules", [], "learner.lora_target_modules is empty: a LoRA adapter needs "
+                                        "layers to adapt"),
     ("learner.num_ranks", 3, "grpo.batch_size (32) must be a multiple of learner.num_ranks (3): "
                              "each rank trains on an equal share"),
     ("cluster.weight_sync_timeout_s", 0.0, "cluster.weight_sync_timeout_s must be > 0 (got 0.0)"),
@@ -127,6 +133,13 @@ def with_value(path: str, value) -> Config:
 @pytest.mark.parametrize("path, value, line", RULE_ROWS, ids=[f"{p}={v}" for p, v, _ in RULE_ROWS])
 def test_each_rule_gives_its_line(path, value, line):
     assert validate(with_value(path, value)) == [line]
+
+
+def test_lora_on_a_sharded_learner_is_refused():
+    cfg = Config()
+    cfg.learner.lora_rank, cfg.learner.num_ranks = 8, 2
+    assert validate(cfg) == ["learner.lora_rank needs learner.num_ranks 1: a LoRA adapter on a "
+                             "sharded learner is not supported yet"]
 
 
 def test_every_declared_bound_has_a_row():
