@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from deploy.bench import (end_to_end, generation, modes, padding, peak, ranks, scaling,
+from deploy.bench import (end_to_end, generation, lora, modes, padding, peak, ranks, scaling,
                           time_to_reward, weight_sync)
 
 
@@ -46,4 +46,6 @@ SECTIONS = {
                      ranks.markdown),
     "padding": Section("Padding: the learner on completions of spread lengths", padding.Settings,
                        padding.run, padding.markdown, targets=padding.targets),
+    "lora": Section("LoRA: an adapter against full weights", lora.Settings, lora.run, lora.markdown,
+                    targets=lora.targets),
 }

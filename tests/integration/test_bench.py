@@ -16,7 +16,7 @@ import pytest
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 SECTIONS = ("peak", "scaling", "generation", "weight_sync", "e2e", "time_to_reward", "modes", "ranks",
-            "padding")
+            "padding", "lora")
 CHARTS = ("scaling", "generation", "weight_sync", "e2e", "time_to_reward", "modes")  # bench.png's panels
 PANEL = (462, 770)  # pixels (height, width) of a panel: 4.2 x 7 inches at 110 dpi
 
@@ -132,5 +132,11 @@ def test_smoke_json_has_every_section_with_positive_numbers(bench):
     padding = s["padding"]  # spread lengths: by length pads less than in the batch's order
     assert 0 <= padding["by_length"]["padded_share"] < padding["in_order"]["padded_share"]
     assert positive(padding["by_length"]["seconds_per_step"])
+    lora = s["lora"]["presets"]["tiny"]  # the adapter against the model: 32768 against 13.3M
+    assert lora["full"]["sync_bytes"] / lora["lora"]["sync_bytes"] == pytest.approx(lora["bytes_ratio"])
+    assert lora["bytes_ratio"] > 400 and lora["lora"]["trained_parameters"] == 32768
+    for variant in (lora["full"], lora["lora"]):
+        assert positive(variant["sync_s"]) and positive(variant["seconds_per_step"])
+        assert positive(variant["peak_rss_gib"])
     for name in ("generation", "scaling", "e2e", "time_to_reward", "modes", "ranks", "padding"):
         assert s[name]["model"]["name"] == "tiny" and s[name]["config"]
