@@ -53,6 +53,20 @@ def test_engine_args_cpu_batched_tokens_cover_a_long_model():
     assert engine_args(cfg, "m", 0)["max_num_batched_tokens"] == 8192
 
 
+@pytest.mark.parametrize("rank, slot", [(1, 1), (8, 8), (12, 16), (16, 16), (300, 320)])
+def test_a_lora_run_enables_one_adapter_slot_of_a_rank_vllm_accepts(rank, slot):
+    import typing
+
+    from vllm.config.lora import MaxLoRARanks
+
+    cfg = Config()
+    cfg.learner.lora_rank = rank
+    args = engine_args(cfg, "m", 0)
+    assert (args["enable_lora"], args["max_loras"], args["max_lora_rank"]) == (True, 1, slot)
+    assert slot in typing.get_args(MaxLoRARanks)  # vLLM's own list (vllm/config/lora.py)
+    assert "enable_lora" not in engine_args(Config(), "m", 0)
+
+
 def test_the_engine_runs_the_extension_methods_the_worker_names():
     """vLLM loads the extension by its dotted name and runs each call on it by method name."""
     from actors.rollout_worker import RolloutWorker
