@@ -488,7 +488,7 @@ class Config:
                      self.validate_in_flight_has_lag, self.validate_sequence_fits_model,
                      self.validate_no_gpus_on_cpu, self.validate_tensor_parallel_on_gpu,
                      self.validate_engine_gpus, self.validate_learner_gpu,
-                     self.validate_shm_on_cpu, self.validate_lora_on_one_rank):
+                     self.validate_shm_on_cpu):
             lines += rule()
         return lines + self.model.problems("model.")
 
@@ -545,11 +545,6 @@ class Config:
     def validate_shm_on_cpu(self) -> Iterator[str]:
         if self.cluster.device != "cpu" and self.cluster.weight_sync == "shm":
             yield "cluster.weight_sync shm is for CPU engines; use broadcast (NCCL) on GPU"
-
-    def validate_lora_on_one_rank(self) -> Iterator[str]:
-        if self.learner.lora_rank and self.learner.num_ranks > 1:
-            yield ("learner.lora_rank needs learner.num_ranks 1: a LoRA adapter on a sharded "
-                   "learner is not supported yet")
 
     def gpus(self, role: Literal["rollout", "learner", "reward_model"]) -> float:
         """GPUs for each of `role`'s actors: its `num_gpus`, or when unset what the device

@@ -64,12 +64,8 @@ class Learner:
         self.spans.since_process_start("start process")  # Ray's worker process and our imports
         self.lora = lora.enabled(cfg.learner)
         with self.spans.span("load model"):
-            self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(self.device)
-            if self.lora:  # the model frozen under an adapter that alone trains
-                from peft import LoraConfig, get_peft_model
-
-                self.model = get_peft_model(self.model, LoraConfig(**lora.peft_config(cfg.learner),
-                                                                   task_type="CAUSAL_LM"))
+            self.model = self._policy(AutoModelForCausalLM.from_pretrained(
+                model_path, dtype=torch.float32).to(self.device))
             self.model.train()
             self.ref_model = None
             # The reference costs a model's memory: loaded only when used, and with LoRA never
@@ -97,6 +93,19 @@ class Learner:
         self.scheduler = get_scheduler(SCHEDULES[learner.lr_schedule], self.optimizer,
                                        num_warmup_steps=learner.warmup_steps * grpo.num_iterations,
                                        num_training_steps=self.cfg.steps * grpo.num_iterations)
+
+    def _policy(self, model: torch.nn.Module) -> torch.nn.Module:
+        """`model` as the policy trains it: whole, or frozen under a LoRA adapter (peft)."""
+        if not self.lora:
+            return model
+        from peft import LoraConfig, get_peft_model
+
+        # A is drawn at random (B starts at 0): the same draw on every rank, since each keeps
+        # its own part of it as its shard.
+        with torch.random.fork_rng():
+            torch.manual_seed(self.cfg.seed)
+            return get_peft_model(model, LoraConfig(**lora.peft_config(self.cfg.learner),
+                                                    task_type="CAUSAL_LM"))
 
     def trainable(self) -> list[torch.nn.Parameter]:
         """The parameters that train: every one, or with LoRA the adapter's."""
@@ -330,19 +339,27 @@ class Learner:
                                                                                 cpu_offload=True))
             if self.rank != 0:
                 return ""
-            self.model.save_pretrained(directory, state_dict=whole)
+            if self.lora:  # the gathered adapter and model, as one peft model on the host
+                host = self._policy(AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32))
+                host.load_state_dict(whole)
+                _save_lora(host, directory)
+            else:
+                self.model.save_pretrained(directory, state_dict=whole)
         elif self.lora:
-            # The adapter alone, in peft's format, and the model with it merged (W + BA x
-            # lora_alpha / r), which loads as any Hugging Face model. Merged into a copy: the
-            # learner's own stays as it trains.
-            self.model.save_pretrained(directory / ADAPTER_DIR)
-            copy.deepcopy(self.model).merge_and_unload().save_pretrained(directory)
+            _save_lora(copy.deepcopy(self.model), directory)  # a copy: the learner's goes on training
         else:
             self.model.save_pretrained(directory)
         models.load_tokenizer(self.model_path).save_pretrained(directory)
         card = model_card.render(self.cfg, directory, summary)
         (directory / "README.md").write_text(card)
         return str(directory)
+
+
+def _save_lora(model: torch.nn.Module, directory: Path) -> None:
+    """A peft model as the adapter alone, in peft's format, and the model with it merged
+    (W + BA x lora_alpha / r), which loads as any Hugging Face model; `model` is merged away."""
+    model.save_pretrained(directory / ADAPTER_DIR)
+    model.merge_and_unload().save_pretrained(directory)
 
 
 @contextmanager

@@ -283,3 +283,58 @@ def test_a_broadcast_that_fails_on_rank_0_leaves_the_ranks_in_step(sharded):
     assert saved["send_failed"]
     assert saved["send_s"] < 10  # not the ranks' 30 s timeout
     assert saved["scores_later"] == saved["scores_after"]  # the same weights, scored together
+
+
+# ----- LoRA on two ranks -----
+
+
+def lora_config(ranks: int) -> Config:
+    cfg = config(ranks)
+    cfg.learner.lora_rank, cfg.learner.learning_rate = 8, 3e-2
+    return cfg
+
+
+def two_ranks_lora(rank: int, port: int, out: Path) -> None:
+    """One rank of a LoRA learner: STEPS steps, the adapter as the engines get it, the export."""
+    from learner.learner import Learner
+
+    learner = Learner(lora_config(2), rank)
+    learner.join_ranks("127.0.0.1", port, peers=[])
+    metrics = [learner.train(b) for b in batches()]
+    sent = {name: t.clone() for name, t in learner.sender.named_weights()}  # every rank gathers
+    learner.export(str(out / "final"), RunSummary(steps=STEPS, complete=True))
+    if rank == 0:
+        torch.save({"metrics": metrics, "sent": sent, "specs": [s.name for s in learner.weight_specs()]},
+                   out / "rank0.pt")
+
+
+@pytest.fixture(scope="module")
+def sharded_lora(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("two-ranks-lora")
+    mp.start_processes(two_ranks_lora, args=(free_port(), out), nprocs=2, start_method="spawn")
+    return out
+
+
+def test_a_lora_adapter_on_two_ranks_trains_and_is_sent_as_on_one(sharded_lora, tmp_path):
+    from safetensors.torch import load_file
+
+    from learner.learner import ADAPTER_DIR, Learner
+
+    one = Learner(lora_config(1))
+    metrics = [one.train(b) for b in batches()]
+    one.export(str(tmp_path / "final"), RunSummary(steps=STEPS, complete=True))
+    saved = torch.load(sharded_lora / "rank0.pt")
+    assert saved["specs"] == [s.name for s in one.weight_specs()]  # the adapter alone
+    expected = dict(one.sender.named_weights())
+    assert expected.keys() == saved["sent"].keys()
+    moved = [n for n in expected if "lora_B" in n]
+    assert moved and all(expected[n].abs().sum() > 0 for n in moved)  # the precondition: it trained
+    for name, want in expected.items():  # gathered whole for the engines, as one rank has it
+        assert (saved["sent"][name] - want).norm() <= 1e-5 * want.norm() + 1e-7, name
+    for got, want in zip(saved["metrics"], metrics, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4, abs=1e-7)
+    for path in (f"{ADAPTER_DIR}/adapter_model.safetensors", "model.safetensors"):
+        got, want = load_file(sharded_lora / "final" / path), load_file(tmp_path / "final" / path)
+        assert got.keys() == want.keys(), path
+        for name in want:
+            assert (got[name] - want[name]).norm() <= 1e-5 * want[name].norm() + 1e-7, (path, name)
