@@ -135,13 +135,6 @@ def test_each_rule_gives_its_line(path, value, line):
     assert validate(with_value(path, value)) == [line]
 
 
-def test_lora_on_a_sharded_learner_is_refused():
-    cfg = Config()
-    cfg.learner.lora_rank, cfg.learner.num_ranks = 8, 2
-    assert validate(cfg) == ["learner.lora_rank needs learner.num_ranks 1: a LoRA adapter on a "
-                             "sharded learner is not supported yet"]
-
-
 def test_every_declared_bound_has_a_row():
     sections = [name for name, value in vars(Config()).items() if dataclasses.is_dataclass(value)]
     assert "reward_model" in sections
