@@ -5,6 +5,7 @@ training run needs. One line per check; it stops, and exits 1, at the first that
     python -m deploy.gpu_check --model.name EleutherAI/pythia-410m-deduped
     python -m deploy.gpu_check --learner.num-ranks 2              # a sharded learner, a GPU each
     python -m deploy.gpu_check --cluster.device cpu --model.name tiny   # the same checks on a CPU
+    python -m deploy.gpu_check --skip run                        # all but the short training run
 
 Any deploy.train field can be set, as on its command line. The checks: vLLM loads the model; a
 broadcast of changed weights (NCCL on GPUs) makes each of the engine's greedy tokens the
@@ -243,13 +244,29 @@ def _name(dtype: torch.dtype) -> str:
 CHECKS = ("start", "broadcast", "logprobs", "update", "run")
 
 
+def skipped(argv: list[str]) -> tuple[list[str], set[str]]:
+    """`argv` without its `--skip NAME[,NAME]`, and the checks it names (any but `start`, which
+    the others need)."""
+    if "--skip" not in argv:
+        return argv, set()
+    i = argv.index("--skip")
+    names = set(argv[i + 1].split(",")) if i + 1 < len(argv) else set()
+    if not names or not names <= set(CHECKS) - {"start"}:
+        raise SystemExit(f"--skip takes checks among {', '.join(CHECKS[1:])}, comma-separated")
+    return argv[:i] + argv[i + 2:], names
+
+
 def main(argv: list[str] | None = None) -> int:
     from common import logs
 
     logs.console()
-    checks = Checks(command_line(sys.argv[1:] if argv is None else argv))
+    argv, skip = skipped(sys.argv[1:] if argv is None else argv)
+    checks = Checks(command_line(argv))
     try:
         for name in CHECKS:
+            if name in skip:
+                print(f"skip  {name:<10} (--skip)", flush=True)
+                continue
             print(f"ok    {name:<10} {getattr(checks, name)()}", flush=True)
     except Exception as e:
         cause = cause_of(e)
