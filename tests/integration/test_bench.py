@@ -121,8 +121,8 @@ def test_smoke_json_has_every_section_with_positive_numbers(bench):
         assert run["step"] is None or 1 <= run["step"] <= run["steps_run"]
         assert positive(run["startup_s"])
     modes = s["modes"]["modes"]
-    assert [(m["policy_lag"], m["weight_update"]) for m in modes] == [
-        (0, "between_rounds"), (1, "between_rounds"), (1, "in_flight")]
+    assert [(m["policy_lag"], m["weight_update"]) for m in modes] == [  # the smoke's two
+        (0, "between_rounds"), (1, "in_flight")]
     for m in modes:
         assert positive(m["completions_per_s"]) and 0 < m["engine_busy"] <= 1 and 0 < m["learner_busy"] <= 1
     assert modes[0]["token_lag_mean"] == 0 and modes[1]["token_lag_mean"] > 0  # one step ahead
