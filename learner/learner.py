@@ -5,11 +5,11 @@ model run on every rank (learner/sharding.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -268,11 +268,10 @@ class Learner:
     def _ref_logprobs(self, mb: MicroBatch) -> torch.Tensor | None:
         if self.cfg.grpo.beta == 0:
             return None
-        if self.lora:
-            with self.model.disable_adapter():
-                return self.logprobs(mb)[0]
-        logp = self.logprobs(mb, self.ref_model)[0]
-        sharding.reshard(self.ref_model)
+        reference = self.model if self.lora else self.ref_model
+        with self.model.disable_adapter() if self.lora else contextlib.nullcontext():
+            logp = self.logprobs(mb, reference)[0]
+        sharding.reshard(reference)
         return logp
 
     # --- sending weights (learner/weight_sender.py) ---------------------------------------------
@@ -362,7 +361,7 @@ def _save_lora(model: torch.nn.Module, directory: Path) -> None:
     model.merge_and_unload().save_pretrained(directory)
 
 
-@contextmanager
+@contextlib.contextmanager
 def evaluating(model: torch.nn.Module) -> Iterator[None]:
     """`model` in eval mode for the block (no dropout: an engine has none), then back in train."""
     model.eval()
