@@ -1,7 +1,8 @@
 """The learner alone on one GPU, without Ray or vLLM: what a session lent a GPU for a few minutes
 can measure of the GPU path. In order: the GPU's bfloat16 matmul peak; mixed-precision GRPO steps
 (float32 master weights and AdamW state, bfloat16 autocast) on pythia-410m-shape and
-pythia-1.4b-shape, with seconds per step, model FLOP/s against that peak (MFU) and peak memory;
+pythia-1.4b-shape, with seconds per step, model FLOP/s against that peak (MFU) and peak memory,
+each also with a rank-16 LoRA adapter (learner.lora_rank);
 a float16 step with loss scaling; a checkpoint saved and restored bit for bit; one NCCL
 broadcast polled to its deadline, and the abort path a failure elsewhere takes. Writes
 learner_gpu.json into --out.
@@ -10,7 +11,8 @@ learner_gpu.json into --out.
     python -m deploy.bench.learner_gpu --smoke                 # the CPU: the harness only
 
 Needs torch, transformers, safetensors and pyyaml, and TRL (its `entropy_from_logits`) with what
-it imports: on the lent machine, carry the wheels of trl, datasets, dill and multiprocess
+it imports, and peft with accelerate (the LoRA steps): on the lent machine, carry the wheels of
+trl, datasets, dill, multiprocess, peft and accelerate
 (`pip download --no-deps --only-binary=:all: --python-version 3.12 ...`, as the device tool's
 README says) and install them into a --target on PYTHONPATH.
 
@@ -54,6 +56,8 @@ class StepResult:
     peak_memory_gib: float
     loss_scale: float | None = None
     """float16 only: the GradScaler's scale after the step (finite, the step taken)."""
+    lora_rank: int = 0
+    """0: every weight trains; else the rank of the LoRA adapter that alone trains."""
 
 
 def matmul_peak_tflops(device: str, n: int = 8192, repeats: int = 10) -> float:
@@ -71,7 +75,8 @@ def matmul_peak_tflops(device: str, n: int = 8192, repeats: int = 10) -> float:
 
 
 def steps(name: str, dtype: str, device: str, peak: float, prompts: int, group_size: int,
-          prompt_tokens: int, completion_tokens: int, timed: int) -> tuple[StepResult, object]:
+          prompt_tokens: int, completion_tokens: int, timed: int,
+          lora_rank: int = 0) -> tuple[StepResult, object]:
     """GRPO steps of the learner on a synthetic batch; the result and the learner."""
     from learner.learner import Learner
 
@@ -80,6 +85,7 @@ def steps(name: str, dtype: str, device: str, peak: float, prompts: int, group_s
     cfg.grpo.group_size, cfg.grpo.batch_size = group_size, prompts * group_size
     cfg.rollout.max_tokens, cfg.learner.micro_batch_size = completion_tokens, 16
     cfg.model.max_model_len = prompt_tokens + completion_tokens
+    cfg.learner.lora_rank = lora_rank
     groups = batch(group_size, prompts, prompt_tokens, completion_tokens)
     learner = Learner(cfg)
     if device == "gpu":
@@ -95,10 +101,13 @@ def steps(name: str, dtype: str, device: str, peak: float, prompts: int, group_s
     seconds = statistics.median(times)
     shape = model_shape(name, models.resolve(name))
     work = prompts * group_size * flops.training(shape, prompt_tokens, completion_tokens)
+    if lora_rank:  # no weight gradients for the frozen model: forward and input gradients, 2 of 3
+        work = work * 2 / 3
     memory = torch.cuda.max_memory_allocated() / 2**30 if device == "gpu" else 0.0
     scale = learner.scaler.get_scale() if dtype == "float16" else None
     return StepResult(model=name, dtype=dtype, seconds_per_step=seconds, tflops=work / seconds / 1e12,
-                      mfu=work / seconds / 1e12 / peak, peak_memory_gib=memory, loss_scale=scale), learner
+                      mfu=work / seconds / 1e12 / peak, peak_memory_gib=memory, loss_scale=scale,
+                      lora_rank=lora_rank), learner
 
 
 def checkpoint_round_trip(learner) -> bool:
@@ -154,10 +163,14 @@ def run(device: str, smoke: bool) -> dict:
                  "bf16_peak_tflops": peak, "batch": sizes, "steps": []}
     learner = None
     for name in shapes:
-        result, learner = steps(name, "bfloat16", device, peak, **sizes)
-        out["steps"].append(asdict(result))
-        print(f"{name} bfloat16: {result.seconds_per_step:.3f} s/step, {result.tflops:.1f} TFLOP/s, "
-              f"MFU {100 * result.mfu:.1f}%, peak memory {result.peak_memory_gib:.1f} GiB", flush=True)
+        for rank in (16, 0):  # full training last: its learner's checkpoint is checked below
+            del learner
+            result, learner = steps(name, "bfloat16", device, peak, **sizes, lora_rank=rank)
+            out["steps"].append(asdict(result))
+            what = f"LoRA rank {rank}" if rank else "full"
+            print(f"{name} bfloat16 {what}: {result.seconds_per_step:.3f} s/step, "
+                  f"{result.tflops:.1f} TFLOP/s, MFU {100 * result.mfu:.1f}%, "
+                  f"peak memory {result.peak_memory_gib:.1f} GiB", flush=True)
     out["checkpoint_bit_for_bit"] = checkpoint_round_trip(learner)
     del learner
     result, _ = steps(shapes[0], "float16", device, peak, **sizes)

@@ -367,9 +367,10 @@ def test_the_learners_gpu_bench_runs_without_ray_vllm_or_the_cli_libraries(tmp_p
     proc = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads((tmp_path / "learner_gpu.json").read_text())
-    assert [(s["model"], s["dtype"]) for s in out["steps"]] == [("tiny", "bfloat16"), ("tiny", "float16")]
+    assert [(s["model"], s["dtype"], s["lora_rank"]) for s in out["steps"]] == [
+        ("tiny", "bfloat16", 16), ("tiny", "bfloat16", 0), ("tiny", "float16", 0)]
     assert all(s["seconds_per_step"] > 0 and 0 < s["mfu"] for s in out["steps"])
-    assert out["steps"][1]["loss_scale"] > 0 and out["checkpoint_bit_for_bit"] is True
+    assert out["steps"][2]["loss_scale"] > 0 and out["checkpoint_bit_for_bit"] is True
     assert out["broadcast"]["aborted"] is True and out["broadcast"]["abort_s"] < 1
 
 
