@@ -116,7 +116,7 @@ def check_readable(directory: Path) -> None:
             with safe_open(directory / weights, "pt") as f:
                 f.keys()
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"checkpoint {directory} is damaged: {weights}: {e}") from None
+        raise CheckpointError(f"checkpoint {directory} is damaged: {Path(weights).name}: {e}") from None
     if not zipfile.is_zipfile(directory / "learner.pt"):
         raise CheckpointError(f"checkpoint {directory} is damaged: learner.pt is not a torch archive")
     read_state(directory / "driver.json")
