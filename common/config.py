@@ -216,6 +216,44 @@ class RolloutConfig(ActorResources):
 
 
 @dataclass
+class EnvConfig(Section):
+    """Multi-turn episodes: an environment answers each model turn until it is done. Off (empty
+    `name`), a rollout is one completion scored by rollout.rewards."""
+
+    name: str = ""
+    """A skyrl-gym text environment (`skyrl_gym.envs.BaseTextEnv`): a registered id such as
+    `gsm8k_multi_turn`, or `package.module:Class`. Built once per episode with the dataset row's
+    other columns as its `extras` (plus `max_turns`), as SkyRL builds it. Its rewards, summed
+    over the turns, are the episode's reward; rollout.rewards does not apply."""
+    max_turns: Annotated[int, Bound(ge=1)] = 4
+    """Most model turns per episode (the environment may end it sooner)."""
+    max_episode_tokens: Annotated[int, Bound(ge=1)] = 128
+    """Most tokens after the prompt, the model's and the environment's together; an episode
+    that would pass it (or model.max_model_len) ends there, truncated (`length`)."""
+    step_timeout_s: Annotated[float, Bound(gt=0)] = 30.0
+    """Longest one environment call (make, init, step, close) may take."""
+    on_error: Literal["fail", "drop"] = "fail"
+    """An environment that raises, answers malformed or times out: `fail` stops the run in one
+    line naming it and the episode; `drop` leaves the episode out of the loss (reward NaN),
+    logs one line and counts it in `env_errors`."""
+    threads: Annotated[int, Bound(ge=1)] = 32
+    """Threads running environment calls per rollout worker: episodes waiting on their
+    environment at once (a hung call holds one until the process ends)."""
+
+    def problems(self, prefix: str) -> list[str]:
+        return super().problems(prefix) + [*self.validate_environment_exists(prefix)]
+
+    def validate_environment_exists(self, prefix: str) -> Iterator[str]:
+        if self.name:
+            from common import environments  # imports the plug-in
+
+            try:
+                environments.resolve(self.name)
+            except environments.EnvError as e:
+                yield f"{prefix}name: {e}"
+
+
+@dataclass
 class GRPOConfig(Section):
     """The GRPO objective: groups, advantages, the clipped ratio, KL, off-policy correction.
     Field names and meanings are TRL's GRPOConfig's (README: "Coming from TRL")."""
@@ -446,6 +484,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     buffer: BufferConfig = field(default_factory=BufferConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
@@ -482,13 +521,13 @@ class Config:
         """Every problem that would stop or spoil the run, one line each: the run's own fields',
         each section's, then the rules that tie sections together."""
         lines = out_of_bounds(self, "") + [*self.validate_resume_has_run_dir()]
-        for name in ("grpo", "rollout", "learner", "reward_model", "buffer", "data", "cluster", "logging"):
+        for name in ("grpo", "rollout", "env", "learner", "reward_model", "buffer", "data", "cluster", "logging"):
             lines += getattr(self, name).problems(f"{name}.")
         for rule in (self.validate_capacity_holds_a_batch, self.validate_batch_splits_over_ranks,
                      self.validate_in_flight_has_lag, self.validate_sequence_fits_model,
                      self.validate_no_gpus_on_cpu, self.validate_tensor_parallel_on_gpu,
                      self.validate_engine_gpus, self.validate_learner_gpu,
-                     self.validate_shm_on_cpu):
+                     self.validate_shm_on_cpu, self.validate_rewards_or_environment):
             lines += rule()
         return lines + self.model.problems("model.")
 
@@ -545,6 +584,11 @@ class Config:
     def validate_shm_on_cpu(self) -> Iterator[str]:
         if self.cluster.device != "cpu" and self.cluster.weight_sync == "shm":
             yield "cluster.weight_sync shm is for CPU engines; use broadcast (NCCL) on GPU"
+
+    def validate_rewards_or_environment(self) -> Iterator[str]:
+        if self.env.name and self.rollout.rewards != RolloutConfig.rewards:
+            yield (f"env.name ({self.env.name}) scores the episodes; rollout.rewards "
+                   f"({', '.join(self.rollout.rewards)}) does not apply with it: leave it unset")
 
     def gpus(self, role: Literal["rollout", "learner", "reward_model"]) -> float:
         """GPUs for each of `role`'s actors: its `num_gpus`, or when unset what the device

@@ -30,11 +30,15 @@ class ModelError(RunError, ValueError):
 
 
 # Pythia has no chat template. Turns end with <|endoftext|> so a model learns to stop; the
-# generation prompt ends at "Assistant:" with no space because BPE tokens carry their own.
+# generation prompt ends at "Assistant:" with no space because BPE tokens carry their own. Tool
+# results (an environment's `tool` messages) are "Tool: " lines; the calls they answer are the
+# model's own text, `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (README,
+# "Environments and tools").
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'system' -%}{{ message['content'] + '\\n' }}"
     "{%- elif message['role'] == 'user' -%}{{ 'User: ' + message['content'] + '\\n' }}"
+    "{%- elif message['role'] == 'tool' -%}{{ 'Tool: ' + message['content'] + '\\n' }}"
     "{%- elif message['role'] == 'assistant' -%}"
     "{{ 'Assistant: ' + message['content'] + eos_token + '\\n' }}"
     "{%- else -%}{{ raise_exception('unknown chat role: ' + message['role']) }}"
@@ -65,7 +69,7 @@ PRESETS: dict[str, Preset] = {
 }
 
 # Bump when the builder's output changes, so cached presets are rebuilt.
-BUILDER_VERSION = 3
+BUILDER_VERSION = 4
 TOKENIZER_FILE = Path(__file__).parent / "assets" / "gpt-neox-20b-tokenizer.json"
 PYTHIA_VOCAB = 50277  # tokens in Pythia's tokenizer; the embedding is padded to 50304
 EOS, PAD = "<|endoftext|>", "<|padding|>"

@@ -120,7 +120,31 @@ RULE_ROWS = [
     ("cluster.call_timeout_s", 0.0, "cluster.call_timeout_s must be > 0 (got 0.0)"),
     ("cluster.max_worker_restarts", -1, "cluster.max_worker_restarts must be >= 0 (got -1)"),
     ("logging.eval_every", -1, "logging.eval_every must be >= 0 (got -1)"),
+    ("env.max_turns", 0, "env.max_turns must be >= 1 (got 0)"),
+    ("env.max_episode_tokens", 0, "env.max_episode_tokens must be >= 1 (got 0)"),
+    ("env.step_timeout_s", 0.0, "env.step_timeout_s must be > 0 (got 0.0)"),
+    ("env.threads", 0, "env.threads must be >= 1 (got 0)"),
+    ("env.name", "common.rewards:explicit_pos", "env.name: environment `common.rewards:explicit_pos` "
+                                                "is not a skyrl_gym BaseTextEnv subclass"),
+    ("env.name", "no_such_module:Env", "env.name: environment `no_such_module:Env`: cannot import it "
+                                       "(ModuleNotFoundError: No module named 'no_such_module')"),
 ]
+
+
+def test_an_unknown_environment_is_one_line_listing_the_registered_ones():
+    [line] = validate(with_value("env.name", "nope"))
+    assert line.startswith("env.name: unknown environment `nope`: registered are aime, calculator, ")
+    assert line.endswith("; or give a package.module:Class path")
+    assert "gsm8k_multi_turn" in line and "say_word" in line
+
+
+def test_an_environment_scores_the_episodes_so_reward_functions_are_refused_beside_it():
+    cfg = Config()
+    cfg.env.name = "say_word"
+    assert validate(cfg) == []
+    cfg.rollout.rewards = ("length",)
+    assert validate(cfg) == ["env.name (say_word) scores the episodes; rollout.rewards (length) does "
+                             "not apply with it: leave it unset"]
 
 
 def with_value(path: str, value) -> Config:
@@ -205,7 +229,7 @@ def test_a_negative_value_of_any_numeric_field_is_refused_in_one_line(path):
 
 def test_the_sweep_reaches_every_section():
     assert {p.split(".")[0] for p in numeric_fields() if "." in p} == {
-        "model", "data", "rollout", "grpo", "buffer", "learner", "reward_model", "cluster", "logging"}
+        "model", "data", "rollout", "env", "grpo", "buffer", "learner", "reward_model", "cluster", "logging"}
 
 
 def test_group_size_one_line_says_why_and_what_was_given():
