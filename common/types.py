@@ -47,6 +47,12 @@ class RolloutGroup:
     """The oldest policy version that sampled any of its tokens: what its staleness is."""
     worker: int = 0
     """Index of the rollout worker that generated it."""
+    model_masks: list[list[int]] | None = None
+    """Multi-turn episodes: per token, 1 where the model sampled it, 0 where the environment
+    wrote it (context: out of the loss, the KL and every token count; its log-prob is 0 and its
+    version the turn's before it). None: every token is the model's."""
+    episodes: list[Episode] | None = None
+    """Multi-turn episodes: how each went; None for single-turn completions."""
 
     @property
     def zero_std(self) -> bool:
@@ -56,7 +62,24 @@ class RolloutGroup:
 
     @property
     def num_tokens(self) -> int:
-        return sum(len(ids) for ids in self.completion_ids)
+        """Tokens the model sampled (an episode's environment tokens are not)."""
+        if self.model_masks is None:
+            return sum(len(ids) for ids in self.completion_ids)
+        return sum(sum(mask) for mask in self.model_masks)
+
+
+@dataclass
+class Episode:
+    """How one multi-turn episode went."""
+
+    turns: int
+    """Model turns."""
+    env_seconds: float
+    """Seconds spent in the environment's calls."""
+    tool_calls: int
+    """Tool results the environment returned (its `tool` messages)."""
+    error: str = ""
+    """Why the environment failed, when env.on_error dropped the episode; empty otherwise."""
 
 
 @dataclass

@@ -30,13 +30,25 @@ class MicroBatch:
         return MicroBatch(**moved)
 
 
-def flat_sequences(groups: list[RolloutGroup]) -> list[tuple[list[int], list[int], list[float]]]:
-    """(prompt ids, completion ids, behaviour log-probs) of every completion, group after group."""
+Sequence = tuple[list[int], list[int], list[float]] | tuple[list[int], list[int], list[float], list[int] | None]
+"""(prompt ids, completion ids, behaviour log-probs[, model mask]): the mask, where given and not
+None, is 1 per token the model sampled and 0 per environment token."""
+
+
+def flat_sequences(groups: list[RolloutGroup]) -> list[Sequence]:
+    """Every completion (or episode) as a `Sequence`, group after group."""
     return [
-        (g.prompt.token_ids, ids, lps)
+        (g.prompt.token_ids, ids, lps, None if g.model_masks is None else g.model_masks[i])
         for g in groups
-        for ids, lps in zip(g.completion_ids, g.logprobs)
+        for i, (ids, lps) in enumerate(zip(g.completion_ids, g.logprobs))
     ]
+
+
+def model_tokens(group: RolloutGroup) -> list[int]:
+    """Tokens the model sampled, per completion (an episode's environment tokens left out)."""
+    if group.model_masks is None:
+        return [len(ids) for ids in group.completion_ids]
+    return [sum(mask) for mask in group.model_masks]
 
 
 def advantages_of(groups: list[RolloutGroup], scale: str) -> torch.Tensor:
@@ -47,9 +59,10 @@ def advantages_of(groups: list[RolloutGroup], scale: str) -> torch.Tensor:
 
 
 def trained_tokens(groups: list[RolloutGroup], mask_truncated: bool = False) -> int:
-    """Completion tokens the loss counts: not those of unscored completions, nor with
-    `mask_truncated` of completions cut off at the token limit (see `micro_batches`)."""
-    return sum(len(ids) for g in groups for ids, r, f in zip(g.completion_ids, g.rewards, g.finish_reasons)
+    """Completion tokens the loss counts: the model's (not an environment's), not those of
+    unscored completions, nor with `mask_truncated` of completions cut off at the token limit
+    (see `micro_batches`)."""
+    return sum(n for g in groups for n, r, f in zip(model_tokens(g), g.rewards, g.finish_reasons)
                if not math.isnan(r) and not (mask_truncated and f == "length"))
 
 
@@ -81,20 +94,23 @@ def micro_batches(groups: list[RolloutGroup], size: int, scale: str, pad_id: int
     return out
 
 
-def collate(seqs: list[tuple[list[int], list[int], list[float]]], advantages: torch.Tensor,
-            pad_id: int) -> MicroBatch:
-    p_len = max(len(p) for p, _, _ in seqs)
-    c_len = max(max(len(c) for _, c, _ in seqs), 1)
+def collate(seqs: list[Sequence], advantages: torch.Tensor, pad_id: int) -> MicroBatch:
+    """Environment tokens are attended to (context) but out of `completion_mask`."""
+    p_len = max(len(p) for p, *_ in seqs)
+    c_len = max(max(len(c) for _, c, *_ in seqs), 1)
     n = len(seqs)
     input_ids = torch.full((n, p_len + c_len), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((n, p_len + c_len), dtype=torch.long)
     behaviour = torch.zeros((n, c_len), dtype=torch.float32)
-    for row, (prompt, completion, logps) in enumerate(seqs):
+    by_model = torch.ones((n, c_len), dtype=torch.bool)
+    for row, (prompt, completion, logps, *model_mask) in enumerate(seqs):
         input_ids[row, p_len - len(prompt) : p_len] = torch.tensor(prompt)
         input_ids[row, p_len : p_len + len(completion)] = torch.tensor(completion, dtype=torch.long)
         attention_mask[row, p_len - len(prompt) : p_len + len(completion)] = 1
         behaviour[row, : len(logps)] = torch.tensor(logps)
-    completion_mask = attention_mask[:, p_len:].bool()
+        if model_mask and model_mask[0] is not None:
+            by_model[row, : len(completion)] = torch.tensor(model_mask[0], dtype=torch.bool)
+    completion_mask = attention_mask[:, p_len:].bool() & by_model
     return MicroBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -120,11 +136,12 @@ def batch_stats(groups: list[RolloutGroup], trained_version: int) -> dict:
     oldest token, and per token)."""
     rewards = torch.tensor([r for g in groups for r in g.rewards])  # [N]
     scored = rewards[~rewards.isnan()]
-    lengths = torch.tensor([len(ids) for g in groups for ids in g.completion_ids],
-                           dtype=torch.float)  # [N]
+    lengths = torch.tensor([n for g in groups for n in model_tokens(g)], dtype=torch.float)  # [N]
     lags = [trained_version - g.policy_version for g in groups]
-    token_lags = torch.tensor([trained_version - v for g in groups for versions in g.token_versions
-                               for v in versions], dtype=torch.float)
+    token_lags = torch.tensor([trained_version - v for g in groups
+                               for i, versions in enumerate(g.token_versions)
+                               for t, v in enumerate(versions)
+                               if g.model_masks is None or g.model_masks[i][t]], dtype=torch.float)
     stats = {
         "reward": scored.mean().item() if scored.numel() else math.nan,
         "reward_std": scored.std().item() if scored.numel() > 1 else 0.0,
@@ -140,6 +157,14 @@ def batch_stats(groups: list[RolloutGroup], trained_version: int) -> dict:
         "mixed_version_frac": sum(len(set(versions)) > 1 for g in groups
                                   for versions in g.token_versions) / len(lengths),
     }
+    episodes = [e for g in groups for e in g.episodes or ()]
+    if episodes:
+        stats.update({
+            "turns": sum(e.turns for e in episodes) / len(episodes),
+            "env_s": sum(e.env_seconds for e in episodes) / len(episodes),
+            "tool_calls": sum(e.tool_calls for e in episodes) / len(episodes),
+            "env_errors": sum(bool(e.error) for e in episodes),
+        })
     for name in groups[0].reward_parts:
         parts = torch.tensor([r for g in groups for r in g.reward_parts[name]])
         stats[f"reward/{name}"] = parts.nanmean().item()

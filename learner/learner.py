@@ -193,7 +193,7 @@ class Learner:
         loss's normalisers, which are the whole batch's (each rank trains on its share of the
         sequences), and the share of their positions that is padding."""
         grpo, ranks = self.cfg.grpo, self.cfg.learner.num_ranks
-        lengths = [len(p) + len(c) for p, c, _ in flat_sequences(groups)]
+        lengths = [len(p) + len(c) for p, c, *_ in flat_sequences(groups)]
         rows = sharding.deal(lengths, ranks)[self.rank] if self.sharded else None
         # Sequences of like lengths together pad less; bnpo alone depends on which sequences
         # share a micro-batch (its normaliser is the micro-batch's tokens), so it keeps TRL's.
@@ -202,7 +202,7 @@ class Learner:
                                 rows=rows, by_length=grpo.loss_type != "bnpo")
         totals = Normalisers(num_sequences=len(lengths),
                              num_tokens=trained_tokens(groups, grpo.mask_truncated_completions),
-                             max_completion_length=self.cfg.rollout.max_tokens,
+                             max_completion_length=self.cfg.env.max_episode_tokens if self.cfg.env.name else self.cfg.rollout.max_tokens,
                              num_micro_batches=len(on_host) * ranks)
         # Counted on the host, before the micro-batches move to the device.
         tokens = torch.stack([mb.completion_mask.sum() for mb in on_host])

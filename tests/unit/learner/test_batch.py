@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common.types import Prompt, RolloutGroup
-from learner.batch import batch_stats, collate, micro_batches, padded_share
+from learner.batch import batch_stats, collate, micro_batches, padded_share, trained_tokens
 from learner.grpo import group_advantages
 
 PAD = 0
@@ -171,3 +171,67 @@ def test_by_length_puts_like_lengths_together_and_pads_less():
     assert torch.cat([mb.advantages for mb in by_length]).tolist() == expected[[0, 2, 1, 3]].tolist()
     torch.testing.assert_close(by_length[1].behaviour_logp, torch.tensor([[-0.1, -0.2, -0.3, -0.4],
                                                                           [-0.2, -0.3, -0.4, -0.5]]))
+
+
+# --- multi-turn episodes: environment tokens are context, never trained on --------------------
+
+
+def episode_group(model_masks: list[list[int]] | None) -> RolloutGroup:
+    """Two episodes of one prompt: each a model turn of 3 tokens, 2 environment tokens, a model
+    turn of 3 (the second episode's model tokens differ), rewards 1 and 0."""
+    completions = [[5, 6, 7, 90, 91, 8, 9, 5], [6, 6, 7, 90, 91, 8, 5, 5]]
+    g = group(0, [11, 12], completions, [1.0, 0.0])
+    g.model_masks = model_masks
+    return g
+
+
+def single_turn_group() -> RolloutGroup:
+    """The same episodes' model tokens, as single-turn completions."""
+    return group(0, [11, 12], [[5, 6, 7, 8, 9, 5], [6, 6, 7, 8, 5, 5]], [1.0, 0.0])
+
+
+def logp_grads(groups: list[RolloutGroup], loss_type: str) -> list[list[float]]:
+    """d loss / d log-prob of each completion token (row by row, padding cut), the batch as the
+    learner builds and weighs it."""
+    from common.config import GRPOConfig
+    from learner.grpo import Normalisers, grpo_loss
+
+    grpo = GRPOConfig(loss_type=loss_type, group_size=2, batch_size=2)
+    [mb] = micro_batches(groups, 4, "group", PAD)
+    logp = (mb.behaviour_logp + 0.05).requires_grad_()  # the learner a little off the engine
+    totals = Normalisers(num_sequences=2, num_tokens=trained_tokens(groups), max_completion_length=8,
+                         num_micro_batches=1)
+    grpo_loss(logp, None, mb.behaviour_logp, None, mb.advantages, mb.completion_mask, grpo,
+              totals).loss.backward()
+    lengths = [len(ids) for g in groups for ids in g.completion_ids]
+    return [row[:n] for row, n in zip(logp.grad.tolist(), lengths)]
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"])
+def test_environment_tokens_get_no_gradient_and_model_tokens_a_single_turns(loss_type):
+    masks = [[1, 1, 1, 0, 0, 1, 1, 1]] * 2
+    episodes = logp_grads([episode_group(masks)], loss_type)
+    single = logp_grads([single_turn_group()], loss_type)
+    model = [[g for g, m in zip(row, mask) if m] for row, mask in zip(episodes, masks)]
+    environment = [[g for g, m in zip(row, mask) if not m] for row, mask in zip(episodes, masks)]
+    assert environment == [[0.0, 0.0], [0.0, 0.0]]  # exactly zero
+    torch.testing.assert_close(torch.tensor(model), torch.tensor(single), rtol=1e-6, atol=0)
+    assert any(g != 0 for row in single for g in row)  # the oracle trains on something
+    # Precondition: counted as the model's, the environment's tokens would be trained on and
+    # would change the model tokens' weights (every loss but dr_grpo normalises by tokens).
+    unmasked = logp_grads([episode_group(None)], loss_type)
+    assert any(row[3] != 0 for row in unmasked)
+
+
+def test_batch_statistics_count_the_models_tokens_and_the_episodes():
+    from common.types import Episode
+
+    g = episode_group([[1, 1, 1, 0, 0, 1, 1, 1]] * 2)
+    g.token_versions = [[0, 0, 0, 5, 5, 1, 1, 1]] * 2  # an environment token's version is never read
+    g.episodes = [Episode(turns=2, env_seconds=0.5, tool_calls=1),
+                  Episode(turns=3, env_seconds=1.5, tool_calls=0, error="raised")]
+    stats = batch_stats([g], trained_version=1)
+    assert stats["completion_len"] == 6
+    assert stats["token_lag_mean"] == pytest.approx((3 * 1 + 3 * 0) / 6)
+    assert (stats["turns"], stats["env_s"], stats["tool_calls"], stats["env_errors"]) == (2.5, 1.0, 0.5, 1)
+    assert trained_tokens([g]) == 12 and g.num_tokens == 12
