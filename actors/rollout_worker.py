@@ -19,6 +19,7 @@ import ray
 import torch
 
 from actors.engine_loop import EngineLoop
+from actors.episodes import EpisodeRunner
 from actors.reward_model import RewardModelClient, model_rewards
 from actors.vllm_extension import WeightSyncExtension, exit_for_restart
 from common import logs, lora, models
@@ -162,13 +163,18 @@ class RolloutWorker:
                                    adapter=self._adapter,
                                    on_failure=lambda _: exit_for_restart("the engine's loop stopped"))
         self.llm = self.loop.llm
+        # The environment's calls overlap generation: a row of their own in the trace.
+        self.env_spans = Spans(f"rollout worker {index} environments")
+        self.episodes = EpisodeRunner(cfg, self.loop.submit, models.load_tokenizer(model_path),
+                                      self.env_spans, token_versions) if cfg.env.name else None
+        """Multi-turn episodes with env.name's environment; None: one completion per sample."""
 
     def ready(self) -> tuple[str, int]:
         """(incarnation, policy version): a new incarnation means Ray restarted this worker."""
         return self.incarnation, self.version
 
     def take_spans(self) -> list[Span]:
-        return self.spans.take()
+        return self.spans.take() + self.env_spans.take()
 
     # --- generation --------------------------------------------------------------------------
 
@@ -183,7 +189,7 @@ class RolloutWorker:
     def stream(self, prompts: list[Prompt], round_: int) -> GenerationStats:
         """As `generate`, but each group goes into the buffer the moment its G completions are
         done; returns once all are stored."""
-        self.spans.step = round_
+        self.spans.step = self.env_spans.step = round_
         buffer, stored = ray.get_actor(buffer_name(self.run_id)), []
         _, stats = self._generate(prompts, round_, self.cfg.grpo.group_size, on_group=lambda g: stored.append(
             buffer.put.remote([g], self.cfg.buffer.timeout_s)), max_tokens=self.cfg.rollout.max_tokens)
@@ -196,6 +202,10 @@ class RolloutWorker:
 
         rollout = self.cfg.rollout
         start = time.perf_counter()
+        if self.episodes is not None:
+            groups = self._episodes(prompts, round_, n, on_group, max_tokens)
+            return groups, GenerationStats(tokens=sum(g.num_tokens for g in groups),
+                                           seconds=time.perf_counter() - start)
         events: queue.SimpleQueue = queue.SimpleQueue()  # generated, then scored, in any order
         submitted = self.loop.submit_all([(p.token_ids, SamplingParams(
             n=n, max_tokens=max_tokens, temperature=rollout.temperature, top_p=rollout.top_p,
@@ -218,6 +228,32 @@ class RolloutWorker:
                 on_group(groups[i])
         stats = GenerationStats(tokens=sum(g.num_tokens for g in groups), seconds=time.perf_counter() - start)
         return groups, stats
+
+    def _episodes(self, prompts: list[Prompt], round_: int, n: int, on_group,
+                  max_tokens: int) -> list[RolloutGroup]:
+        """`n` multi-turn episodes per prompt, scored by their environment; each group goes to
+        `on_group` as soon as its episodes are done."""
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        submitted = [self.episodes.submit(p, round_, n, max_tokens) for p in prompts]
+        for future in submitted:
+            future.add_done_callback(done.put)
+        groups: list[RolloutGroup | None] = [None] * len(prompts)
+        position = {future: i for i, future in enumerate(submitted)}
+        for _ in prompts:
+            future = done.get()
+            prompt, episodes = future.result()  # an EnvError ends the round in one line
+            rewards = [e.reward for e in episodes]
+            groups[position[future]] = group = RolloutGroup(
+                prompt=prompt, completions=[e.text for e in episodes],
+                completion_ids=[e.token_ids for e in episodes], logprobs=[e.logprobs for e in episodes],
+                token_versions=[e.versions for e in episodes],
+                finish_reasons=[e.finish_reason for e in episodes], rewards=rewards,
+                reward_parts={"env": rewards}, policy_version=min((v for e in episodes for v in e.versions), default=self.version),
+                worker=self.index, model_masks=[e.model_mask for e in episodes],
+                episodes=[e.episode for e in episodes])
+            if on_group is not None:
+                on_group(group)
+        return groups
 
     def _score(self, prompt: Prompt, completions: list) -> Future:
         """The rewards of one prompt's completions, as TRL's reward functions take them."""
