@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from deploy.bench import (end_to_end, generation, lora, modes, padding, peak, ranks, scaling,
-                          time_to_reward, weight_sync)
+from deploy.bench import (end_to_end, environments, generation, lora, modes, padding, peak, ranks,
+                          scaling, time_to_reward, weight_sync)
 
 
 @dataclass(frozen=True)
@@ -48,4 +48,6 @@ SECTIONS = {
                        padding.run, padding.markdown, targets=padding.targets),
     "lora": Section("LoRA: an adapter against full weights", lora.Settings, lora.run, lora.markdown,
                     targets=lora.targets),
+    "environments": Section("Environments: multi-turn episodes in the engine loop vs one turn at a time",
+                            environments.Settings, environments.run, environments.markdown),
 }

@@ -16,7 +16,7 @@ import pytest
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 SECTIONS = ("peak", "scaling", "generation", "weight_sync", "e2e", "time_to_reward", "modes", "ranks",
-            "padding", "lora")
+            "padding", "lora", "environments")
 CHARTS = ("scaling", "generation", "weight_sync", "e2e", "time_to_reward", "modes")  # bench.png's panels
 PANEL = (462, 770)  # pixels (height, width) of a panel: 4.2 x 7 inches at 110 dpi
 
@@ -132,6 +132,9 @@ def test_smoke_json_has_every_section_with_positive_numbers(bench):
     padding = s["padding"]  # spread lengths: by length pads less than in the batch's order
     assert 0 <= padding["by_length"]["padded_share"] < padding["in_order"]["padded_share"]
     assert positive(padding["by_length"]["seconds_per_step"])
+    environments = s["environments"]  # the same episodes, in the engine loop and turn by turn
+    assert positive(environments["in_loop_tokens_per_s"]) and positive(environments["turn_at_a_time_tokens_per_s"])
+    assert environments["speedup"] == pytest.approx(environments["turn_at_a_time_s"] / environments["in_loop_s"])
     lora = s["lora"]["presets"]["tiny"]  # the adapter against the model: 32768 against 13.3M
     assert lora["full"]["sync_bytes"] / lora["lora"]["sync_bytes"] == pytest.approx(lora["bytes_ratio"])
     assert lora["bytes_ratio"] > 400 and lora["lora"]["trained_parameters"] == 32768
