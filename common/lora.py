@@ -10,6 +10,9 @@ ADAPTER_ID = 1
 """vLLM's id of the adapter. One adapter, replaced in place at every sync: vLLM keeps an adapter
 by this id and loads it from `lora_path` only when the id is not held
 (vllm/lora/worker_manager.py, LRUCacheWorkerLoRAManager.add_adapter), so the path is a name."""
+ADAPTER_DIR = "adapter"
+"""Where peft's `save_pretrained` puts the adapter alone: in a checkpoint, and in the final model
+beside the merged weights."""
 # vLLM sizes its LoRA buffers for a max_lora_rank among these (vllm/config/lora.py, MaxLoRARanks).
 ENGINE_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 

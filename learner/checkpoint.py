@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from common import lora
 from common.errors import RunError, one_line
 from common.types import RunState
 
@@ -34,8 +35,8 @@ _NAME = re.compile(r"step_(\d{6,})")
 FILES = ("model/model.safetensors", "model/config.json", "learner.pt", "driver.json")
 SHARDED_FILES = ("sharded/.metadata", "learner.pt", "driver.json")
 """A learner of several ranks saves its model and optimizer with torch.distributed.checkpoint."""
-ADAPTER_FILES = ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "learner.pt",
-                 "driver.json")
+ADAPTER_FILES = (f"{lora.ADAPTER_DIR}/adapter_model.safetensors", f"{lora.ADAPTER_DIR}/adapter_config.json",
+                 "learner.pt", "driver.json")
 """A LoRA learner saves its adapter (the model under it never changes)."""
 
 
@@ -94,7 +95,7 @@ def _layout(directory: Path) -> tuple[str, ...]:
     """The files a checkpoint of its kind holds."""
     if (directory / "sharded").is_dir():
         return SHARDED_FILES
-    return ADAPTER_FILES if (directory / "adapter").is_dir() else FILES
+    return ADAPTER_FILES if (directory / lora.ADAPTER_DIR).is_dir() else FILES
 
 
 def _is_whole(directory: Path) -> bool:
@@ -215,7 +216,7 @@ def save_learner(learner: Learner, run_dir: str | Path, state: RunState) -> Path
     else:
         with atomic_dir(final) as tmp:
             # A peft model saves its adapter alone, in float32 as it trains.
-            learner.model.save_pretrained(tmp / ("adapter" if learner.lora else "model"))
+            learner.model.save_pretrained(tmp / (lora.ADAPTER_DIR if learner.lora else "model"))
             _save_rest(learner, tmp, state, [_rng(learner.device)])
     return final
 

@@ -37,7 +37,6 @@ from learner.sharding import on_every_rank
 from learner.update_metrics import UpdateMetrics
 from learner.weight_sender import WeightSender
 
-ADAPTER_DIR = "adapter"  # the final model's LoRA adapter alone, beside the merged model
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
 
@@ -357,7 +356,7 @@ class Learner:
 def _save_lora(model: torch.nn.Module, directory: Path) -> None:
     """A peft model as the adapter alone, in peft's format, and the model with it merged
     (W + BA x lora_alpha / r), which loads as any Hugging Face model; `model` is merged away."""
-    model.save_pretrained(directory / ADAPTER_DIR)
+    model.save_pretrained(directory / lora.ADAPTER_DIR)
     model.merge_and_unload().save_pretrained(directory)
 
 

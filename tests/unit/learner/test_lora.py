@@ -13,9 +13,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from common.config import Config
+from common.lora import ADAPTER_DIR
 from common.types import RunState, RunSummary
 from learner.batch import collate
-from learner.learner import ADAPTER_DIR, Learner
+from learner.learner import Learner
 from tests.unit.learner.test_learner import group
 
 RANK, ALPHA = 8, 16.0

@@ -318,7 +318,8 @@ def sharded_lora(tmp_path_factory) -> Path:
 def test_a_lora_adapter_on_two_ranks_trains_and_is_sent_as_on_one(sharded_lora, tmp_path):
     from safetensors.torch import load_file
 
-    from learner.learner import ADAPTER_DIR, Learner
+    from common.lora import ADAPTER_DIR
+    from learner.learner import Learner
 
     one = Learner(lora_config(1))
     metrics = [one.train(b) for b in batches()]
