@@ -2,10 +2,10 @@
 step, run as training runs them (each turn enters the engine as soon as its observation is
 ready, while the others decode) against the same episodes run one turn at a time (every
 episode's turn generated as one batch, then every environment step, then the next turn: the
-engine idles while the slowest environment answers). The environment sleeps 50 ms per step on
-average, each episode's step for its own time between none and twice that, as tools and
-remote environments vary; the model never stops early (random init), so every turn is
-`tokens` long on both sides."""
+engine idles while the slowest environment answers). The environment sleeps a mean latency per
+step, each episode for its own time between none and twice that, as tools and remote
+environments vary; the model never stops early (random init), so every turn is `tokens` long
+on both sides."""
 
 from __future__ import annotations
 
@@ -57,19 +57,22 @@ class Settings:
     """Model turns per episode."""
     tokens: int = 16
     """Tokens per model turn."""
-    latency_ms: float = 50.0
-    """The environment's mean sleep per step."""
+    latencies_ms: tuple[float, ...] = (50.0, 500.0)
+    """The environment's mean sleep per step, one measurement each: 50 ms as issue-sized tools,
+    500 ms where the environment's wait is on the scale of a turn's decoding on this CPU."""
     repeats: int = 2
     """Timed calls of each side (after a warm-up): the best counts."""
 
     @classmethod
     def smoke(cls) -> Settings:
-        return cls(preset="tiny", episodes=16, turns=2, tokens=8, repeats=1)
+        return cls(preset="tiny", episodes=16, turns=2, tokens=8, latencies_ms=(50.0,), repeats=1)
 
 
 @dataclass
-class EnvironmentsResult:
-    config: dict[str, object]
+class Latency:
+    """Both sides at one mean environment sleep."""
+
+    latency_ms: float
     in_loop_tokens_per_s: float
     """Model tokens per second, episodes run as training runs them."""
     in_loop_s: float
@@ -77,6 +80,12 @@ class EnvironmentsResult:
     """The same episodes, every turn of every episode generated as one batch."""
     turn_at_a_time_s: float
     speedup: float
+
+
+@dataclass
+class EnvironmentsResult:
+    config: dict[str, object]
+    latencies: list[Latency]
 
 
 def run(harness: Harness, s: Settings) -> EnvironmentsResult:
@@ -94,24 +103,26 @@ def run(harness: Harness, s: Settings) -> EnvironmentsResult:
     if not ray.is_initialized():
         init_ray(cfg)
     chosen = prompts.first(cfg, s.episodes // harness.options.group_size)
-    for p in chosen:
-        p.columns = {"latency_s": s.latency_ms / 1000}
     worker = ray.remote(num_cpus=threads)(RolloutWorker).remote(cfg)
+    tokens, latencies = s.episodes * s.turns * s.tokens, []
     try:
-        ray.get(worker.generate.remote(chosen[:1], -1))  # warm-up
-        in_loop = min(ray.get(worker.generate.remote(chosen, r))[1].seconds for r in range(s.repeats))
-        one_turn = min(ray.get(worker.__ray_call__.remote(_turn_at_a_time, chosen, harness.options.group_size,
-                                                          s.tokens, s.turns, r)) for r in range(s.repeats))
+        for latency_ms in s.latencies_ms:
+            for p in chosen:
+                p.columns = {"latency_s": latency_ms / 1000}
+            ray.get(worker.generate.remote(chosen[:1], -1))  # warm-up
+            in_loop = min(ray.get(worker.generate.remote(chosen, r))[1].seconds for r in range(s.repeats))
+            one_turn = min(ray.get(worker.__ray_call__.remote(
+                _turn_at_a_time, chosen, harness.options.group_size, s.tokens, s.turns, r)) for r in range(s.repeats))
+            log.info("environments, %g ms: %.0f tokens/s in the loop, %.0f one turn at a time", latency_ms,
+                     tokens / in_loop, tokens / one_turn)
+            latencies.append(Latency(latency_ms, tokens / in_loop, in_loop, tokens / one_turn, one_turn,
+                                     one_turn / in_loop))
     finally:
         ray.kill(worker)
-    tokens = s.episodes * s.turns * s.tokens
-    log.info("environments: %.0f tokens/s in the loop, %.0f one turn at a time", tokens / in_loop, tokens / one_turn)
     return EnvironmentsResult(
         config={"model": s.preset, "episodes": s.episodes, "turns": s.turns, "tokens per turn": s.tokens,
-                "environment sleep per step": f"{s.latency_ms:g} ms on average (0 to {2 * s.latency_ms:g})",
-                "threads": threads, "best of": s.repeats},
-        in_loop_tokens_per_s=tokens / in_loop, in_loop_s=in_loop,
-        turn_at_a_time_tokens_per_s=tokens / one_turn, turn_at_a_time_s=one_turn, speedup=one_turn / in_loop)
+                "environment sleep per step": "each episode's own, from 0 to twice the mean",
+                "threads": threads, "best of": s.repeats}, latencies=latencies)
 
 
 def _turn_at_a_time(worker, chosen: list, n: int, tokens: int, turns: int, round_: int) -> float:
@@ -141,8 +152,11 @@ def _turn_at_a_time(worker, chosen: list, n: int, tokens: int, turns: int, round
 
 
 def markdown(r: EnvironmentsResult) -> list[str]:
-    header = ["episodes run", "model tokens/s", "seconds"]
-    rows = [["in the engine loop (as training runs them)", f"{r.in_loop_tokens_per_s:.0f}", f"{r.in_loop_s:.2f}"],
-            ["one turn at a time", f"{r.turn_at_a_time_tokens_per_s:.0f}", f"{r.turn_at_a_time_s:.2f}"]]
-    return [*render.labelled(r.config, None, header, rows),
-            f"In the engine loop: {r.speedup:.2f}x the throughput of one turn at a time.", ""]
+    header = ["environment sleep (mean)", "episodes run", "model tokens/s", "seconds", "gain"]
+    rows = []
+    for x in r.latencies:
+        rows += [[f"{x.latency_ms:g} ms", "in the engine loop (as training runs them)",
+                  f"{x.in_loop_tokens_per_s:.0f}", f"{x.in_loop_s:.2f}", f"{x.speedup:.2f}x"],
+                 [f"{x.latency_ms:g} ms", "one turn at a time", f"{x.turn_at_a_time_tokens_per_s:.0f}",
+                  f"{x.turn_at_a_time_s:.2f}", ""]]
+    return [*render.labelled(r.config, None, header, rows), ""]

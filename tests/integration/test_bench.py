@@ -132,7 +132,8 @@ def test_smoke_json_has_every_section_with_positive_numbers(bench):
     padding = s["padding"]  # spread lengths: by length pads less than in the batch's order
     assert 0 <= padding["by_length"]["padded_share"] < padding["in_order"]["padded_share"]
     assert positive(padding["by_length"]["seconds_per_step"])
-    environments = s["environments"]  # the same episodes, in the engine loop and turn by turn
+    [environments] = s["environments"]["latencies"]  # the same episodes, in the engine loop and turn by turn
+    assert environments["latency_ms"] == 50
     assert positive(environments["in_loop_tokens_per_s"]) and positive(environments["turn_at_a_time_tokens_per_s"])
     assert environments["speedup"] == pytest.approx(environments["turn_at_a_time_s"] / environments["in_loop_s"])
     lora = s["lora"]["presets"]["tiny"]  # the adapter against the model: 32768 against 13.3M

@@ -54,9 +54,10 @@ def test_the_trace_shows_environment_calls_in_a_row_beside_generation(say_word_r
     assert any(g["ts"] < e["ts"] < g["ts"] + g["dur"] for e in environment for g in generating)
 
 
-def test_a_skyrl_gym_environment_runs_unchanged(tmp_path):
+def test_a_skyrl_gym_environment_runs_unchanged_with_weights_updated_in_flight(tmp_path):
     """skyrl-gym's own `gsm8k_multi_turn`, on a dataset in SkyRL's form (chat prompts and a
-    `reward_spec` column), as its package ships it."""
+    `reward_spec` column), as its package ships it; generation a step ahead, weights updated
+    between two decode steps, so turns of one episode come from two policies."""
     rows = [{"prompt": [{"role": "user", "content": f"What is {a} + {b}? Answer as #### N."}],
              "reward_spec": {"method": "rule", "ground_truth": str(a + b)}, "split": split}
             for split in ("train", "eval") for a, b in [(2, 3), (10, 7), (4, 4), (9, 1)]]
@@ -64,8 +65,10 @@ def test_a_skyrl_gym_environment_runs_unchanged(tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run_dir = tmp_path / "run"
     train(run_dir, "--env.name", "gsm8k_multi_turn", "--env.max-turns", "2", "--data.dataset", str(data),
-          "--rollout.max-tokens", "8", "--steps", "2", "--grpo.group-size", "4", "--grpo.batch-size", "8",
-          "--data.eval-prompts", "4")
+          "--rollout.max-tokens", "8", "--steps", "3", "--grpo.group-size", "4", "--grpo.batch-size", "8",
+          "--data.eval-prompts", "4", "--rollout.weight-update", "in_flight", "--buffer.max-policy-lag", "1")
     history = metrics(run_dir)
-    assert [m["step"] for m in history] == [1, 2]
+    assert [m["step"] for m in history] == [1, 2, 3]
     assert all(m["turns"] == 2 and m["env_errors"] == 0 for m in history)
+    # Trained a step after it was generated: the labels of the model's tokens say so.
+    assert history[0]["token_lag_mean"] == 0 and max(m["token_lag_mean"] for m in history) > 0

@@ -235,3 +235,12 @@ def test_batch_statistics_count_the_models_tokens_and_the_episodes():
     assert stats["token_lag_mean"] == pytest.approx((3 * 1 + 3 * 0) / 6)
     assert (stats["turns"], stats["env_s"], stats["tool_calls"], stats["env_errors"]) == (2.5, 1.0, 0.5, 1)
     assert trained_tokens([g]) == 12 and g.num_tokens == 12
+
+
+def test_mask_truncated_completions_drops_a_truncated_episode_whole():
+    mask = [1, 1, 1, 0, 0, 1, 1, 1]
+    g = episode_group([mask] * 2)
+    g.finish_reasons = ["length", "stop"]  # the first episode ran out of its token budget
+    [mb] = micro_batches([g], 4, "group", PAD, mask_truncated=True)
+    assert mb.completion_mask.tolist() == [[False] * 8, [bool(m) for m in mask]]
+    assert trained_tokens([g], mask_truncated=True) == 6  # the second episode's model tokens
