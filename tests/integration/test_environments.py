@@ -18,7 +18,7 @@ STEPS = 24
 # the first fifth of the steps to 0.45-0.49 over the last.
 SAY_WORD = ["--env.name", "say_word", "--env.max-turns", "3", "--rollout.max-tokens", "16",
             "--model.dtype", "float32", "--steps", str(STEPS), "--grpo.group-size", "4",
-            "--grpo.batch-size", "16"]
+            "--grpo.batch-size", "16", "--data.eval-split", ""]  # the reward over steps is the test
 ENV_KEYS = {"turns", "env_s", "tool_calls", "env_errors", "reward/env"}
 
 
@@ -66,7 +66,7 @@ def test_a_skyrl_gym_environment_runs_unchanged_with_weights_updated_in_flight(t
     run_dir = tmp_path / "run"
     train(run_dir, "--env.name", "gsm8k_multi_turn", "--env.max-turns", "2", "--data.dataset", str(data),
           "--rollout.max-tokens", "8", "--steps", "3", "--grpo.group-size", "4", "--grpo.batch-size", "8",
-          "--data.eval-prompts", "4", "--rollout.weight-update", "in_flight", "--buffer.max-policy-lag", "1")
+          "--data.eval-split", "", "--rollout.weight-update", "in_flight", "--buffer.max-policy-lag", "1")
     history = metrics(run_dir)
     assert [m["step"] for m in history] == [1, 2, 3]
     assert all(m["turns"] == 2 and m["env_errors"] == 0 for m in history)

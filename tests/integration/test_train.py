@@ -305,6 +305,10 @@ def test_resumed_run_matches_the_uninterrupted_one(sync_run, tmp_path):
 LORA_STEPS = 12
 # A local model's default learning rate is a Pythia's (1e-6): the tiny one's is set.
 LORA = ["--learner.lora-rank", "8", "--steps", str(LORA_STEPS), "--learner.learning-rate", "3e-2"]
+# The synchronous LoRA run computes in float32, where the engines' log-probs are held to the
+# learner's at 1e-3 (measured: 8.9e-8; first fifth 0.007, last 0.72); the in-flight one runs in
+# the machine's default dtype (bfloat16 where the CPU multiplies it natively).
+LORA_FLOAT32 = [*LORA, "--model.dtype", "float32"]
 
 
 @pytest.fixture(scope="module")
@@ -324,7 +328,7 @@ def lora_base(sync_run, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def lora_console(lora_base, tmp_path_factory) -> tuple[Path, str]:
     run_dir = tmp_path_factory.mktemp("lora") / "run"
-    proc = train(run_dir, "--model.name", str(lora_base), *LORA)
+    proc = train(run_dir, "--model.name", str(lora_base), *LORA_FLOAT32)
     return run_dir, proc.stderr
 
 
@@ -334,7 +338,7 @@ def test_lora_raises_the_reward_sending_the_adapter_alone(lora_console, lora_bas
     history = metrics(run_dir)
     # The engines sampled with the adapter the learner had, and the probe set, scored by each
     # engine under the adapter it holds, agreed with the learner after every sync.
-    assert engines_had_the_learners_weights(history), [m["is_weight"] for m in history]
+    assert all(abs(m["is_weight"] - 1) < 1e-3 for m in history), [m["is_weight"] for m in history]
     assert all(m["probe_logprob_diff_mean"] <= m["probe_tolerance"] for m in history)
     assert all(m["engine_weights_changed"] > 0 for m in history)
     adapter_bytes = float(re.search(r"the LoRA adapter's ([\d.]+) MB", console).group(1)) * 1e6
@@ -370,7 +374,7 @@ def test_the_lora_final_model_is_the_base_with_the_adapter_merged(lora_console, 
 
 def test_a_resumed_lora_run_ends_with_the_uninterrupted_runs_adapter(lora_console, lora_base, tmp_path):
     straight, run_dir = lora_console[0], tmp_path / "run"
-    train(run_dir, "--model.name", str(lora_base), *LORA, "--stop-after", "6")
+    train(run_dir, "--model.name", str(lora_base), *LORA_FLOAT32, "--stop-after", "6")
     train(run_dir, "--resume", short=False)
     assert [m["reward"] for m in metrics(run_dir)] == [m["reward"] for m in metrics(straight)]
     for path in ("adapter/adapter_model.safetensors", "model.safetensors"):
