@@ -93,7 +93,8 @@ class EpisodeRunner:
         where = f"episode {k} of prompt {prompt.index}"
         env = await self._call(lambda: environments.make(self.env_id, prompt.columns, self.env.max_turns),
                                "make", where, None)
-        messages = prompt.raw if isinstance(prompt.raw, list) else [{"role": "user", "content": prompt.raw or prompt.text}]
+        messages = (prompt.raw if isinstance(prompt.raw, list)
+                    else [{"role": "user", "content": prompt.raw or prompt.text}])
         result = await self._call(lambda: env.init([dict(m) for m in messages]), "init", where, None)
         first = environments.checked_messages(result[0] if isinstance(result, tuple) else result, "init's messages")
         if first == messages:

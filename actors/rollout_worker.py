@@ -248,7 +248,8 @@ class RolloutWorker:
                 completion_ids=[e.token_ids for e in episodes], logprobs=[e.logprobs for e in episodes],
                 token_versions=[e.versions for e in episodes],
                 finish_reasons=[e.finish_reason for e in episodes], rewards=rewards,
-                reward_parts={"env": rewards}, policy_version=min((v for e in episodes for v in e.versions), default=self.version),
+                reward_parts={"env": rewards},
+                policy_version=min((v for e in episodes for v in e.versions), default=self.version),
                 worker=self.index, model_masks=[e.model_mask for e in episodes],
                 episodes=[e.episode for e in episodes])
             if on_group is not None:

@@ -199,10 +199,11 @@ class Learner:
         on_host = micro_batches(groups, self.cfg.learner.micro_batch_size, grpo.scale_rewards,
                                 self.pad_id, mask_truncated=grpo.mask_truncated_completions,
                                 rows=rows, by_length=grpo.loss_type != "bnpo")
+        # dr_grpo's constant: a completion's limit, an episode's when an environment answers.
+        longest = self.cfg.env.max_episode_tokens if self.cfg.env.name else self.cfg.rollout.max_tokens
         totals = Normalisers(num_sequences=len(lengths),
                              num_tokens=trained_tokens(groups, grpo.mask_truncated_completions),
-                             max_completion_length=self.cfg.env.max_episode_tokens if self.cfg.env.name else self.cfg.rollout.max_tokens,
-                             num_micro_batches=len(on_host) * ranks)
+                             max_completion_length=longest, num_micro_batches=len(on_host) * ranks)
         # Counted on the host, before the micro-batches move to the device.
         tokens = torch.stack([mb.completion_mask.sum() for mb in on_host])
         shares = (tokens / max(totals.num_tokens, 1)).tolist()
