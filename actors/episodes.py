@@ -53,6 +53,19 @@ class EpisodeOutput:
         self.model_mask += [int(by_model)] * len(ids)
 
 
+@dataclass
+class _Dropped:
+    """In place of an environment that could not be made or started (env.on_error drop)."""
+
+    error: str
+
+
+def _first_messages(env, messages: list[dict]) -> list[dict]:
+    """What `init` makes of the prompt's messages (it returns them with an info dict)."""
+    result = env.init([dict(m) for m in messages])
+    return environments.checked_messages(result[0] if isinstance(result, tuple) else result, "init's messages")
+
+
 def turn_seed(run_seed: int, round_: int, prompt: int, sample: int, turn: int) -> int:
     """A distinct, reproducible sampling seed per model turn of each episode."""
     return zlib.crc32(f"{run_seed}:{round_}:{prompt}:{sample}:{turn}".encode()) & 0x7FFFFFFF
@@ -80,7 +93,7 @@ class EpisodeRunner:
 
     async def _group(self, prompt: Prompt, round_: int, n: int, max_tokens: int):
         starts = await asyncio.gather(*(self._start(prompt, k) for k in range(n)))
-        prompts = [p for p, _ in starts]
+        prompts = [p for p, env in starts if env is not None] or [prompt]
         if any(p.token_ids != prompts[0].token_ids for p in prompts):
             raise EnvError(f"environment `{self.env.name}`: init gave the episodes of prompt "
                            f"{prompt.index} different prompts; a group needs one")
@@ -89,25 +102,32 @@ class EpisodeRunner:
         return prompts[0], list(outputs)
 
     async def _start(self, prompt: Prompt, k: int):
-        """(the prompt as `init` returns it, the episode's environment)."""
+        """(the prompt as `init` returns it, the episode's environment); with env.on_error drop,
+        (the prompt, None) for an environment that could not be made or started."""
         where = f"episode {k} of prompt {prompt.index}"
-        env = await self._call(lambda: environments.make(self.env_id, prompt.columns, self.env.max_turns),
-                               "make", where, None)
-        messages = (prompt.raw if isinstance(prompt.raw, list)
-                    else [{"role": "user", "content": prompt.raw or prompt.text}])
-        result = await self._call(lambda: env.init([dict(m) for m in messages]), "init", where, None)
-        first = environments.checked_messages(result[0] if isinstance(result, tuple) else result, "init's messages")
-        if first == messages:
+        try:
+            env = await self._call(lambda: environments.make(self.env_id, prompt.columns, self.env.max_turns),
+                                   "make", where, None)
+            messages = (prompt.raw if isinstance(prompt.raw, list)
+                        else [{"role": "user", "content": prompt.raw or prompt.text}])
+            result = await self._call(lambda: _first_messages(env, messages), "init", where, None)
+        except EnvError as e:
+            if self.env.on_error == "fail":
+                raise
+            return prompt, _Dropped(str(e))
+        if result == messages:
             return prompt, env
-        text = self.tokenizer.apply_chat_template(first, tokenize=False, add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(result, tokenize=False, add_generation_prompt=True)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return dataclasses.replace(prompt, text=text, token_ids=ids, raw=first), env
+        return dataclasses.replace(prompt, text=text, token_ids=ids, raw=result), env
 
     async def _episode(self, prompt: Prompt, env, round_: int, k: int, max_tokens: int) -> EpisodeOutput:
         from vllm import SamplingParams
 
         out, rollout = EpisodeOutput(), self.cfg.rollout
         context = self.cfg.model.max_model_len - len(prompt.token_ids)
+        if isinstance(env, _Dropped):
+            return self._dropped(out, env.error)
         try:
             while True:
                 where = f"turn {out.episode.turns + 1} of episode {k} of prompt {prompt.index}"
@@ -139,11 +159,17 @@ class EpisodeRunner:
         except EnvError as e:
             if self.env.on_error == "fail":
                 raise
-            log.warning("%s; the episode is dropped (env.on_error drop)", e)
-            out.reward, out.episode.error = float("nan"), str(e)
+            self._dropped(out, str(e))
         finally:
             self.pool.submit(env.close)  # not waited for: a close that hangs holds one thread
         out.text = self.tokenizer.decode(out.token_ids)
+        return out
+
+    @staticmethod
+    def _dropped(out: EpisodeOutput, error: str) -> EpisodeOutput:
+        """`out` left out of the loss (reward NaN, as an unscored completion), its error kept."""
+        log.warning("%s; the episode is dropped (env.on_error drop)", error)
+        out.reward, out.episode.error = float("nan"), error
         return out
 
     async def _call(self, fn: Callable, what: str, where: str, episode: Episode | None):

@@ -5,6 +5,7 @@ runs them in tests/integration/test_train.py."""
 from __future__ import annotations
 
 import math
+import re
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -75,12 +76,17 @@ class Raises(Echo):
         raise KeyError("no such key")
 
 
+class RaisesOnInit(Echo):
+    def init(self, prompt_):
+        raise RuntimeError("no game server")
+
+
 class Malformed(Echo):
     def step(self, action):
         return {"observations": "not messages", "reward": 1.0, "done": False}
 
 
-for cls in (Echo, Hangs, Raises, Malformed):
+for cls in (Echo, Hangs, Raises, RaisesOnInit, Malformed):
     skyrl_gym.register(id=f"test-{cls.__name__.lower()}", entry_point=cls)
 
 
@@ -148,11 +154,15 @@ def test_an_environment_that_raises_or_answers_malformed_costs_one_line(tokenize
     assert "\n" not in str(err.value)
 
 
-def test_with_on_error_drop_the_episode_is_left_out_of_the_loss_and_counted(tokenizer):
-    _, outs = runner(tokenizer, FakeEngine(tokenizer), "raises", on_error="drop").submit(
+@pytest.mark.parametrize("name, says", [("raises", "raised KeyError('no such key') in step"),
+                                        ("raisesoninit", "raised RuntimeError('no game server') in init")])
+def test_with_on_error_drop_the_episode_is_left_out_of_the_loss_and_counted(tokenizer, name, says):
+    _, outs = runner(tokenizer, FakeEngine(tokenizer), name, on_error="drop").submit(
         prompt(tokenizer), 0, 2, 4).result(10)
     assert all(math.isnan(o.reward) for o in outs)  # NaN: unscored, masked out of the loss
-    assert all("raised KeyError" in o.episode.error for o in outs)
+    assert all(says in o.episode.error for o in outs)
+    with pytest.raises(EnvError, match=re.escape(says)):  # by default, one line
+        runner(tokenizer, FakeEngine(tokenizer), name).submit(prompt(tokenizer), 0, 2, 4).result(10)
 
 
 def test_the_engine_keeps_decoding_while_one_episode_waits_on_its_environment(tokenizer):
