@@ -41,7 +41,7 @@ def render(cfg: Config, directory: str | Path, summary: RunSummary) -> str:
         model_name=Path(directory).name,
         hub_model_id=str(directory),
         dataset_name=None if cfg.data.dataset == "bundled" else cfg.data.dataset,
-        tags=["trl", "grpo", "grpo-ray", *rollout.rewards],
+        tags=["trl", "grpo", "grpo-ray", *([cfg.env.name] if cfg.env.name else rollout.rewards)],
         wandb_url=summary.wandb_url,
         trackio_url=None,
         trainer_name="GRPO",
@@ -57,13 +57,18 @@ def render(cfg: Config, directory: str | Path, summary: RunSummary) -> str:
                             f"grpo-ray's `{cfg.model.name}` preset (Pythia architecture, random init)")
     weights = rollout.reward_weights or (1.0,) * len(rollout.rewards)
     rewards = ", ".join(f"`{n}` x {w:g}" for n, w in zip(rollout.rewards, weights))
+    reward = (f"{rewards} (weighted sum), scored on the completion. `explicit_pos` is the VADER "
+              "compound\nsentiment of the completion, in [-1, 1].")
+    if cfg.env.name:
+        reward = (f"The `{cfg.env.name}` environment (skyrl-gym): episodes of up to {cfg.env.max_turns} model "
+                  "turns, scored by the\nenvironment's rewards summed over each episode's turns; only the "
+                  "model's own tokens were trained on.")
     rows = "\n".join(f"| {k} | {v} |" for k, v in _settings(cfg).items())
     results = "\n".join(f"- {k}: {v}" for k, v in summary.results.items())
     extra = f"""
 ## Reward
 
-{rewards} (weighted sum), scored on the completion. `explicit_pos` is the VADER compound
-sentiment of the completion, in [-1, 1].
+{reward}
 
 ## GRPO settings
 

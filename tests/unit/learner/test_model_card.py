@@ -62,6 +62,16 @@ def test_a_non_default_run_is_described_as_it_ran():
     assert "- length" in tags and "- explicit_pos" in tags
 
 
+def test_an_environment_run_names_its_environment_as_the_reward():
+    cfg = Config()
+    cfg.env.name, cfg.env.max_turns = "say_word", 3
+    text = render(cfg, "/tmp/x/final", RunSummary(steps=40, complete=True))
+    assert "The `say_word` environment (skyrl-gym): episodes of up to 3 model turns" in text
+    assert "explicit_pos" not in text  # rollout.rewards does not apply
+    tags = re.search(r"tags:\n((?:- .+\n)+)", text).group(1)
+    assert "- say_word" in tags
+
+
 def test_reward_and_results():
     text = card()
     assert "`explicit_pos` x 1 (weighted sum)" in text
