@@ -4,6 +4,7 @@ runs them in tests/integration/test_train.py."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import threading
@@ -169,7 +170,7 @@ def test_the_engine_keeps_decoding_while_one_episode_waits_on_its_environment(to
     """Episode 0's first step blocks until episode 1 has asked for its third turn: with turns
     run one at a time (or episodes one after another) that never happens, and the step times
     out instead."""
-    released = threading.Event()
+    released, made = threading.Event(), itertools.count()
 
     class Waits(Echo):
         def step(self, action):
@@ -178,8 +179,7 @@ def test_the_engine_keeps_decoding_while_one_episode_waits_on_its_environment(to
             return super().step(action)
 
         def init(self, prompt_):
-            Waits.made = getattr(Waits, "made", -1) + 1
-            self.extras_sample = Waits.made
+            self.extras_sample = next(made)  # atomic: inits run on the pool's threads at once
             return prompt_, {}
 
     skyrl_gym.register(id="test-waits", entry_point=Waits)
