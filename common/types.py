@@ -61,11 +61,16 @@ class RolloutGroup:
         return len({r for r in self.rewards if not math.isnan(r)}) <= 1
 
     @property
-    def num_tokens(self) -> int:
-        """Tokens the model sampled (an episode's environment tokens are not)."""
+    def model_tokens(self) -> list[int]:
+        """Tokens the model sampled, per completion (an episode's environment tokens left out)."""
         if self.model_masks is None:
-            return sum(len(ids) for ids in self.completion_ids)
-        return sum(sum(mask) for mask in self.model_masks)
+            return [len(ids) for ids in self.completion_ids]
+        return [sum(mask) for mask in self.model_masks]
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the model sampled, in all."""
+        return sum(self.model_tokens)
 
 
 @dataclass

@@ -44,13 +44,6 @@ def flat_sequences(groups: list[RolloutGroup]) -> list[Sequence]:
     ]
 
 
-def model_tokens(group: RolloutGroup) -> list[int]:
-    """Tokens the model sampled, per completion (an episode's environment tokens left out)."""
-    if group.model_masks is None:
-        return [len(ids) for ids in group.completion_ids]
-    return [sum(mask) for mask in group.model_masks]
-
-
 def advantages_of(groups: list[RolloutGroup], scale: str) -> torch.Tensor:
     """Group-relative advantages over the training batch ([num_groups * G]): for `batch` scaling
     the std is this batch's, which no single rollout worker could know."""
@@ -62,7 +55,7 @@ def trained_tokens(groups: list[RolloutGroup], mask_truncated: bool = False) -> 
     """Completion tokens the loss counts: the model's (not an environment's), not those of
     unscored completions, nor with `mask_truncated` of completions cut off at the token limit
     (see `micro_batches`)."""
-    return sum(n for g in groups for n, r, f in zip(model_tokens(g), g.rewards, g.finish_reasons)
+    return sum(n for g in groups for n, r, f in zip(g.model_tokens, g.rewards, g.finish_reasons)
                if not math.isnan(r) and not (mask_truncated and f == "length"))
 
 
@@ -136,7 +129,7 @@ def batch_stats(groups: list[RolloutGroup], trained_version: int) -> dict:
     oldest token, and per token)."""
     rewards = torch.tensor([r for g in groups for r in g.rewards])  # [N]
     scored = rewards[~rewards.isnan()]
-    lengths = torch.tensor([n for g in groups for n in model_tokens(g)], dtype=torch.float)  # [N]
+    lengths = torch.tensor([n for g in groups for n in g.model_tokens], dtype=torch.float)  # [N]
     lags = [trained_version - g.policy_version for g in groups]
     token_lags = torch.tensor([trained_version - v for g in groups
                                for i, versions in enumerate(g.token_versions)
