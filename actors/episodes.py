@@ -20,7 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from common import environments
+from common import data, environments
 from common.config import Config
 from common.environments import EnvError
 from common.errors import one_line
@@ -93,7 +93,7 @@ class EpisodeRunner:
 
     async def _group(self, prompt: Prompt, round_: int, n: int, max_tokens: int):
         starts = await asyncio.gather(*(self._start(prompt, k) for k in range(n)))
-        prompts = [p for p, env in starts if env is not None] or [prompt]
+        prompts = [p for p, env in starts if not isinstance(env, _Dropped)] or [prompt]
         if any(p.token_ids != prompts[0].token_ids for p in prompts):
             raise EnvError(f"environment `{self.env.name}`: init gave the episodes of prompt "
                            f"{prompt.index} different prompts; a group needs one")
@@ -103,7 +103,7 @@ class EpisodeRunner:
 
     async def _start(self, prompt: Prompt, k: int):
         """(the prompt as `init` returns it, the episode's environment); with env.on_error drop,
-        (the prompt, None) for an environment that could not be made or started."""
+        (the prompt, _Dropped) for an environment that could not be made or started."""
         where = f"episode {k} of prompt {prompt.index}"
         try:
             env = await self._call(lambda: environments.make(self.env_id, prompt.columns, self.env.max_turns),
@@ -117,7 +117,7 @@ class EpisodeRunner:
             return prompt, _Dropped(str(e))
         if result == messages:
             return prompt, env
-        text = self.tokenizer.apply_chat_template(result, tokenize=False, add_generation_prompt=True)
+        text = data.render(result, self.tokenizer, use_chat_template=True)  # as the dataset's prompts
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return dataclasses.replace(prompt, text=text, token_ids=ids, raw=result), env
 

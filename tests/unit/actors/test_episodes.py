@@ -222,3 +222,21 @@ def test_the_calculator_evaluates_arithmetic_and_nothing_else():
     assert calculate("2 + 3 * (4 - 1) ** 2 / 3") == 11
     with pytest.raises(ValueError, match="not arithmetic"):
         calculate("__import__('os').system('true')")
+
+
+def test_an_episode_dropped_at_init_leaves_its_group_the_prompt_the_others_started_from(tokenizer):
+    """One environment fails to start; the others add a system message: the group trains on the
+    prompt they rendered, and the dropped episode is counted, not compared with it."""
+    made = itertools.count()
+
+    class SystemThenFails(Echo):
+        def init(self, prompt_):
+            if next(made) == 0:
+                raise RuntimeError("no game server")
+            return [{"role": "system", "content": "Be brief."}, *prompt_], {}
+
+    skyrl_gym.register(id="test-systemthenfails", entry_point=SystemThenFails)
+    asked, outs = runner(tokenizer, FakeEngine(tokenizer), "systemthenfails", on_error="drop").submit(
+        prompt(tokenizer), 0, 3, 4).result(10)
+    assert asked.text.startswith("Be brief.\nUser: Hi")
+    assert sum(math.isnan(o.reward) for o in outs) == 1 and sum(bool(o.episode.error) for o in outs) == 1
