@@ -198,14 +198,19 @@ class RolloutWorker:
 
     def _generate(self, prompts: list[Prompt], round_: int, n: int, on_group,
                   max_tokens: int) -> tuple[list[RolloutGroup], GenerationStats]:
+        start = time.perf_counter()
+        generate = self._completions if self.episodes is None else self._episodes
+        groups = generate(prompts, round_, n, on_group, max_tokens)
+        return groups, GenerationStats(tokens=sum(g.num_tokens for g in groups),
+                                       seconds=time.perf_counter() - start)
+
+    def _completions(self, prompts: list[Prompt], round_: int, n: int, on_group,
+                     max_tokens: int) -> list[RolloutGroup]:
+        """`n` completions per prompt, one request each, scored by the reward functions; each
+        group goes to `on_group` as soon as it is scored."""
         from vllm import SamplingParams
 
         rollout = self.cfg.rollout
-        start = time.perf_counter()
-        if self.episodes is not None:
-            groups = self._episodes(prompts, round_, n, on_group, max_tokens)
-            return groups, GenerationStats(tokens=sum(g.num_tokens for g in groups),
-                                           seconds=time.perf_counter() - start)
         events: queue.SimpleQueue = queue.SimpleQueue()  # generated, then scored, in any order
         submitted = self.loop.submit_all([(p.token_ids, SamplingParams(
             n=n, max_tokens=max_tokens, temperature=rollout.temperature, top_p=rollout.top_p,
@@ -226,8 +231,7 @@ class RolloutWorker:
             groups[i] = self._group(prompts[i], outputs, *scored.result())
             if on_group is not None:
                 on_group(groups[i])
-        stats = GenerationStats(tokens=sum(g.num_tokens for g in groups), seconds=time.perf_counter() - start)
-        return groups, stats
+        return groups
 
     def _episodes(self, prompts: list[Prompt], round_: int, n: int, on_group,
                   max_tokens: int) -> list[RolloutGroup]:
