@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from common.config import Config, ConfigError
-from common.errors import RunError, WaitTimeout
+from common.errors import WaitTimeout
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
