@@ -26,7 +26,6 @@ from common import models
 from common.config import Config
 from deploy.bench import prompts
 from deploy.bench.cluster import ClusterPool
-from deploy.launch import ALLOCATOR_ENV
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
