@@ -88,8 +88,6 @@ def init_ray(cfg: Config) -> None:
         return
     cpus = cfg.cluster.num_cpus or max(int(plan(cfg).total_cpus + 0.999), os.cpu_count() or 1)
     actors_at_driver_priority()
-    for key, value in ALLOCATOR_ENV.items():
-        os.environ.setdefault(key, value)  # the actors inherit it; a value the user set wins
     # address="local": without it, ray.init() joins any cluster `ray start` left on this machine.
     ray.init(address="local", num_cpus=cpus, num_gpus=None if cfg.cluster.device == "gpu" else 0,
              include_dashboard=False, _node_ip_address="127.0.0.1", **quiet)
@@ -124,17 +122,6 @@ def check_machine(cfg: Config) -> None:
                             f"this machine has {memory:.0f} GiB")
     if problems:
         raise ConfigError(problems)
-
-
-ALLOCATOR_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
-"""Every process that computes on the CPU: tensors of 2 MB or more on transparent huge pages.
-torch's CPU allocator then aligns them to 2 MB and advises the kernel to back them with huge
-pages (c10/core/alloc_cpu.cpp, alloc_cpu and is_thp_alloc_enabled, which reads the variable
-once per process, at its first allocation: it must be set before the process starts). A GRPO
-step allocates and frees several vocabulary-sized tensors (16 x 64 positions x 50k of float32
-is 206 MB); on 4 KB pages each costs 50,000 page faults. On pythia-70m-shape (16 x 64, AMX
-Xeon) the learner's step went from 1.72-1.79 s to 1.13-1.23 s (means of 8 steps) and TRL's
-step by about 15%, which the benchmark's TRL runs get too (deploy/bench/runs.py)."""
 
 
 def actors_at_driver_priority() -> None:

@@ -239,10 +239,7 @@ class Runner:
         (run_dir / "spec.json").write_text(json.dumps(spec, indent=1))
         log.info("TRL GRPOTrainer run %s: %s, %d steps, %s", label, cfg.model.name, cfg.steps,
                  dtype)
-        # The allocator's setting our actors get (deploy/launch.py): TRL's steps are faster with
-        # it too, and a setting the user made wins for both.
-        env = {**ALLOCATOR_ENV, **os.environ, "OMP_NUM_THREADS": str(threads),
-               "TOKENIZERS_PARALLELISM": "false"}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
         with open(run_dir / "trl.log", "w") as logfile:
             proc = subprocess.run([sys.executable, "-m", "deploy.bench.trl_baseline",
                                    str(run_dir / "spec.json"), str(run_dir / "result.json")],
