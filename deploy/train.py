@@ -246,8 +246,8 @@ def run(cfg: Config) -> RunSummary:
         init_ray(cfg)
     stop_on_sigterm(cfg)  # again: ray.init replaced the handler
     tokenizer, prompts = loading.result()
-    log.info("starting %d rollout worker(s) and the learner (a vLLM engine takes ~25 s on a CPU)",
-             cfg.rollout.num_workers)
+    log.info("starting %d rollout worker(s) and the learner (a vLLM engine takes about 10 s to "
+             "start on a CPU)", cfg.rollout.num_workers)
     with spans.span("place actors"):
         actors = launch(cfg, cfg.cluster.call_timeout_s)
     log.info("run id %s (it names what the run keeps outside its run directory)", actors.run_id)
