@@ -386,7 +386,7 @@ def test_a_resumed_lora_run_ends_with_the_uninterrupted_runs_adapter(lora_consol
 def test_lora_with_in_flight_updates_raises_the_reward(lora_base, tmp_path):
     # lr 1e-2, not LORA's 3e-2: in flight and in bfloat16 on an AMX Xeon, 3e-2 collapsed the
     # policy in 2 runs of 3 (first fifth 0.18 to 0.19, last fifth -0.01: at 3c4513d too); at
-    # 1e-2 two runs went from 0.18 to 0.61 and 0.56.
+    # 1e-2 three runs went from 0.18-0.19 to 0.61, 0.56 and 0.53.
     run_dir = tmp_path / "run"
     train(run_dir, "--model.name", str(lora_base), *LORA, "--learner.learning-rate", "1e-2",
           "--buffer.max-policy-lag", "1", "--rollout.weight-update", "in_flight",
