@@ -34,10 +34,24 @@ from learner.batch import (
 )
 from learner.grpo import Normalisers, grpo_loss
 from learner.sharding import on_every_rank
+from learner.token_logprobs import token_logprobs
 from learner.update_metrics import UpdateMetrics
 from learner.weight_sender import WeightSender
 
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+
+@contextlib.contextmanager
+def hidden_states_out(causal_lm: torch.nn.Module) -> Iterator[None]:
+    """`causal_lm` returns its last hidden states where it returns logits. Its output layer is
+    set aside, not removed, so its weight stays where the optimizer and FSDP (which gathers it
+    in the root's forward) know it."""
+    head = causal_lm.get_output_embeddings()
+    causal_lm.set_output_embeddings(torch.nn.Identity())
+    try:
+        yield
+    finally:
+        causal_lm.set_output_embeddings(head)
 
 
 class Learner:
@@ -248,11 +262,23 @@ class Learner:
         # Position t predicts token t + 1: keep exactly the positions before each completion
         # token (slicing the logits afterwards costs a vocabulary-sized copy in backward).
         keep = torch.arange(length - completion_len - 1, length - 1, device=mb.input_ids.device)
-        with torch.autocast(self.device, dtype=self.compute_dtype,
-                            enabled=autocast and self.compute_dtype != torch.float32):
-            logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
-                           position_ids=mb.position_ids, logits_to_keep=keep).logits.float()
         temperature = self.cfg.rollout.temperature if temperature is None else temperature
+        inputs = dict(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                      position_ids=mb.position_ids)
+        mixed = autocast and self.compute_dtype != torch.float32
+        causal_lm = self._fused_head_of(model)
+        with torch.autocast(self.device, dtype=self.compute_dtype, enabled=mixed):
+            if causal_lm is not None:
+                head = causal_lm.get_output_embeddings()
+                with hidden_states_out(causal_lm):
+                    hidden = model(**inputs, logits_to_keep=keep).logits     # [B, C, H]
+                # Read after the forward: sharded, it holds the gathered weight only then.
+                dtype = self.compute_dtype if mixed else head.weight.dtype
+                logp, ent = token_logprobs(hidden.flatten(0, 1).to(dtype), head.weight.to(dtype),
+                                           mb.completion_ids.flatten(), temperature, entropy)
+                shape = mb.completion_ids.shape
+                return logp.view(shape), None if ent is None else ent.view(shape)
+            logits = model(**inputs, logits_to_keep=keep).logits.float()
         if temperature != 1.0:
             logits = logits / temperature
         # cross_entropy's fused backward is about twice as fast on a CPU as log_softmax + gather
@@ -263,6 +289,18 @@ class Learner:
             return logp, None
         with torch.no_grad():
             return logp, entropy_from_logits(logits)
+
+    def _fused_head_of(self, model) -> torch.nn.Module | None:
+        """The causal LM inside `model` whose output layer `token_logprobs` can stand in for;
+        None where the logits are computed whole instead: on a GPU, where the float32 pass runs
+        at HBM speed and a chunk loop's kernel launches are what would cost (not measured
+        there: the GPU path stays as checked); for a function rather than a model; and for an
+        output layer that is not a plain bias-free linear (a LoRA-wrapped one, say)."""
+        if self.device != "cpu" or not isinstance(model, torch.nn.Module):
+            return None
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        head = causal_lm.get_output_embeddings()
+        return causal_lm if type(head) is torch.nn.Linear and head.bias is None else None
 
     @torch.no_grad()
     def _ref_logprobs(self, mb: MicroBatch) -> torch.Tensor | None:
