@@ -28,9 +28,9 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(module, "CHUNK_BYTES", 7 * 4 * V)
 
 
-def inputs(seed: int = 0):
+def inputs(seed: int = 0, scale: float = 0.5):
     g = torch.Generator().manual_seed(seed)
-    hidden, weight = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g) / 2
+    hidden, weight = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g) * scale
     targets, upstream = torch.randint(V, (N,), generator=g), torch.randn(N, generator=g)
     return hidden, weight, targets, upstream
 
@@ -68,6 +68,25 @@ def test_log_probs_entropy_and_gradients_are_those_of_the_whole_float32_logits(t
     torch.testing.assert_close(entropy, want_entropy, rtol=0, atol=1e-5)
     assert relative(g_hidden, want_hidden) < 1e-6
     assert relative(g_weight, want_weight) < 1e-6
+
+
+def test_a_sharp_policy_whose_probabilities_underflow_float32_is_still_exact(monkeypatch):
+    """A trained policy leaves most of the vocabulary below exp(-87), where exp's inputs are
+    clamped (`EXP_FLOOR`): what that drops is far below float32's resolution of the sums."""
+    args = inputs(2, scale=8.0)
+    got, want = fused(*args, 1.0), whole(*args, 1.0)
+    logits = args[0] @ args[1].T
+    below = (logits - logits.logsumexp(-1, keepdim=True) < module.EXP_FLOOR).float().mean()
+    assert below > 0.5  # precondition: most log-probs are under the clamp
+    assert want[1].min() < 1e-3 and want[1].max() > 0.1  # and entropies from ~0 up
+    monkeypatch.setattr(module, "EXP_FLOOR", -math.inf)
+    unclamped = fused(*args, 1.0)
+    for a, b in zip(got, unclamped):
+        assert relative(a, b) < 1e-7
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-4)  # log-probs down to -900
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-5)
+    # Logits in the hundreds round more than above, clamped or not (2.7e-6 either way).
+    assert relative(got[2], want[2]) < 1e-5 and relative(got[3], want[3]) < 1e-5
 
 
 def test_in_bfloat16_the_gradients_are_autocasts_to_within_a_tenth_of_bfloat16s_own_error():
