@@ -68,6 +68,12 @@ class Learner:
         self.device = "cpu" if cfg.cluster.device == "cpu" else "cuda"
         if self.device == "cpu":
             torch.set_num_threads(cpu_threads(cfg, "learner", len(os.sched_getaffinity(0))))
+            # A sharp policy's gradients hold values near float32's smallest (a probability of
+            # 1e-30 times an advantage), and AdamW squares them into subnormals, which x86 CPUs
+            # compute in microcode, ~100x slower. Flushed to 0 instead (the MXCSR's FTZ and DAZ
+            # bits: torch.set_flush_denormal), a 70m-shape step on a policy of entropy 0.65
+            # spent 0.06 s instead of 0.28 s in AdamW, the gradient's norm and its clipping.
+            torch.set_flush_denormal(True)
         torch.manual_seed(cfg.seed + rank)
         # Mixed precision: the weights and AdamW's state stay float32 (an update of 1e-6 would
         # round away in bfloat16 for most weights); forward and backward run in the compute
