@@ -132,7 +132,12 @@ each afresh (mmap, its threshold's ceiling: mallopt(3), M_MMAP_THRESHOLD), and e
 it faults in when first written: 0.12 s a step in the embeddings' gradient alone. With no mmap
 (M_MMAP_MAX 0) and no trimming (M_TRIM_THRESHOLD) they come from the heap, already mapped. On
 pythia-70m-shape (16 x 80 tokens, AMX Xeon) the step went from 0.99-1.06 s to 0.78-0.80 s (means of
-8 steps, three runs each); the process keeps its peak memory. A value set by the user wins."""
+8 steps, three runs each); the process keeps its peak memory."""
+
+
+def learner_env() -> dict[str, str]:
+    """`LEARNER_ENV`, where the user has not set its variables otherwise."""
+    return {key: os.environ.get(key, value) for key, value in LEARNER_ENV.items()}
 
 
 def actors_at_driver_priority() -> None:
@@ -226,9 +231,8 @@ def launch(cfg: Config, timeout_s: float) -> RunActors:
         name=buffer_name(run_id), num_cpus=0, scheduling_strategy=at(LEARNER_BUNDLE),
     ).remote(capacity, cfg.buffer.max_policy_lag, cfg.grpo.drop_zero_std_groups)
     ranks = cfg.learner.num_ranks
-    learner_env = {key: os.environ.get(key, value) for key, value in LEARNER_ENV.items()}
     learners = [ray.remote(Learner).options(**p.learner, scheduling_strategy=at(LEARNER_BUNDLE + rank),
-                                            runtime_env={"env_vars": learner_env})
+                                            runtime_env={"env_vars": learner_env()})
                 .remote(cfg, rank) for rank in range(ranks)]
     workers = [
         ray.remote(RolloutWorker).options(

@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from deploy.bench import (end_to_end, environments, generation, lora, modes, padding, peak, ranks,
-                          scaling, time_to_reward, weight_sync)
+from deploy.bench import (end_to_end, environments, generation, learner_step, lora, modes, padding,
+                          peak, ranks, scaling, time_to_reward, weight_sync)
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,8 @@ SECTIONS = {
     "e2e": Section("End to end: a GRPO step, ours vs TRL's GRPOTrainer", end_to_end.Settings,
                    end_to_end.run, end_to_end.markdown, end_to_end.chart, end_to_end.targets,
                    uses_peak=True),
+    "learner": Section("The learner's step: where its time goes", learner_step.Settings,
+                       learner_step.run, learner_step.markdown),
     "time_to_reward": Section("Time to reward", time_to_reward.Settings, time_to_reward.run,
                               time_to_reward.markdown, time_to_reward.chart,
                               time_to_reward.targets),
