@@ -26,6 +26,7 @@ from common import models
 from common.config import Config
 from deploy.bench import prompts
 from deploy.bench.cluster import ClusterPool
+from deploy.launch import learner_env
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
@@ -239,7 +240,10 @@ class Runner:
         (run_dir / "spec.json").write_text(json.dumps(spec, indent=1))
         log.info("TRL GRPOTrainer run %s: %s, %d steps, %s", label, cfg.model.name, cfg.steps,
                  dtype)
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+        # Our learner's allocator settings (deploy/launch.py, LEARNER_ENV): the comparison is
+        # of the two systems, not of a setting either could have.
+        env = {**os.environ, **learner_env(), "OMP_NUM_THREADS": str(threads),
+               "TOKENIZERS_PARALLELISM": "false"}
         with open(run_dir / "trl.log", "w") as logfile:
             proc = subprocess.run([sys.executable, "-m", "deploy.bench.trl_baseline",
                                    str(run_dir / "spec.json"), str(run_dir / "result.json")],

@@ -64,6 +64,7 @@ def reward_function(names: list[str], weights: list[float]):
 def main(spec_path: str, result_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(spec["threads"])
+    torch.set_flush_denormal(True)  # as our learner computes (learner/learner.py), TRL does too
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
     args = GRPOConfig(
         output_dir=spec["output_dir"], max_steps=spec["steps"], seed=spec["seed"],
