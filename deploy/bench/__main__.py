@@ -7,8 +7,8 @@
     python -m deploy.bench --help                           # every setting, by section
 
 Sections (`--only`), in the order they run: peak, scaling, generation, weight_sync, e2e,
-time_to_reward, modes, ranks, padding, lora, environments (`deploy/bench/sections.py`; `--help` says what each
-measures).
+learner, time_to_reward, modes, ranks, padding, lora, environments (`deploy/bench/sections.py`;
+`--help` says what each measures).
 Writes bench.md, bench.json and bench.png into `--out` after every section. Needs nothing else
 running on the machine: it measures the whole of it.
 """

@@ -15,8 +15,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = ("peak", "scaling", "generation", "weight_sync", "e2e", "time_to_reward", "modes", "ranks",
-            "padding", "lora", "environments")
+SECTIONS = ("peak", "scaling", "generation", "weight_sync", "e2e", "learner", "time_to_reward", "modes",
+            "ranks", "padding", "lora", "environments")
 CHARTS = ("scaling", "generation", "weight_sync", "e2e", "time_to_reward", "modes")  # bench.png's panels
 PANEL = (462, 770)  # pixels (height, width) of a panel: 4.2 x 7 inches at 110 dpi
 
@@ -129,6 +129,15 @@ def test_smoke_json_has_every_section_with_positive_numbers(bench):
     one, two = s["ranks"]["ranks"]
     assert (one["ranks"], two["ranks"]) == (1, 2) and positive(one["seconds_per_step"])
     assert one["communication_s"] == 0 and 0 < two["communication_share"] < 1  # FSDP's ranges found
+    learner = s["learner"]  # both log-prob paths, on the random-init and the sharpened policy
+    assert [(c["policy"] == "random init", c["log_probs"].startswith("chunked")) for c in learner["cases"]] == [
+        (True, False), (True, True), (False, False), (False, True)]
+    assert all(positive(c["seconds_per_step"]) for c in learner["cases"])
+    assert learner["cases"][2]["entropy"] < learner["cases"][0]["entropy"] - 1  # sharpened
+    assert learner["config"]["MALLOC_MMAP_MAX_"] == "0"  # the learner actor's environment
+    # The profiler's ranges were found: the chunked log-probs' own work, and the matmuls.
+    assert positive(learner["profile"]["log-probs' float32 pass over the vocabulary"])
+    assert positive(learner["profile"]["matmuls"]) and positive(learner["step_s"])
     padding = s["padding"]  # spread lengths: by length pads less than in the batch's order
     assert 0 <= padding["by_length"]["padded_share"] < padding["in_order"]["padded_share"]
     assert positive(padding["by_length"]["seconds_per_step"])
@@ -142,5 +151,5 @@ def test_smoke_json_has_every_section_with_positive_numbers(bench):
     for variant in (lora["full"], lora["lora"]):
         assert positive(variant["sync_s"]) and positive(variant["seconds_per_step"])
         assert positive(variant["peak_rss_gib"])
-    for name in ("generation", "scaling", "e2e", "time_to_reward", "modes", "ranks", "padding"):
+    for name in ("generation", "scaling", "e2e", "learner", "time_to_reward", "modes", "ranks", "padding"):
         assert s[name]["model"]["name"] == "tiny" and s[name]["config"]
