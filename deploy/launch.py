@@ -125,7 +125,7 @@ def check_machine(cfg: Config) -> None:
 
 
 LEARNER_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
-"""The learner's process: glibc's malloc keeps freed memory for the next step instead of handing
+"""A CPU learner's process: glibc's malloc keeps freed memory for the next step instead of handing
 it back. A learner step allocates and frees tensors of 50 to 200 MB (a vocabulary-sized gradient
 of the embeddings, the output layer's, the bfloat16 copies of the weights); above 32 MB glibc maps
 each afresh (mmap, its threshold's ceiling: mallopt(3), M_MMAP_THRESHOLD), and every 4 KB page of
@@ -231,8 +231,11 @@ def launch(cfg: Config, timeout_s: float) -> RunActors:
         name=buffer_name(run_id), num_cpus=0, scheduling_strategy=at(LEARNER_BUNDLE),
     ).remote(capacity, cfg.buffer.max_policy_lag, cfg.grpo.drop_zero_std_groups)
     ranks = cfg.learner.num_ranks
+    # On a GPU the learner's large tensors live on the device: the setting would only keep host
+    # memory (a checkpoint's or a model's load) from being returned.
+    env = {"runtime_env": {"env_vars": learner_env()}} if cfg.cluster.device == "cpu" else {}
     learners = [ray.remote(Learner).options(**p.learner, scheduling_strategy=at(LEARNER_BUNDLE + rank),
-                                            runtime_env={"env_vars": learner_env()})
+                                            **env)
                 .remote(cfg, rank) for rank in range(ranks)]
     workers = [
         ray.remote(RolloutWorker).options(
