@@ -42,14 +42,14 @@ SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "
 
 
 @contextlib.contextmanager
-def hidden_states_out(causal_lm: torch.nn.Module) -> Iterator[None]:
-    """`causal_lm` returns its last hidden states where it returns logits. Its output layer is
-    set aside, not removed, so its weight stays where the optimizer and FSDP (which gathers it
-    in the root's forward) know it."""
+def hidden_states_out(causal_lm: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """`causal_lm` returns its last hidden states where it returns logits; yields its output
+    layer, set aside, not removed, so its weight stays where the optimizer and FSDP (which
+    gathers it in the root's forward) know it."""
     head = causal_lm.get_output_embeddings()
     causal_lm.set_output_embeddings(torch.nn.Identity())
     try:
-        yield
+        yield head
     finally:
         causal_lm.set_output_embeddings(head)
 
@@ -275,8 +275,7 @@ class Learner:
         causal_lm = self._fused_head_of(model)
         with torch.autocast(self.device, dtype=self.compute_dtype, enabled=mixed):
             if causal_lm is not None:
-                head = causal_lm.get_output_embeddings()
-                with hidden_states_out(causal_lm):
+                with hidden_states_out(causal_lm) as head:
                     hidden = model(**inputs, logits_to_keep=keep).logits     # [B, C, H]
                 # Read after the forward: sharded, it holds the gathered weight only then.
                 dtype = self.compute_dtype if mixed else head.weight.dtype
