@@ -99,11 +99,14 @@ def _case(cfg: Config, s: Settings, groups, sharpen: float, chunked: bool) -> Ca
                 entropy=steps[0]["entropy"])
 
 
-def _group(event, inside_log_probs: bool) -> str:
+def _group(name: str, ancestors: list[str]) -> str:
+    """The group of a profiler operator `name`, called from within `ancestors`."""
+    if any(a.startswith("Optimizer.step#") for a in [name, *ancestors]):
+        return "optimizer (AdamW)"
     for prefix, group in GROUPS.items():
-        if event.name.startswith(prefix):
+        if name.startswith(prefix):
             return group
-    if inside_log_probs:
+    if any(a.startswith("_TokenLogprobs") for a in [name, *ancestors]):
         return "log-probs' float32 pass over the vocabulary"
     return "everything else"
 
@@ -118,17 +121,12 @@ def _profile(cfg: Config, s: Settings, groups) -> tuple[dict[str, float], float]
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         seconds = sum(learner.train(groups)["train_s"] for _ in range(s.steps))
     spent: dict[str, float] = defaultdict(float)
-    optimizer = "Optimizer.step#"
     for event in prof.events():
         ancestors, parent = [], event.cpu_parent
         while parent is not None:
             ancestors.append(parent.name)
             parent = parent.cpu_parent
-        if any(a.startswith(optimizer) for a in ancestors) or event.name.startswith(optimizer):
-            group = "optimizer (AdamW)"
-        else:
-            group = _group(event, any(a.startswith("_TokenLogprobs") for a in [event.name, *ancestors]))
-        spent[group] += event.self_cpu_time_total / 1e6 / s.steps
+        spent[_group(event.name, ancestors)] += event.self_cpu_time_total / 1e6 / s.steps
     return dict(sorted(spent.items(), key=lambda kv: -kv[1])), seconds / s.steps
 
 
