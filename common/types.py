@@ -116,6 +116,9 @@ class RunState:
     """The rollout buffer's running counts at `step` (produced, consumed, dropped_stale,
     dropped_zero_std), produced less the groups it held then: a resumed run generates those
     again."""
+    metrics: dict = field(default_factory=dict)
+    """Step `step`'s metrics: a run stopped after the checkpoint, before their line in
+    metrics.jsonl, writes the line when it resumes."""
 
 
 @dataclass

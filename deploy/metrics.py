@@ -21,8 +21,12 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 class MetricsLog:
-    def __init__(self, cfg: Config, run_dir: Path, first_step: int):
+    def __init__(self, cfg: Config, run_dir: Path, first_step: int,
+                 checkpointed: dict | None = None):
+        """`first_step`: the step a resumed run starts after (0: a fresh run); `checkpointed`:
+        that step's metrics, saved with its checkpoint."""
         self.cfg, self.path = cfg, run_dir / "metrics.jsonl"
+        kept = []
         if first_step == 0:
             self.path.write_text("")
         else:  # resumed: forget the steps after the checkpoint, which are done again
@@ -41,6 +45,10 @@ class MetricsLog:
 
             self.bar = tqdm(total=cfg.steps, initial=first_step, desc="GRPO", unit="step",
                             dynamic_ncols=True)
+        # A step is logged after its checkpoint is written (a step in the file is one a resume
+        # keeps): a run stopped between the two logs its checkpoint's step here.
+        if checkpointed and first_step not in [m.get("step") for m in kept]:
+            self.log(checkpointed)
 
     @property
     def wandb_url(self) -> str | None:

@@ -310,7 +310,8 @@ class Training:
         sampler = PromptSampler(prompts.train, cfg.seed, position=self.state.step * cfg.prompts_per_step
                                 if position is None else position)
         self.rollouts = Rollouts(cfg, self.workers, self.buffer, self.transport, sampler, self.state)
-        self.metrics = MetricsLog(cfg, run_dir, first_step=self.state.step)
+        self.metrics = MetricsLog(cfg, run_dir, first_step=self.state.step,
+                                  checkpointed=self.state.metrics)
 
     def run(self) -> RunSummary:
         try:
@@ -318,6 +319,7 @@ class Training:
             while self.state.step < self.stop:
                 metrics = self.step()
                 self.maybe_eval(metrics)
+                self.state.metrics = metrics  # checkpointed: a resume logs it if this run does not
                 self.maybe_checkpoint()  # first: a step in metrics.jsonl is one a resume keeps
                 self.metrics.log(metrics)
             self.metrics.close()

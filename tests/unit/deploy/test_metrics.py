@@ -72,6 +72,25 @@ def test_metrics_log_resume_drops_steps_after_the_checkpoint(tmp_path, capsys):
     assert capsys.readouterr().out == "step    3/5  reward +0.900\n"
 
 
+def test_metrics_log_resume_logs_the_checkpointed_step_a_stopped_run_did_not(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "reward": s / 10}) + "\n" for s in (1, 2, 3)))
+    log = MetricsLog(lines_config(steps=5), tmp_path, first_step=4,
+                     checkpointed={"step": 4, "reward": 0.4, "kl": math.nan})
+    assert read_jsonl(path) == [{"step": s, "reward": s / 10} for s in (1, 2, 3, 4)]
+    assert capsys.readouterr().out == "step    4/5  reward +0.400\n"
+    log.log({"step": 5, "reward": 0.5})
+    assert [m["step"] for m in read_jsonl(path)] == [1, 2, 3, 4, 5]
+
+
+def test_metrics_log_resume_keeps_a_logged_checkpointed_step_once(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "reward": s / 10}) + "\n" for s in (1, 2, 3, 4)))
+    MetricsLog(lines_config(steps=5), tmp_path, first_step=4,
+               checkpointed={"step": 4, "reward": 0.9})
+    assert read_jsonl(path) == [{"step": s, "reward": s / 10} for s in (1, 2, 3, 4)]
+
+
 def test_metrics_log_resume_without_a_file_starts_empty(tmp_path):
     MetricsLog(lines_config(), tmp_path, first_step=2)
     assert read_jsonl(tmp_path / "metrics.jsonl") == []
