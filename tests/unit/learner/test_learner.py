@@ -15,6 +15,7 @@ from common.types import Prompt, RolloutGroup, RunState
 from learner import checkpoint
 from learner.batch import collate
 from learner.learner import Learner
+from learner.weight_sender import SAMPLE_STRIDE
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -149,9 +150,9 @@ def test_bfloat16_keeps_float32_master_weights_so_a_step_of_1e_6_reaches_the_eng
     assert stepped > 100_000  # the precondition: the master weights took the step
     assert pure_changed == 0  # pure bf16: the engines would get the same weights forever
     assert engines_changed > 100  # float32 masters: the engines' bfloat16 weights move
-    # The metric counts every 16th element of each parameter (a whole copy would cost half the
-    # model's memory again on a GPU): the same count, and near the whole's.
-    sample = [(p.detach().reshape(-1)[::16], m.reshape(-1)[::16])
+    # The metric counts every SAMPLE_STRIDE-th element of each parameter (a whole copy would
+    # cost half the model's memory again on a GPU): the same count, and near the whole's.
+    sample = [(p.detach().reshape(-1)[::SAMPLE_STRIDE], m.reshape(-1)[::SAMPLE_STRIDE])
               for p, m in zip(learner.model.parameters(), masters)]
     changed = sum(int((p.to(torch.bfloat16) != m.to(torch.bfloat16)).sum()) for p, m in sample)
     assert metrics["engine_weights_changed"] == pytest.approx(changed / sum(m.numel() for _, m in sample))
