@@ -135,3 +135,29 @@ def test_in_flight_updates_turn_off_async_scheduling_on_gpus():
     assert "async_scheduling" not in engine_args(cfg, "m", 0)
     cfg.rollout.weight_update = "in_flight"
     assert engine_args(cfg, "m", 0)["async_scheduling"] is False
+
+
+def test_the_compilers_per_process_lookups_are_made_ahead_and_kept():
+    """`prefetch_compiler_lookups` only helps while torch keeps each lookup for the process: in a
+    fresh one, after it, the vector ISAs are known and the source hashes refuse a second value."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import threading
+        from torch._inductor import codecache, cpu_vec_isa
+        assert cpu_vec_isa.valid_vec_isa_list.cache_info().currsize == 0  # the precondition
+        from actors.rollout_worker import prefetch_compiler_lookups
+        prefetch_compiler_lookups()
+        [t.join() for t in threading.enumerate() if t.name == "compiler-lookups"]
+        assert cpu_vec_isa.valid_vec_isa_list.cache_info().currsize == 1
+        for key in (codecache.torch_key, codecache.triton_key):
+            try:
+                key.set(b"")
+            except RuntimeError:
+                continue  # "already set": computed once, kept
+            raise AssertionError(f"{key.__name__} was not computed ahead")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
