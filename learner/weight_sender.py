@@ -134,7 +134,7 @@ class WeightSender:
         """Every SAMPLE_STRIDE-th element of this rank's trained parameters (its shards) as the
         engines hold them, in the compute dtype: a whole copy would cost half the model's memory
         again on a GPU, every step."""
-        return [_local(p).reshape(-1)[::SAMPLE_STRIDE].to(self.compute_dtype, copy=True)
+        return [_sampled(p).to(self.compute_dtype, copy=True)
                 for p in self.model.parameters() if p.requires_grad]
 
     def changed_since(self, before: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -146,6 +146,23 @@ class WeightSender:
         return {"changed": changed.to(torch.float64),
                 "parameters": torch.tensor(float(sum(b.numel() for b in before)),
                                            dtype=torch.float64, device=changed.device)}
+
+
+def _sampled(parameter: torch.Tensor) -> torch.Tensor:
+    """Every SAMPLE_STRIDE-th element of `parameter`, counted from its first: of an FSDP shard,
+    the elements of the whole that fall in it, so that ranks together sample what one rank
+    does. FSDP2 shards a parameter's rows (dim 0: torch/distributed/fsdp/_fully_shard/
+    _fsdp_param.py, FSDPParam._init_sharded_param), so a shard is one run of the flat whole,
+    beginning where its first row does (torch/distributed/tensor/_utils.py,
+    compute_local_shape_and_global_offset, as DCP uses it)."""
+    flat, first = _local(parameter).reshape(-1), 0
+    if hasattr(parameter, "device_mesh") and parameter.numel():
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        _, offset = compute_local_shape_and_global_offset(parameter.shape, parameter.device_mesh,
+                                                          parameter.placements)
+        first = -offset[0] * (parameter.numel() // parameter.shape[0]) % SAMPLE_STRIDE
+    return flat[first::SAMPLE_STRIDE]
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
