@@ -321,9 +321,9 @@ def lora_base(sync_run, tmp_path_factory) -> Path:
     its tokenizer. On the random init itself an adapter has nothing to steer: the output layer,
     which it leaves as it is, is too small for the blocks to move a logit far (16 steps at lr 0.2
     left the entropy at 10.80 and the reward where it was). Its reward is 0.30 (eval split), room
-    for a rise of 0.3. Since this stop's learner changes the run's trajectory moved (0.9 at step
-    10, not 13): step 8's base now starts at 0.72, and from step 6's (0.06) an adapter moved
-    nothing in 12 or 24 steps."""
+    for a rise of 0.3. The run passes 0.9 at step 10 (measured 2026-12-06): step 8's base starts
+    at 0.72, too near the top, and from step 6's (0.06) an adapter moved nothing in 12 or 24
+    steps."""
     base = tmp_path_factory.mktemp("lora_base")
     for path in (sync_run / "checkpoints" / "step_000007" / "model").iterdir():
         shutil.copy(path, base)
@@ -392,8 +392,8 @@ def test_a_resumed_lora_run_ends_with_the_uninterrupted_runs_adapter(lora_consol
 
 def test_lora_with_in_flight_updates_raises_the_reward(lora_base, tmp_path):
     # In flight and in bfloat16 on an AMX Xeon, lr 3e-2 collapsed the policy in 2 runs of 3 from
-    # step 8's base of stop 32 (first fifth 0.18 to 0.19, last fifth -0.01); LORA's 1e-2 went
-    # from 0.26 to 0.62 from step 7's base.
+    # an earlier base (step 8's, when the run passed 0.9 at step 13; first fifth 0.18 to 0.19,
+    # last fifth -0.01); LORA's 1e-2 went from 0.26 to 0.62 from step 7's base.
     run_dir = tmp_path / "run"
     train(run_dir, "--model.name", str(lora_base), *LORA, "--buffer.max-policy-lag", "1",
           "--rollout.weight-update", "in_flight", "--steps", str(ASYNC_STEPS))
