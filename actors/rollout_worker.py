@@ -44,6 +44,34 @@ def engine_scratch(run_id: str, index: int) -> str:
     return os.path.join(tempfile.gettempdir(), f"grpo-ray-engine-{run_id or 'local'}-{index}-")
 
 
+ENGINE_MAX_SEQS = 256
+"""Most sequences a CPU engine runs at once (vLLM's own default there, made explicit because the
+KV cache is sized by it): an eval of 32 prompts x G 8 is admitted whole."""
+KV_BLOCK_ROUNDING = 256
+"""Tokens a sequence's KV cache is rounded up to: a multiple of every block size vLLM's CPU
+attention uses (vllm/platforms/cpu.py, CpuPlatform.check_and_update_config)."""
+
+
+def kv_bytes_per_token(model_path: str, dtype: str) -> int:
+    """KV-cache bytes one token takes in an engine of `dtype`: a key and a value per layer and
+    key-value head, from the model's Hugging Face config."""
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(model_path)
+    heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    return 2 * hf.num_hidden_layers * heads * head_dim * getattr(torch, dtype).itemsize
+
+
+def kv_cache_bytes(cfg: Config, per_token: int) -> int:
+    """A CPU engine's KV cache: room for ENGINE_MAX_SEQS sequences of model.max_model_len
+    tokens, all it can ever run at once (so nothing is preempted), at most rollout.kv_cache_gib.
+    vLLM zeroes the whole cache while the engine starts, 0.35 s per GiB here on one thread: the
+    tiny default needs 128 MiB of its 1 GiB."""
+    length = -(-cfg.model.max_model_len // KV_BLOCK_ROUNDING) * KV_BLOCK_ROUNDING
+    return min(ENGINE_MAX_SEQS * length * per_token, int(cfg.rollout.kv_cache_gib * 2**30))
+
+
 def engine_args(cfg: Config, model_path: str, index: int) -> dict:
     """Keyword arguments of `vllm.LLM` for worker `index`: the only place CPU and GPU differ."""
     args = dict(
@@ -60,7 +88,8 @@ def engine_args(cfg: Config, model_path: str, index: int) -> dict:
         # One adapter slot: the engines serve one policy, its adapter replaced at every sync.
         args.update(enable_lora=True, max_loras=1, max_lora_rank=lora.engine_rank(cfg.learner.lora_rank))
     if cfg.cluster.device == "cpu":
-        args.update(enforce_eager=True, kv_cache_memory_bytes=int(cfg.rollout.kv_cache_gib * 2**30),
+        args.update(enforce_eager=True, max_num_seqs=ENGINE_MAX_SEQS,
+                    kv_cache_memory_bytes=kv_cache_bytes(cfg, kv_bytes_per_token(model_path, args["dtype"])),
                     # A seeded request whose prompt is split over two steps makes vLLM rewind its
                     # random generator, which CPU generators cannot do ("CPU Generator does not
                     # use offset"): schedule every prompt whole.

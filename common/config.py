@@ -174,7 +174,9 @@ class RolloutConfig(ActorResources):
     gpu_memory_utilization: Annotated[float, Bound(gt=0, le=1)] = 0.85
     """GPU only: fraction of each GPU's memory vLLM may take."""
     kv_cache_gib: Annotated[float, Bound(gt=0)] = 1.0
-    """CPU only: KV-cache space per engine in GiB (vLLM's default would be half the RAM)."""
+    """CPU only: most KV-cache space per engine in GiB (vLLM's default would be half the RAM).
+    An engine takes less when that holds 256 sequences of model.max_model_len tokens, all it
+    runs at once: the `tiny` default takes 128 MiB."""
     weight_update: Literal["between_rounds", "in_flight"] = "between_rounds"
     """When a new policy reaches an engine: `between_rounds`, once it has finished what it
     was generating; `in_flight`, between two decode steps, the completions being generated

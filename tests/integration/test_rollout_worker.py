@@ -117,6 +117,21 @@ def test_compiled_kernels_are_kept_where_the_next_run_finds_them(workers):
     assert not cache.startswith(scratch) and not headers.startswith(scratch)
 
 
+def test_the_kv_cache_holds_every_sequence_the_engine_may_run_and_less_than_allowed(workers, cfg):
+    """vLLM's own accounting of the cache it made from kv_cache_bytes: its blocks hold
+    max_num_seqs sequences of max_model_len tokens, so none is ever preempted, in less than the
+    rollout.kv_cache_gib an engine took before."""
+    def cache(self) -> tuple[int, int, int, int]:
+        config = self.llm.llm_engine.vllm_config
+        return (config.cache_config.num_gpu_blocks, config.cache_config.block_size,
+                config.scheduler_config.max_num_seqs, config.cache_config.kv_cache_memory_bytes)
+
+    blocks, block_size, seqs, size = ray.get(workers[0].__ray_call__.remote(cache), timeout=TIMEOUT)
+    assert size < cfg.rollout.kv_cache_gib * 2**30  # the precondition: sized to the model, not capped
+    assert blocks * block_size >= seqs * cfg.model.max_model_len
+    assert blocks * block_size < 2 * seqs * cfg.model.max_model_len  # and not much more
+
+
 def test_two_workers_generate_side_by_side(workers, prompts, cfg):
     refs = [w.generate.remote(prompts[4 * i : 4 * i + 4], 0) for i, w in enumerate(workers)]
     results = ray.get(refs, timeout=TIMEOUT)

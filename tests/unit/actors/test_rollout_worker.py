@@ -8,7 +8,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from actors.rollout_worker import EXTENSION, engine_args, request_seed, token_versions
+from actors import rollout_worker
+from actors.rollout_worker import (
+    ENGINE_MAX_SEQS,
+    EXTENSION,
+    engine_args,
+    kv_bytes_per_token,
+    kv_cache_bytes,
+    request_seed,
+    token_versions,
+)
 from common.config import Config
 
 
@@ -18,6 +27,13 @@ def an_ampere_gpu_and_a_cpu_without_bf16(monkeypatch):
     capability (none here), the CPU's flags (whatever this machine has)."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (8, 6))
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True, "avx512_f": True})
+
+
+@pytest.fixture(autouse=True)
+def a_model_of_12_kib_of_kv_per_token(monkeypatch):
+    """The engine arguments' model paths are names only: its KV bytes per token are pythia-70m's
+    in bfloat16 (6 layers x 512 x key and value x 2 bytes)."""
+    monkeypatch.setattr(rollout_worker, "kv_bytes_per_token", lambda path, dtype: 12288)
 
 
 def gpu_config(tp: int) -> Config:
@@ -37,9 +53,37 @@ def test_engine_args_cpu():
     assert args == dict(
         model="/models/tiny", dtype="float32", seed=7, max_model_len=512,
         worker_extension_cls=EXTENSION, logprobs_mode="processed_logprobs",
-        enforce_eager=True, kv_cache_memory_bytes=1_610_612_736,  # 1.5 * 2**30
+        enforce_eager=True, max_num_seqs=256,
+        kv_cache_memory_bytes=1_610_612_736,  # 1.5 * 2**30: less than 256 x 512 x 12 KiB
         enable_chunked_prefill=False, max_num_batched_tokens=4096,
     )
+
+
+def test_kv_bytes_per_token_are_a_key_and_a_value_per_layer_and_kv_head(tmp_path):
+    """From the model's own config: GPT-NeoX has a key-value head per attention head; a model
+    with grouped queries has fewer, and may name its head size."""
+    from transformers import GPTNeoXConfig, LlamaConfig
+
+    GPTNeoXConfig(num_hidden_layers=2, hidden_size=128, num_attention_heads=2).save_pretrained(tmp_path / "neox")
+    LlamaConfig(num_hidden_layers=3, hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
+                head_dim=48).save_pretrained(tmp_path / "gqa")
+    assert kv_bytes_per_token(str(tmp_path / "neox"), "bfloat16") == 2 * 2 * 128 * 2
+    assert kv_bytes_per_token(str(tmp_path / "neox"), "float32") == 2 * 2 * 128 * 4
+    assert kv_bytes_per_token(str(tmp_path / "gqa"), "bfloat16") == 2 * 3 * 2 * 48 * 2
+
+
+@pytest.mark.parametrize("max_model_len, per_token, cache", [
+    (512, 1024, 256 * 512 * 1024),       # the tiny default, bfloat16: 128 MiB of the 1 GiB allowed
+    (600, 1024, 256 * 768 * 1024),       # a sequence's blocks are whole: rounded up to 768 tokens
+    (512, 98304, 2**30),                 # pythia-410m (96 KiB a token): the cap, as before
+])
+def test_a_cpu_engine_caches_what_it_can_run_at_once_and_no_more_than_allowed(max_model_len, per_token,
+                                                                                 cache):
+    cfg = Config()
+    cfg.model.max_model_len = max_model_len
+    assert cfg.rollout.kv_cache_gib == 1.0
+    assert kv_cache_bytes(cfg, per_token) == cache
+    assert ENGINE_MAX_SEQS == 256
 
 
 def test_engine_args_cpu_with_bf16_units_run_in_bfloat16(monkeypatch):
