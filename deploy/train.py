@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_loading.from_args(sys.argv[1:] if argv is None else argv, description=__doc__)
         stop_on_sigterm(cfg)
-        run(cfg)
+        run(cfg, from_process_start=True)
         return 0
     except ConfigError as e:
         for line in e.problems:
@@ -217,12 +217,19 @@ def dtype_choice(device: str) -> str:
     return f"{str(dtype).removeprefix('torch.')}{mixed}: {why}"
 
 
-def run(cfg: Config) -> RunSummary:
-    """Train; everything the run writes goes under cfg.run_dir."""
+def run(cfg: Config, from_process_start: bool = False) -> RunSummary:
+    """Train; everything the run writes goes under cfg.run_dir. `from_process_start`
+    (`python -m deploy.train`): the run's clock, its `elapsed_s`, starts with its process, the
+    interpreter and the imports counted, as a user waits for them (and as the bench counts
+    TRL's); otherwise with this call."""
+    import psutil
+
     from deploy.launch import check_machine, cluster_address, init_ray, launch, shutdown
     from learner.grpo import loss_notes
 
     started = time.perf_counter()
+    if from_process_start:
+        started -= time.time() - psutil.Process().create_time()
     if not cluster_address(cfg):
         check_machine(cfg)  # a Ray instance of our own: what it cannot hold is refused now
     run_dir = prepare_run_dir(cfg)
@@ -241,6 +248,8 @@ def run(cfg: Config) -> RunSummary:
         log.info("the run is already complete (%d steps); its model is in %s", cfg.steps, run_dir / "final")
         return RunSummary(steps=cfg.steps, complete=True)
     spans = Spans("driver")  # the start-up's phases are the trace's first spans
+    if from_process_start:
+        spans.since_process_start("start process")
     loading = prompts_loading(cfg, spans)
     with spans.span("start ray"):
         init_ray(cfg)

@@ -1,11 +1,12 @@
-"""Whole training runs, ours (`deploy.train.run`) and TRL's GRPOTrainer (`trl_baseline.py`) on the
-identical configuration, as the end-to-end, time-to-reward and modes sections read them: the
-run's own per-step records, and one steady-state window over them.
+"""Whole training runs, ours (`python -m deploy.train`) and TRL's GRPOTrainer (`trl_baseline.py`),
+each in a process of its own, on the identical configuration, as the end-to-end, time-to-reward
+and modes sections read them: the run's own per-step records, and one steady-state window over
+them.
 
 Both kinds of run are recorded the same way: `first_step_start_s` (seconds from the start of the
-run to the start of step 1: Ray, actors and their imports, model load and engine start for ours;
-the process with its imports, model load and trainer set-up for TRL's) and, per step,
-`elapsed_s` at its end, its mean `reward` and completion `tokens`.
+run's process to the start of step 1: for ours the driver's imports, Ray, the actors and their
+imports, model load and engine start; for TRL's the imports, model load and trainer set-up)
+and, per step, `elapsed_s` at its end, its mean `reward` and completion `tokens`.
 """
 
 from __future__ import annotations
@@ -192,10 +193,9 @@ class Runner:
              weight_update: str | None = None) -> RunRecord:
         """Our run of `cfg` with this policy lag (and weight update), read back from its
         metrics.jsonl."""
-        import ray
+        import yaml
 
         from deploy.metrics import read_jsonl
-        from deploy.train import run
 
         cfg = copy.deepcopy(cfg)
         cfg.buffer.max_policy_lag = lag
@@ -203,17 +203,24 @@ class Runner:
         key = "ours " + _key(cfg)
         if key in self.done:
             return self.done[key]
-        self.pool.shutdown()  # every run starts its own Ray, as `python -m deploy.train` does
+        self.pool.shutdown()  # the run starts its own Ray
         mode = RunOf(lag, weight_update=cfg.rollout.weight_update).mode
         label = f"{section}-ours_{mode}-{cfg.model.name}"
         run_dir = self._fresh(label)
         cfg.run_dir = str(run_dir)
         log.info("our run %s: %s, %d steps, lag %d", label, cfg.model.name, cfg.steps,
                  cfg.buffer.max_policy_lag)
-        try:
-            run(cfg)
-        finally:
-            ray.shutdown()
+        # As a user runs it, `python -m deploy.train`, in a process of its own: its start-up
+        # counts from that process's start, the interpreter and the imports included, as TRL's
+        # does (trl_baseline.py). In this process they were long done.
+        run_file = self.out / f"{label}.yaml"
+        run_file.write_text(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
+        with open(self.out / f"{label}.log", "w") as logfile:
+            proc = subprocess.run([sys.executable, "-m", "deploy.train", str(run_file)], cwd=ROOT,
+                                  stdout=logfile, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            tail = (self.out / f"{label}.log").read_text()[-2000:]
+            raise RuntimeError(f"our run {label} exited {proc.returncode}:\n{tail}")
         history = read_jsonl(run_dir / "metrics.jsonl")
         self.done[key] = RunRecord(
             run_dir=str(run_dir), first_step_start_s=history[0]["elapsed_s"] - history[0]["step_s"],

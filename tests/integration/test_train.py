@@ -124,10 +124,19 @@ def test_the_timeline_is_a_chrome_trace_with_spans_from_every_actor(sync_run):
     assert {"train", "send weights", "checkpoint"} <= by_actor["learner"]
     # The start-up, phase by phase, before the first step: the driver's in the order it runs them.
     startup = [e for e in spans if e["args"]["step"] is None]
-    driver = [e["name"] for e in sorted(startup, key=lambda e: e["ts"]) if rows[e["tid"]] == "driver"]
-    assert set(driver[:2]) == {"load prompts", "start ray"}  # side by side, the prompts on a thread
-    assert driver[2:] == ["place actors", "wait for engines", "weight channel", "first sync", "check weights",
+    driver_spans = sorted((e for e in startup if rows[e["tid"]] == "driver"), key=lambda e: e["ts"])
+    driver = [e["name"] for e in driver_spans]
+    assert driver[0] == "start process"  # the interpreter and the imports, from the process's start
+    assert set(driver[1:3]) == {"load prompts", "start ray"}  # side by side, the prompts on a thread
+    assert driver[3:] == ["place actors", "wait for engines", "weight channel", "first sync", "check weights",
                           "evaluate"]
+    # The run's clock starts with its process, as a user waits for it: step 1 began after the
+    # start-up's last phase ended and before any of its own spans, counted from the process's start.
+    assert driver_spans[0]["dur"] > 1e6  # the precondition: the imports take seconds
+    first = metrics(sync_run)[0]
+    step_1 = driver_spans[0]["ts"] + (first["elapsed_s"] - first["step_s"]) * 1e6
+    last_phase_end = max(e["ts"] + e["dur"] for e in driver_spans)
+    assert last_phase_end - 2e4 <= step_1 <= min(e["ts"] for e in spans if e["args"]["step"] == 1) + 2e4
     assert {"start process", "load model"} <= {e["name"] for e in startup if rows[e["tid"]] == "learner"}
     assert {"start process", "import vllm", "start engine"} <= {
         e["name"] for e in startup if rows[e["tid"]] == "rollout worker 0"}
