@@ -215,11 +215,12 @@ class Runner:
         # does (trl_baseline.py). In this process they were long done.
         run_file = self.out / f"{label}.yaml"
         run_file.write_text(yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
-        with open(self.out / f"{label}.log", "w") as logfile:
+        log_file = self.out / f"{label}.log"
+        with open(log_file, "w") as logfile:
             proc = subprocess.run([sys.executable, "-m", "deploy.train", str(run_file)], cwd=ROOT,
                                   stdout=logfile, stderr=subprocess.STDOUT)
         if proc.returncode != 0:
-            tail = (self.out / f"{label}.log").read_text()[-2000:]
+            tail = log_file.read_text()[-2000:]
             raise RuntimeError(f"our run {label} exited {proc.returncode}:\n{tail}")
         history = read_jsonl(run_dir / "metrics.jsonl")
         self.done[key] = RunRecord(
