@@ -15,15 +15,10 @@ import torch
 
 from common import logs, models
 from common.config import Config, cpu_threads
-from common.rewards import MODEL_PREFIX, is_reward_model
+from common.rewards import MODEL_PREFIX
 
 log = logging.getLogger(__name__)
 RESTART_POLL_S = 1.0
-
-
-def model_rewards(cfg: Config) -> list[str]:
-    """The `model:PATH` entries of `rollout.rewards`, in order: each has its own actors."""
-    return [name for name in cfg.rollout.rewards if is_reward_model(name)]
 
 
 def actor_name(run_id: str, reward: int, index: int) -> str:

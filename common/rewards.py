@@ -31,6 +31,11 @@ actors of its own (actors/reward_model.py)."""
 def is_reward_model(name: str) -> bool:
     return name.startswith(MODEL_PREFIX)
 
+
+def model_rewards(rewards: Sequence[str]) -> list[str]:
+    """The `model:PATH` entries of `rollout.rewards`, in order: each has its own actors."""
+    return [name for name in rewards if is_reward_model(name)]
+
 _REGISTRY: dict[str, RewardFn] = {}
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from common.config import Config, ConfigError
 from common.errors import WaitTimeout
+from common.rewards import model_rewards
 
 if TYPE_CHECKING:
     from ray.actor import ActorHandle
@@ -39,8 +40,6 @@ class ResourcePlan:
 
 def plan(cfg: Config) -> ResourcePlan:
     rollout, cluster = cfg.rollout, cfg.cluster
-    from actors.reward_model import model_rewards
-
     learner = {"num_cpus": cfg.learner.num_cpus, "num_gpus": cfg.gpus("learner")}
     worker = {"num_cpus": rollout.num_cpus, "num_gpus": cfg.gpus("rollout")}
     reward_model = {"num_cpus": cfg.reward_model.num_cpus, "num_gpus": cfg.gpus("reward_model")}
@@ -54,9 +53,10 @@ def plan(cfg: Config) -> ResourcePlan:
             b["GPU"] = float(opts["num_gpus"])
         return b
 
+    scorers = len(model_rewards(rollout.rewards)) * cfg.reward_model.num_workers
     bundles = [bundle(learner, {}) for _ in range(cfg.learner.num_ranks)] \
         + [bundle(worker, custom) for _ in range(rollout.num_workers)] \
-        + [bundle(reward_model, {}) for _ in range(len(model_rewards(cfg)) * cfg.reward_model.num_workers)]
+        + [bundle(reward_model, {}) for _ in range(scorers)]
     return ResourcePlan(bundles=bundles, strategy=cluster.placement_strategy, learner=learner,
                         worker=worker, reward_model=reward_model)
 
@@ -206,7 +206,7 @@ def launch(cfg: Config, timeout_s: float) -> RunActors:
     from ray.util.placement_group import placement_group, placement_group_table
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    from actors.reward_model import RewardModel, actor_name, model_rewards
+    from actors.reward_model import RewardModel, actor_name
     from actors.rollout_worker import RolloutWorker
     from common.buffer import RolloutBuffer, buffer_name
     from learner.learner import Learner
@@ -253,7 +253,7 @@ def launch(cfg: Config, timeout_s: float) -> RunActors:
             **p.reward_model, scheduling_strategy=at(first + k * each + i), name=actor_name(run_id, k, i),
             max_restarts=cfg.cluster.max_worker_restarts, max_task_retries=0,
         ).remote(cfg, name, i)
-        for k, name in enumerate(model_rewards(cfg)) for i in range(each)
+        for k, name in enumerate(model_rewards(cfg.rollout.rewards)) for i in range(each)
     ]
     nodes = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
     placed = placement_group_table(pg)["bundles_to_node_id"]

@@ -21,19 +21,22 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from common import config as config_lib
 from common import config_loading
-from common import data, logs, models, versions
+from common import logs, versions
 from common.config import Config, ConfigError
-from common.data import PromptSampler, PromptSplits
 from common.errors import RunError
 from common.spans import Spans, Trace, busy_fraction
 from common.types import RunState, RunSummary
 from deploy.launch import RunActors
 from deploy.remote import ActorDied
+
+if TYPE_CHECKING:
+    from common.data import PromptSplits
 
 log = logging.getLogger("grpo-ray")
 
@@ -196,6 +199,8 @@ def prompts_loading(cfg: Config, spans: Spans) -> Future:
 
 def load_prompts(cfg: Config, spans: Spans) -> tuple[object, PromptSplits]:
     """The model's tokenizer, and the train and eval prompts rendered and tokenized with it."""
+    from common import data, models
+
     with spans.span("load prompts"):
         tokenizer = models.tokenizer_for(cfg.model.name, cfg.model.cache_dir)
         prompts = data.load_prompts(cfg.data, tokenizer)
@@ -210,11 +215,30 @@ def dtype_choice(device: str) -> str:
     on their own hardware, which is this machine's unless the cluster puts them elsewhere."""
     import torch
 
+    from common import models
+
     if device == "gpu" and not torch.cuda.is_available():
         return "bfloat16 on GPUs of compute capability 8.0 or more, else float32 (decided on each GPU)"
     dtype, why = models.auto_dtype(device)
     mixed = " (mixed precision: float32 master weights)" if dtype != torch.float32 else ""
     return f"{str(dtype).removeprefix('torch.')}{mixed}: {why}"
+
+
+def log_choices(cfg: Config) -> None:
+    """What the run decided for itself (device, dtype), and what it warns of."""
+    from common import models
+    from learner.grpo import loss_notes
+
+    detected = models.detect_device()
+    log.info("device: %s (%s)", cfg.cluster.device,
+             models.why_device(detected) if detected == cfg.cluster.device else "cluster.device")
+    if cfg.model.dtype == "auto":
+        log.info("model.dtype auto: %s", dtype_choice(cfg.cluster.device))
+    mismatch = versions.vllm_mismatch()
+    if mismatch:
+        log.warning(mismatch)
+    for note in loss_notes(cfg.grpo):
+        log.warning(note)
 
 
 def run(cfg: Config, from_process_start: bool = False) -> RunSummary:
@@ -225,7 +249,6 @@ def run(cfg: Config, from_process_start: bool = False) -> RunSummary:
     import psutil
 
     from deploy.launch import check_machine, cluster_address, init_ray, launch, shutdown
-    from learner.grpo import loss_notes
 
     started = time.perf_counter()
     if from_process_start:
@@ -235,26 +258,19 @@ def run(cfg: Config, from_process_start: bool = False) -> RunSummary:
     run_dir = prepare_run_dir(cfg)
     logs.driver_file(run_dir)
     log.info("run directory: %s", run_dir)
-    detected, why = models.detect_device()
-    log.info("device: %s (%s)", cfg.cluster.device, why if detected == cfg.cluster.device else "cluster.device")
-    if cfg.model.dtype == "auto":
-        log.info("model.dtype auto: %s", dtype_choice(cfg.cluster.device))
-    mismatch = versions.vllm_mismatch()
-    if mismatch:
-        log.warning(mismatch)
-    for note in loss_notes(cfg.grpo):
-        log.warning(note)
     if cfg.resume and finished(run_dir, cfg.steps):
         log.info("the run is already complete (%d steps); its model is in %s", cfg.steps, run_dir / "final")
         return RunSummary(steps=cfg.steps, complete=True)
     spans = Spans("driver")  # the start-up's phases are the trace's first spans
     if from_process_start:
         spans.since_process_start("start process")
+    # Ray starts before this process imports torch: the prompts' thread imports it meanwhile.
     loading = prompts_loading(cfg, spans)
     with spans.span("start ray"):
         init_ray(cfg)
     stop_on_sigterm(cfg)  # again: ray.init replaced the handler
     tokenizer, prompts = loading.result()
+    log_choices(cfg)
     log.info("starting %d rollout worker(s) and the learner (a vLLM engine takes about 10 s to "
              "start on a CPU)", cfg.rollout.num_workers)
     with spans.span("place actors"):
@@ -279,6 +295,7 @@ class Training:
 
     def __init__(self, cfg: Config, actors: RunActors, run_dir: Path, prompts: PromptSplits,
                  tokenizer, started: float, spans: Spans):
+        from common.data import PromptSampler
         from deploy.clients import BufferClient, LearnerClient
         from deploy.metrics import MetricsLog
         from deploy.rollouts import Rollouts

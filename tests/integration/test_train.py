@@ -132,7 +132,7 @@ def test_the_timeline_is_a_chrome_trace_with_spans_from_every_actor(sync_run):
                           "evaluate"]
     # The run's clock starts with its process, as a user waits for it: step 1 began after the
     # start-up's last phase ended and before any of its own spans, counted from the process's start.
-    assert driver_spans[0]["dur"] > 1e6  # the precondition: the imports take seconds
+    assert driver_spans[0]["dur"] > 2.5e5  # the precondition: the interpreter and the imports before Ray, most of a second
     first = metrics(sync_run)[0]
     step_1 = driver_spans[0]["ts"] + (first["elapsed_s"] - first["step_s"]) * 1e6
     last_phase_end = max(e["ts"] + e["dur"] for e in driver_spans)
