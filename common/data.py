@@ -8,14 +8,14 @@ import logging
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
-
-import datasets
-from datasets.exceptions import DatasetNotFoundError
+from typing import TYPE_CHECKING, Any
 
 from common.config import DataConfig
 from common.errors import RunError
 from common.types import Prompt
+
+if TYPE_CHECKING:
+    import datasets
 
 
 class DataError(RunError, ValueError):
@@ -24,9 +24,6 @@ class DataError(RunError, ValueError):
 
 BUNDLED = Path(__file__).parent / "assets" / "prompts.jsonl"
 
-# Loading and filtering prompts takes a moment; its progress bars are not the run's progress.
-datasets.disable_progress_bars()
-
 _LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -34,7 +31,13 @@ _LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
 def load_split(cfg: DataConfig, split: str) -> datasets.Dataset:
-    """One split of `cfg.dataset`, checked to be non-empty and to hold `cfg.prompt_column`."""
+    """One split of `cfg.dataset`, checked to be non-empty and to hold `cfg.prompt_column`.
+    `datasets` is imported here, not with the module: a rollout worker renders prompts with this
+    module but loads none, and the import (0.5 s) would lengthen its start."""
+    import datasets
+
+    # Loading and filtering prompts takes a moment; its progress bars are not the run's progress.
+    datasets.disable_progress_bars()
     name = cfg.dataset
     if name == "bundled":
         ds = _filter_split(_load_file(BUNDLED, "json"), split, name)
@@ -67,6 +70,8 @@ def _load_file(path: Path, builder: str) -> datasets.Dataset:
     # The json builder fails on an empty file with a bare StopIteration; say what it means.
     if path.stat().st_size == 0:
         raise DataError(f"dataset `{path}` is empty")
+    import datasets
+
     logger = datasets.utils.logging.get_logger()
     level = logger.getEffectiveLevel()
     logger.setLevel(logging.CRITICAL)  # its failure would be logged twice: it is said below, once
@@ -105,6 +110,9 @@ def _filter_split(ds: datasets.Dataset, split: str, name: str) -> datasets.Datas
 
 
 def _load_hub(name: str, split: str) -> datasets.Dataset:
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
+
     try:
         return datasets.load_dataset(name, split=split)
     except DatasetNotFoundError:

@@ -180,9 +180,9 @@ def finished(run_dir: Path, steps: int) -> bool:
 
 
 def prompts_loading(cfg: Config, spans: Spans) -> Future:
-    """The prompts (`load_prompts`), on a thread of their own while a local Ray starts: neither
-    needs the other, and each takes seconds; the run waits for them before any actor starts, so
-    bad data still costs no actor. Before joining a cluster they load first: under `ray job
+    """The prompts (`load_prompts`), on a thread of their own while a local Ray and the actors
+    start: none needs the others, and each takes seconds (bad data stops the run once the actors
+    are placed, and they are shut down). Before joining a cluster they load first: under `ray job
     submit`, ray.init moved the working directory away from the thread (getcwd failed in the
     thread's import of transformers)."""
     from deploy.launch import cluster_address
@@ -191,10 +191,17 @@ def prompts_loading(cfg: Config, spans: Spans) -> Future:
         done: Future = Future()
         done.set_result(load_prompts(cfg, spans))
         return done
-    pool = ThreadPoolExecutor(1, thread_name_prefix="prompts")
+    pool = ThreadPoolExecutor(1, thread_name_prefix="prompts", initializer=yield_the_cores)
     loading = pool.submit(load_prompts, cfg, spans)
     pool.shutdown(wait=False)  # the thread finishes its one task
     return loading
+
+
+def yield_the_cores() -> None:
+    """The prompts' thread runs at niceness 10 (on Linux niceness is a thread's own): Ray's start
+    and the actors' imports, which the first step waits for, get the cores first."""
+    if sys.platform == "linux":
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 def load_prompts(cfg: Config, spans: Spans) -> tuple[object, PromptSplits]:
@@ -264,12 +271,12 @@ def run(cfg: Config, from_process_start: bool = False) -> RunSummary:
     spans = Spans("driver")  # the start-up's phases are the trace's first spans
     if from_process_start:
         spans.since_process_start("start process")
-    # Ray starts before this process imports torch: the prompts' thread imports it meanwhile.
+    # The start-up's order is the critical path's (the engines'): Ray starts before this process
+    # imports torch, the actors as soon as Ray is up; the prompts load beside both, on a thread.
     loading = prompts_loading(cfg, spans)
     with spans.span("start ray"):
         init_ray(cfg)
     stop_on_sigterm(cfg)  # again: ray.init replaced the handler
-    tokenizer, prompts = loading.result()
     log_choices(cfg)
     log.info("starting %d rollout worker(s) and the learner (a vLLM engine takes about 10 s to "
              "start on a CPU)", cfg.rollout.num_workers)
@@ -277,6 +284,7 @@ def run(cfg: Config, from_process_start: bool = False) -> RunSummary:
         actors = launch(cfg, cfg.cluster.call_timeout_s)
     log.info("run id %s (it names what the run keeps outside its run directory)", actors.run_id)
     try:
+        tokenizer, prompts = loading.result()
         return Training(cfg, actors, run_dir, prompts, tokenizer, started, spans).run()
     except ActorDied as e:
         if e.at_start:

@@ -269,9 +269,10 @@ def test_a_busy_weight_sync_port_is_one_line(tmp_path, prompts_file):
 
 
 def test_every_wait_has_a_timeout_that_names_what_it_waited_for(tmp_path, prompts_file):
-    proc = run(args(tmp_path / "run", prompts_file, 2, "--cluster.call-timeout-s", "3"))
+    # 1 s: the engines are ready about 3 s after the driver, its prompts loaded, starts waiting.
+    proc = run(args(tmp_path / "run", prompts_file, 2, "--cluster.call-timeout-s", "1"))
     assert proc.returncode == 1
-    assert "waited 3 s for" in one_line_error(proc.stderr, "error:")
+    assert "waited 1 s for" in one_line_error(proc.stderr, "error:")
 
 
 @pytest.mark.parametrize("extra, expected", [
