@@ -22,9 +22,10 @@ NOTES = [
     "- Roofline floors (`deploy/bench/roofline.py`): a phase takes at least its FLOPs at the "
     "matmul peak of the dtype it computes in and at least the bytes it must move (weights, keys "
     "and values, AdamW state) at the measured copy bandwidth; its floor is the larger.",
-    "- Ours (end to end) runs `deploy.train.run` with the project's resources (by default one "
-    "CPU for the learner and one per rollout worker); TRL runs `GRPOTrainer` (HF `generate`, no "
-    "vLLM) in its own process with the same number of threads in total.",
+    "- Ours (end to end) runs as users run it, `python -m deploy.train`, with the project's "
+    "resources (by default one CPU for the learner and one per rollout worker); TRL runs "
+    "`GRPOTrainer` (HF `generate`, no vLLM) with the same number of threads in total. Each runs "
+    "in a process of its own, its start-up counted from that process's start.",
 ]
 
 
