@@ -36,6 +36,7 @@ def model_rewards(rewards: Sequence[str]) -> list[str]:
     """The `model:PATH` entries of `rollout.rewards`, in order: each has its own actors."""
     return [name for name in rewards if is_reward_model(name)]
 
+
 _REGISTRY: dict[str, RewardFn] = {}
 
 

@@ -322,6 +322,17 @@ def test_the_default_device_is_the_gpu_only_where_cuda_and_vllms_cuda_build_are(
     assert parse(["--cluster.device", "auto"]).cluster.device == device
 
 
+@pytest.mark.parametrize("cuda, cuda_vllm, words", [
+    (True, True, "8 CUDA device(s) and vLLM's CUDA build"),
+    (True, False, "a CUDA device, but vLLM's CPU build is installed"),
+    (False, True, "no CUDA device on this machine"), (False, False, "no CUDA device on this machine")])
+def test_the_log_says_why_the_device_was_chosen(machine, cuda, cuda_vllm, words):
+    from common import models
+
+    machine(cuda, cuda_vllm)
+    assert models.why_device(models.detect_device()).startswith(words)
+
+
 def test_the_device_is_settled_once_and_saved_as_settled(machine, tmp_path):
     from common.config import to_dict
 

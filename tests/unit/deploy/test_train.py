@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from deploy.train import default_run_dir, ray_job_id, summarize
+
+ROOT = Path(__file__).resolve().parents[3]
 
 JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
@@ -60,3 +65,42 @@ def test_without_an_eval_split_the_summary_says_so_and_metrics_stay_strict_json(
     line = (tmp_path / "metrics.jsonl").read_text()
     assert json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl")) == \
         {"step": 1, "reward": 0.5}  # what could not be measured is left out
+
+
+HEAVY = ("torch", "transformers", "datasets", "trl", "vllm")
+
+
+def imported_after(code: str) -> list[str]:
+    """Which of HEAVY a fresh interpreter holds after running `code` in the project's root."""
+    probe = f"import sys\n{code}\nprint([m for m in {HEAVY!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    return ast.literal_eval(out.stdout.strip().splitlines()[-1])
+
+
+def test_the_driver_starts_ray_and_places_actors_without_the_libraries_only_actors_need(tmp_path):
+    """Ray's start and the actors' are the first step's critical path: the driver reads the config,
+    makes the run directory and plans the resources without torch (where vLLM's CUDA build is
+    absent), and imports the actors' classes with torch alone, not transformers' model classes,
+    TRL or datasets, which the actors import where they use them (2 to 3 s of imports)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version("vllm")  # the CUDA build: device detection asks torch for a CUDA device
+        pytest.skip("vLLM's CUDA build is installed")
+    except PackageNotFoundError:
+        pass
+    assert imported_after(f"""
+from common import config_loading
+from deploy.launch import check_machine, plan
+from deploy.train import prepare_run_dir
+cfg = config_loading.from_args(["--run-dir", {str(tmp_path / "run")!r}])
+check_machine(cfg); prepare_run_dir(cfg); plan(cfg)""") == []
+    actors = """
+from actors.reward_model import RewardModel
+from actors.rollout_worker import RolloutWorker
+from common.buffer import RolloutBuffer
+from learner.learner import Learner"""
+    assert imported_after(actors) == ["torch"]
+    # The probe sees transformers where it is imported: the prompts' tokenizer, on their thread.
+    assert imported_after(actors + "\nfrom common import models; models.tokenizer_for('tiny')") \
+        == ["torch", "transformers"]
