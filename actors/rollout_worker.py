@@ -88,7 +88,7 @@ def engine_args(cfg: Config, model_path: str, index: int) -> dict:
         # One adapter slot: the engines serve one policy, its adapter replaced at every sync.
         args.update(enable_lora=True, max_loras=1, max_lora_rank=lora.engine_rank(cfg.learner.lora_rank))
     if cfg.cluster.device == "cpu":
-        args.update(enforce_eager=True, max_num_seqs=ENGINE_MAX_SEQS,
+        args.update(enforce_eager=not cfg.rollout.compile, max_num_seqs=ENGINE_MAX_SEQS,
                     kv_cache_memory_bytes=kv_cache_bytes(cfg, kv_bytes_per_token(model_path, args["dtype"])),
                     # A seeded request whose prompt is split over two steps makes vLLM rewind its
                     # random generator, which CPU generators cannot do ("CPU Generator does not
@@ -167,6 +167,13 @@ class RolloutWorker:
         # tensor-parallel workers (MultiprocExecutor) still run as children, and exit when their
         # parent does (vllm/v1/executor/multiproc_executor.py, the workers' death pipe).
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        # A compiled engine (every GPU one, a CPU one with rollout.compile) saves its compiled
+        # model for the next start through torch's AOT compile by default (vllm/envs.py,
+        # use_aot_compile: on from torch 2.10), which cannot pickle the Transformers backend's
+        # GPT-NeoX forward (vllm/compilation/decorators.py, save_aot_compiled_function warns
+        # "unable to save"): every start compiled from nothing, 14 s here. Without it vLLM's
+        # own compile cache serves the next start (Dynamo still traces the model): 4 s.
+        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
         if cfg.cluster.device == "cpu":
             # Threads as `cpu_threads` allots them, so actors sharing a machine do not fight
             # over cores.

@@ -3,6 +3,7 @@ updates by broadcast and shared memory, and agreement with the learner's log-pro
 
 from __future__ import annotations
 
+import copy
 import time
 
 import pytest
@@ -206,6 +207,45 @@ def test_logprobs_agree_with_the_learner_before_and_after_an_update(workers, lea
         assert mask.sum() > 50
         assert (logp - engine_logp)[mask].abs().max().item() < 1e-4
     learner.close_weight_sync()
+
+
+def test_a_compiled_engine_agrees_with_the_learner_before_and_after_an_update(ray_local, learner,
+                                                                              prompts, cfg):
+    """rollout.compile: the weights reloaded in place reach the compiled model, and the compiled
+    graph is kept in torch's cache for the next start (torch's AOT compile, vLLM's default,
+    cannot save this model: every start would compile it from nothing)."""
+    from actors.rollout_worker import RolloutWorker
+    from deploy.launch import WORKER_CALLS
+
+    compiled = copy.deepcopy(cfg)
+    compiled.rollout.compile = True
+    worker = ray.remote(num_cpus=1, max_concurrency=WORKER_CALLS)(RolloutWorker).remote(compiled, 2)
+    try:
+        ray.get(worker.ready.remote(), timeout=TIMEOUT)
+
+        def counts(self) -> dict[str, int]:
+            from torch._dynamo.utils import counters
+            from vllm.compilation.counter import compilation_counter
+
+            return {**vars(compilation_counter), **{f"{k}.{n}": v for k, c in counters.items() for n, v in c.items()}}
+
+        seen = ray.get(worker.__ray_call__.remote(counts), timeout=TIMEOUT)
+        assert seen["stats.unique_graphs"] > 0  # the precondition: Dynamo compiled the model
+        # torch's graph cache was asked (a miss stores the graph for the next start), which
+        # the AOT path bypasses.
+        assert seen["num_aot_compiles"] == 0
+        assert seen.get("inductor.fxgraph_cache_hit", 0) + seen.get("inductor.fxgraph_cache_miss", 0) > 0
+        for seed in (4, 5):
+            if seed == 5:
+                perturb(learner, seed)
+            share_weights(learner, worker)
+            groups, _ = ray.get(worker.generate.remote(prompts[:4], seed), timeout=TIMEOUT)
+            logp, engine_logp, mask = learner_logprobs(learner, groups)
+            assert mask.sum() > 50
+            assert (logp - engine_logp)[mask].abs().max().item() < 1e-4
+    finally:
+        learner.close_weight_sync()
+        ray.kill(worker)
 
 
 def set_temperature(worker, learner: Learner, temperature: float) -> None:

@@ -59,6 +59,12 @@ def test_engine_args_cpu():
     )
 
 
+def test_rollout_compile_compiles_a_cpu_engine():
+    cfg = Config()
+    cfg.rollout.compile = True
+    assert engine_args(cfg, "/models/tiny", index=0)["enforce_eager"] is False
+
+
 def test_kv_bytes_per_token_are_a_key_and_a_value_per_layer_and_kv_head(tmp_path):
     """From the model's own config: GPT-NeoX has a key-value head per attention head; a model
     with grouped queries has fewer, and may name its head size."""

@@ -147,6 +147,17 @@ def test_an_environment_scores_the_episodes_so_reward_functions_are_refused_besi
                              "not apply with it: leave it unset"]
 
 
+def test_compiled_engines_are_refused_where_vllm_would_not_compile_them():
+    cfg = Config()
+    cfg.cluster.device, cfg.rollout.compile = "cpu", True
+    assert validate(cfg) == []
+    cfg.learner.lora_rank = 8
+    assert validate(cfg) == ["rollout.compile: vLLM runs CPU engines that serve a LoRA adapter "
+                             "(learner.lora_rank) uncompiled; leave it off"]
+    cfg.cluster.device = "gpu"  # where vLLM compiles every engine, LoRA or not
+    assert "rollout.compile" not in " ".join(validate(cfg))
+
+
 def with_value(path: str, value) -> Config:
     cfg = Config()
     *section, name = path.split(".")
