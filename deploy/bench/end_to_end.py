@@ -1,10 +1,12 @@
-"""End to end: whole GRPO steps of this project (`deploy.train.run`, by default synchronous and
-one step asynchronous) and of TRL's GRPOTrainer (float32 and bf16) on the identical
-configuration, from each run's per-step records: steady-state completions/s and tokens/s, and
-each step against its roofline floor, phase by phase."""
+"""End to end: whole GRPO steps of this project (`python -m deploy.train`: synchronous and one
+step asynchronous, and synchronous again with compiled engines) and of TRL's GRPOTrainer
+(float32 and bf16) on the identical configuration, from each run's per-step records:
+steady-state completions/s and tokens/s, and each step against its roofline floor, phase by
+phase."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable
@@ -40,6 +42,8 @@ class Settings:
     """Learning rate; None is the preset's default."""
     lags: tuple[int, ...] = (0, 1)
     """Our runs: buffer.max_policy_lag of each (0 synchronous, 1 asynchronous)."""
+    compiled_lags: tuple[int, ...] = (0,)
+    """Our runs again with compiled engines (rollout.compile): buffer.max_policy_lag of each."""
     steps: int = 6
     """Steps of each of our runs."""
     warmup: int = 2
@@ -51,8 +55,8 @@ class Settings:
 
     @classmethod
     def smoke(cls) -> Settings:
-        return cls(preset="tiny", batch=8, tokens=8, lr=3e-2, lags=(0,), steps=2, warmup=1,
-                   trl_steps=2, trl_dtypes=("bfloat16",))
+        return cls(preset="tiny", batch=8, tokens=8, lr=3e-2, lags=(0,), compiled_lags=(), steps=2,
+                   warmup=1, trl_steps=2, trl_dtypes=("bfloat16",))
 
 
 @dataclass
@@ -90,7 +94,7 @@ StepPhases = Callable[[str, float, list[Step]], list[Phase]]
 
 def throughput(record: RunRecord, policy_lag: int | None, warmup: int, batch_size: int,
                step_phases: StepPhases, dtype: str, trl: RunThroughput | None = None,
-               weight_update: str = "between_rounds") -> RunThroughput:
+               weight_update: str = "between_rounds", compiled: bool = False) -> RunThroughput:
     """The run's steady state, its floor, and its completions/s over TRL's anchor (`trl`; None
     if this is TRL's). `step_phases(dtype, mean completion tokens, steady steps)` gives the
     step's phases; the floor is their sum."""
@@ -99,6 +103,7 @@ def throughput(record: RunRecord, policy_lag: int | None, warmup: int, batch_siz
     floor = sum(p.floor_s for p in phases)
     return RunThroughput(
         **vars(window), policy_lag=policy_lag, weight_update=weight_update, dtype=dtype,
+        compiled=compiled,
         startup_s=record.first_step_start_s, floor_s_per_step=floor,
         share_of_floor=floor / window.seconds_per_step,
         vs_trl=1.0 if trl is None else window.completions_per_s / trl.completions_per_s,
@@ -140,7 +145,10 @@ def run(harness: Harness, s: Settings) -> EndToEndResult:
     cfg = harness.config(model=s.preset, batch=s.batch, tokens=s.tokens, lr=s.lr, steps=s.steps)
     shape, g, ours_dtype = harness.shape(s.preset), cfg.grpo, harness.dtype(cfg)
     mean_prompt = prompts.mean_length(prompts.train_prompts(cfg))
-    records = {lag: harness.runner.ours(cfg, "e2e", lag) for lag in s.lags}
+    compiled = copy.deepcopy(cfg)
+    compiled.rollout.compile = True
+    records = {**{(lag, False): harness.runner.ours(cfg, "e2e", lag) for lag in s.lags},
+               **{(lag, True): harness.runner.ours(compiled, "e2e", lag) for lag in s.compiled_lags}}
     micro_batches = -(-g.batch_size // cfg.learner.micro_batch_size)
     step_phases = phases_of(shape, harness.peak, cfg.prompts_per_step, g.group_size, mean_prompt,
                             micro_batches)
@@ -148,8 +156,9 @@ def run(harness: Harness, s: Settings) -> EndToEndResult:
                               s.warmup, g.batch_size, step_phases, dtype)
                    for dtype in s.trl_dtypes), key=lambda t: -t.completions_per_s)
     trl = trls[0]
-    ours = [throughput(record, lag, s.warmup, g.batch_size, step_phases, ours_dtype, trl)
-            for lag, record in records.items()]
+    ours = [throughput(record, lag, s.warmup, g.batch_size, step_phases, ours_dtype, trl,
+                       compiled=compile_)
+            for (lag, compile_), record in records.items()]
     for side in [*ours, *trls]:
         log.info("end to end %s: %.2f completions/s, %.0f tokens/s, %.0f%% of its floor",
                  side.mode, side.completions_per_s, side.tokens_per_s, 100 * side.share_of_floor)

@@ -115,16 +115,21 @@ class RunOf:
     """Our run's rollout.weight_update."""
     dtype: str = field(default="float32", kw_only=True)
     """What the run computes in (TRL's: float32, or bfloat16 with its `bf16=True`)."""
+    compiled: bool = field(default=False, kw_only=True)
+    """Our run's rollout.compile."""
 
     @property
     def mode(self) -> str:
-        """The run in a word: sync, async (one step of lag), lagN, in_flight, or trl."""
+        """The run in a word: sync, async (one step of lag), lagN, in_flight, or trl; `_compiled`
+        after it for compiled engines."""
         lag = self.policy_lag
         if lag is None:
             return "trl" if self.dtype == "float32" else "trl_bf16"
         if self.weight_update == "in_flight":
-            return "in_flight" if lag == 1 else f"in_flight_lag{lag}"
-        return {0: "sync", 1: "async"}.get(lag, f"lag{lag}")
+            mode = "in_flight" if lag == 1 else f"in_flight_lag{lag}"
+        else:
+            mode = {0: "sync", 1: "async"}.get(lag, f"lag{lag}")
+        return mode + ("_compiled" if self.compiled else "")
 
     @property
     def label(self) -> str:
@@ -132,11 +137,14 @@ class RunOf:
         lag = self.policy_lag
         if lag is None:
             return "TRL GRPOTrainer" + ("" if self.dtype == "float32" else ", bf16=True")
-        if lag == 0:
-            return "ours, synchronous"
         steps = f"{lag} step{'s' if lag > 1 else ''}"
-        in_flight = self.weight_update == "in_flight"
-        return f"ours, in flight, {steps}" if in_flight else f"ours, {steps} async"
+        if lag == 0:
+            label = "ours, synchronous"
+        elif self.weight_update == "in_flight":
+            label = f"ours, in flight, {steps}"
+        else:
+            label = f"ours, {steps} async"
+        return label + (", engines compiled" if self.compiled else "")
 
 
 def total_threads(cfg: Config) -> int:
@@ -204,7 +212,7 @@ class Runner:
         if key in self.done:
             return self.done[key]
         self.pool.shutdown()  # the run starts its own Ray
-        mode = RunOf(lag, weight_update=cfg.rollout.weight_update).mode
+        mode = RunOf(lag, weight_update=cfg.rollout.weight_update, compiled=cfg.rollout.compile).mode
         label = f"{section}-ours_{mode}-{cfg.model.name}"
         run_dir = self._fresh(label)
         cfg.run_dir = str(run_dir)
