@@ -119,6 +119,15 @@ def test_first_reaching_counts_from_the_run_and_from_step_one():
     assert (ours.label, trl.label) == ("ours, 1 step async", "TRL GRPOTrainer")
 
 
+def test_a_run_with_compiled_engines_is_named_apart_from_the_default():
+    from deploy.bench.runs import RunOf
+
+    runs = [RunOf(0), RunOf(0, compiled=True), RunOf(1, weight_update="in_flight", compiled=True)]
+    assert [r.mode for r in runs] == ["sync", "sync_compiled", "in_flight_compiled"]
+    assert [r.label for r in runs] == ["ours, synchronous", "ours, synchronous, engines compiled",
+                                       "ours, in flight, 1 step, engines compiled"]
+
+
 # --- the report, from hand-made results ------------------------------------------------------
 
 MACHINE = Machine(cpu="Test CPU", cores=2, ram_gib=8.0, python="3.11",
@@ -350,6 +359,7 @@ def test_the_smokes_end_to_end_and_time_to_reward_are_one_run():
             for s in (e, t)]
     assert to_dict(ours[0]) == to_dict(ours[1]) and ours[0].rollout.weight_update == "between_rounds"
     assert (e.lags, e.trl_steps) == (t.lags, t.trl_steps) and not t.in_flight
+    assert not e.compiled_lags  # a compiled run would be a second one
 
 
 def test_the_learners_gpu_bench_runs_without_ray_vllm_or_the_cli_libraries(tmp_path):
