@@ -171,8 +171,11 @@ class RolloutWorker:
         # model for the next start through torch's AOT compile by default (vllm/envs.py,
         # use_aot_compile: on from torch 2.10), which cannot pickle the Transformers backend's
         # GPT-NeoX forward (vllm/compilation/decorators.py, save_aot_compiled_function warns
-        # "unable to save"): every start compiled from nothing, 14 s here. Without it vLLM's
-        # own compile cache serves the next start (Dynamo still traces the model): 4 s.
+        # "unable to save"): every start compiled from nothing, 14 s here. Without it the next
+        # start finds the compiled graph in a cache (Dynamo still traces the model): 4 s here.
+        # On a GPU vLLM's own (vllm/compilation/backends.py, CompilerManager.load); on a CPU,
+        # where vLLM compiles the whole graph once (vllm/platforms/cpu.py, DYNAMO_TRACE_ONCE),
+        # torch's FX graph cache.
         os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
         if cfg.cluster.device == "cpu":
             # Threads as `cpu_threads` allots them, so actors sharing a machine do not fight
