@@ -179,9 +179,9 @@ class RolloutConfig(ActorResources):
     runs at once: the `tiny` default takes 128 MiB."""
     compile: bool = False
     """CPU only: compile the engines' model with torch.compile, as vLLM always does on GPUs.
-    Each engine starts about 3 s later (about 10 s more the first time on a machine) and
-    generates faster: a fifth less time on pythia-70m's shape, under a tenth on the `tiny`
-    default. Worth it for long runs of real models."""
+    Each engine starts 3 to 5 s later (10 to 30 s more the first time on a machine) and
+    generates faster: a fifth less time on pythia-70m's and 410m's shapes, under a tenth on
+    the `tiny` default. Worth it for long runs of real models."""
     weight_update: Literal["between_rounds", "in_flight"] = "between_rounds"
     """When a new policy reaches an engine: `between_rounds`, once it has finished what it
     was generating; `in_flight`, between two decode steps, the completions being generated
