@@ -227,7 +227,8 @@ def test_a_compiled_engine_agrees_with_the_learner_before_and_after_an_update(ra
             from torch._dynamo.utils import counters
             from vllm.compilation.counter import compilation_counter
 
-            return {**vars(compilation_counter), **{f"{k}.{n}": v for k, c in counters.items() for n, v in c.items()}}
+            torchs = {f"{group}.{name}": n for group, c in counters.items() for name, n in c.items()}
+            return {**vars(compilation_counter), **torchs}
 
         seen = ray.get(worker.__ray_call__.remote(counts), timeout=TIMEOUT)
         assert seen["stats.unique_graphs"] > 0  # the precondition: Dynamo compiled the model
