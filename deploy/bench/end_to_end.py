@@ -1,5 +1,5 @@
 """End to end: whole GRPO steps of this project (`python -m deploy.train`: synchronous and one
-step asynchronous, and synchronous again with compiled engines) and of TRL's GRPOTrainer
+step asynchronous, each again with compiled engines) and of TRL's GRPOTrainer
 (float32 and bf16) on the identical configuration, from each run's per-step records:
 steady-state completions/s and tokens/s, and each step against its roofline floor, phase by
 phase."""
@@ -42,7 +42,7 @@ class Settings:
     """Learning rate; None is the preset's default."""
     lags: tuple[int, ...] = (0, 1)
     """Our runs: buffer.max_policy_lag of each (0 synchronous, 1 asynchronous)."""
-    compiled_lags: tuple[int, ...] = (0,)
+    compiled_lags: tuple[int, ...] = (0, 1)
     """Our runs again with compiled engines (rollout.compile): buffer.max_policy_lag of each."""
     steps: int = 6
     """Steps of each of our runs."""
