@@ -62,14 +62,19 @@ def ray_local():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def workers(ray_local, cfg):
-    """Two rollout workers side by side on this machine, one CPU (and thread) each."""
+def rollout_worker(cfg: Config, index: int, run_id: str | None = None):
+    """A rollout worker actor of one CPU, called as the run's are (deploy/launch.py)."""
     from actors.rollout_worker import RolloutWorker
     from deploy.launch import WORKER_CALLS
 
-    actors = [ray.remote(num_cpus=1, max_concurrency=WORKER_CALLS)(RolloutWorker).remote(cfg, i)
-              for i in range(2)]
+    args = (cfg, index) if run_id is None else (cfg, index, run_id)
+    return ray.remote(num_cpus=1, max_concurrency=WORKER_CALLS)(RolloutWorker).remote(*args)
+
+
+@pytest.fixture(scope="session")
+def workers(ray_local, cfg):
+    """Two rollout workers side by side on this machine, one CPU (and thread) each."""
+    actors = [rollout_worker(cfg, i) for i in range(2)]
     ray.get([w.ready.remote() for w in actors], timeout=300)
     yield actors
     for w in actors:

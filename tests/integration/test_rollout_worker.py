@@ -14,6 +14,7 @@ from common.rewards import Scorer
 from common.weight_sync import plan_buckets
 from learner.batch import collate
 from learner.learner import Learner
+from tests.integration.conftest import rollout_worker
 
 pytestmark = pytest.mark.slow
 TIMEOUT = 300
@@ -214,12 +215,9 @@ def test_a_compiled_engine_agrees_with_the_learner_before_and_after_an_update(ra
     """rollout.compile: the weights reloaded in place reach the compiled model, and the compiled
     graph is kept in torch's cache for the next start (torch's AOT compile, vLLM's default,
     cannot save this model: every start would compile it from nothing)."""
-    from actors.rollout_worker import RolloutWorker
-    from deploy.launch import WORKER_CALLS
-
     compiled = copy.deepcopy(cfg)
     compiled.rollout.compile = True
-    worker = ray.remote(num_cpus=1, max_concurrency=WORKER_CALLS)(RolloutWorker).remote(compiled, 2)
+    worker = rollout_worker(compiled, 2)
     try:
         ray.get(worker.ready.remote(), timeout=TIMEOUT)
 
@@ -337,15 +335,13 @@ def test_a_reward_model_actor_scores_each_group_with_the_classifiers_logits(ray_
     """`model:PATH` scores in an actor of its own: what reaches the group is the classifier's
     logit on the dataset's prompt + the completion, computed here independently."""
     from actors.reward_model import RewardModel, actor_name
-    from actors.rollout_worker import RolloutWorker
-    from deploy.launch import WORKER_CALLS
     from tests.integration.conftest import tiny_config
     from tests.unit.actors.test_reward_model import logits_one_at_a_time
 
     name, run_id = f"model:{reward_model_dir}", "reward-model-test"
     cfg = tiny_config(rewards=("explicit_pos", name))
     scorer = ray.remote(num_cpus=1)(RewardModel).options(name=actor_name(run_id, 0, 0)).remote(cfg, name)
-    worker = ray.remote(num_cpus=1, max_concurrency=WORKER_CALLS)(RolloutWorker).remote(cfg, 0, run_id)
+    worker = rollout_worker(cfg, 0, run_id)
     try:
         groups, _ = ray.get(worker.generate.remote(prompts[:2], 0), timeout=TIMEOUT)
     finally:
