@@ -82,13 +82,10 @@ def test_the_driver_starts_ray_and_places_actors_without_the_libraries_only_acto
     makes the run directory and plans the resources without torch (where vLLM's CUDA build is
     absent), and imports the actors' classes with torch alone, not transformers' model classes,
     TRL or datasets, which the actors import where they use them (2 to 3 s of imports)."""
-    from importlib.metadata import PackageNotFoundError, version
+    from common import models
 
-    try:
-        version("vllm")  # the CUDA build: device detection asks torch for a CUDA device
+    if models._cuda_vllm():  # device detection then asks torch for a CUDA device
         pytest.skip("vLLM's CUDA build is installed")
-    except PackageNotFoundError:
-        pass
     assert imported_after(f"""
 from common import config_loading
 from deploy.launch import check_machine, plan
