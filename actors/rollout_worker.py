@@ -174,8 +174,8 @@ class RolloutWorker:
         # "unable to save"): every start compiled from nothing, 14 s here. Without it the next
         # start finds the compiled graph in a cache (Dynamo still traces the model): 4 s here.
         # On a GPU vLLM's own (vllm/compilation/backends.py, CompilerManager.load); on a CPU,
-        # where vLLM compiles the whole graph once (vllm/platforms/cpu.py, DYNAMO_TRACE_ONCE),
-        # torch's FX graph cache.
+        # where vLLM compiles the whole graph once (vllm/platforms/cpu.py,
+        # CpuPlatform.check_and_update_config: DYNAMO_TRACE_ONCE), torch's FX graph cache.
         os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
         if cfg.cluster.device == "cpu":
             # Threads as `cpu_threads` allots them, so actors sharing a machine do not fight
