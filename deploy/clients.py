@@ -85,9 +85,9 @@ class BufferClient(Client):
 
     actor = "the rollout buffer"
 
-    def batch(self, groups: int, step: int, timeout_s: float, first: int | None) -> Call:
+    def batch(self, groups: int, step: int, first: int, timeout_s: float) -> Call:
         """The batch of `groups` groups for learner step `step` (see `RolloutBuffer.get`)."""
-        return self._call(self.handle.get.remote(groups, step, timeout_s, first),
+        return self._call(self.handle.get.remote(groups, step, first, timeout_s),
                           f"a batch of {groups} groups for step {step + 1}")
 
     def short(self) -> int:

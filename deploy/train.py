@@ -382,10 +382,11 @@ class Training:
         start, began = time.perf_counter(), time.time()
         self.spans.step = step + 1
         self.rollouts.generate_ahead(step)
-        # A synchronous batch is chosen in prompt-stream order from this step's first round on,
-        # so dynamic sampling picks the same groups whichever arrive first.
-        first = self.rollouts.round_starts[step] if cfg.buffer.max_policy_lag == 0 else None
-        batch = self.buffer.batch(cfg.prompts_per_step, step, cfg.buffer.timeout_s, first)
+        # The batch is chosen in prompt-stream order (from this step's first round on, or where
+        # the last batch ended: its surplus first), so the same groups fill it whichever arrive
+        # first.
+        batch = self.buffer.batch(cfg.prompts_per_step, step, self.rollouts.round_starts[step],
+                                  cfg.buffer.timeout_s)
         self.rollouts.wait(batch, idle_step=step)
         metrics = self.rollouts.wait(self.learner.train(batch, step))
         self.state.step += 1

@@ -1,4 +1,4 @@
-"""Rollout buffer: FIFO by whole groups, staleness drops, back-pressure, timeouts, accounting."""
+"""Rollout buffer: whole groups in prompt-stream order, staleness drops, back-pressure, timeouts, accounting."""
 
 from __future__ import annotations
 
@@ -27,13 +27,13 @@ def indices(groups: list[RolloutGroup]) -> list[int]:
     return [g.prompt.index for g in groups]
 
 
-def test_get_returns_whole_groups_in_fifo_order():
+def test_get_returns_whole_groups_in_stream_order():
     async def main():
         buf = RolloutBuffer(capacity=4, max_policy_lag=0)
         await buf.put([group(0), group(1), group(2)])
-        first = await buf.get(2, current_version=0)
+        first = await buf.get(2, current_version=0, first=0)
         await buf.put([group(3)])
-        second = await buf.get(2, current_version=0)
+        second = await buf.get(2, current_version=0, first=0)
         return first, second, buf.stats()
 
     first, second, stats = asyncio.run(main())
@@ -50,7 +50,7 @@ def test_get_drops_groups_older_than_the_lag_bound():
         # versions 1 and 2 are too old for current version 4 with lag 1 (oldest allowed: 3)
         await buf.put([group(0, version=1), group(1, version=2), group(2, version=3),
                        group(3, version=4), group(4, version=4)])
-        batch = await buf.get(2, current_version=4)
+        batch = await buf.get(2, current_version=4, first=0)
         return batch, buf.stats()
 
     batch, stats = asyncio.run(main())
@@ -64,7 +64,7 @@ def test_a_stale_group_behind_a_fresh_one_is_dropped_too():
         # Two workers of unequal speed: version 3's group arrived before version 1's.
         buf = RolloutBuffer(capacity=4, max_policy_lag=1)
         await buf.put([group(0, version=3), group(1, version=1)])
-        getting = asyncio.create_task(buf.get(2, current_version=3))
+        getting = asyncio.create_task(buf.get(2, current_version=3, first=0))
         await asyncio.sleep(0)
         assert not getting.done()  # one fresh group is not two
         await buf.put([group(2, version=2)])
@@ -79,7 +79,7 @@ def test_get_waits_for_a_fresh_group_when_the_stale_ones_are_dropped():
     async def main():
         buf = RolloutBuffer(capacity=2, max_policy_lag=0)
         await buf.put([group(0, version=0)])
-        getting = asyncio.create_task(buf.get(1, current_version=1))
+        getting = asyncio.create_task(buf.get(1, current_version=1, first=0))
         await asyncio.sleep(0)
         dropped_while_waiting = buf.dropped_stale
         await buf.put([group(1, version=1)])
@@ -105,11 +105,11 @@ def test_put_blocks_when_full_until_a_get_makes_room():
             await asyncio.sleep(0)  # let the producer run first and find the buffer full
             await asyncio.sleep(0)
             events.append(f"size {buf.stats()['size']} before get")
-            batch = await buf.get(2, current_version=0)
+            batch = await buf.get(2, current_version=0, first=0)
             events.append("got " + ",".join(map(str, indices(batch))))
 
         await asyncio.gather(producer(), consumer())
-        rest = await buf.get(2, current_version=0)
+        rest = await buf.get(2, current_version=0, first=0)
         return events, indices(rest)
 
     events, rest = asyncio.run(main())
@@ -131,7 +131,7 @@ def test_get_timeout_names_what_it_waited_for():
     async def main():
         buf = RolloutBuffer(capacity=4, max_policy_lag=0)
         await buf.put([group(0)])
-        await buf.get(3, current_version=0, timeout_s=0.05)
+        await buf.get(3, current_version=0, first=0, timeout_s=0.05)
 
     with pytest.raises(TimeoutError, match=r"for 3 rollout groups \(have 1;"):
         asyncio.run(main())
@@ -141,9 +141,9 @@ def test_accounting_invariant_after_a_mixed_sequence():
     async def main():
         buf = RolloutBuffer(capacity=6, max_policy_lag=1)
         await buf.put([group(i, version=0) for i in range(4)])
-        await buf.get(1, current_version=0)          # consumes 1
+        await buf.get(1, current_version=0, first=0)          # consumes 1
         await buf.put([group(4, version=2), group(5, version=2)])
-        await buf.get(1, current_version=2)          # drops 3 (version 0 < 1), consumes 1
+        await buf.get(1, current_version=2, first=0)          # drops 3 (version 0 < 1), consumes 1
         await buf.put([group(6, version=3)])
         return buf.stats()
 
@@ -155,7 +155,7 @@ def test_accounting_invariant_after_a_mixed_sequence():
 def test_get_more_than_capacity_raises():
     buf = RolloutBuffer(capacity=2, max_policy_lag=0)
     with pytest.raises(ValueError, match="cannot get 3 groups from a buffer of capacity 2"):
-        asyncio.run(buf.get(3, current_version=0))
+        asyncio.run(buf.get(3, current_version=0, first=0))
 
 
 def test_capacity_below_one_raises():
@@ -171,7 +171,7 @@ def test_dynamic_sampling_leaves_out_groups_whose_rewards_are_all_equal():
         signal.rewards = [0.0, 1.0]
         unscored_but_one.rewards = [float("nan"), 0.3, float("nan")]  # one scored: no spread
         await buf.put([flat, signal, unscored_but_one])
-        return await buf.get(1, current_version=0), buf.stats()
+        return await buf.get(1, current_version=0, first=0), buf.stats()
 
     batch, s = asyncio.run(main())
     assert indices(batch) == [1]
@@ -185,7 +185,7 @@ def test_short_counts_what_the_waiting_get_lacks_and_nothing_once_it_returned():
     async def main():
         buf = RolloutBuffer(capacity=8, max_policy_lag=0)
         seen = [buf.short()]  # no get waiting
-        getting = asyncio.ensure_future(buf.get(3, current_version=0))
+        getting = asyncio.ensure_future(buf.get(3, current_version=0, first=0))
         await asyncio.sleep(0)
         seen.append(buf.short())
         await buf.put([group(0, version=0), group(1, version=0)])
@@ -205,7 +205,7 @@ def test_short_counts_groups_put_before_the_waiting_get_woke_up():
     round (a different prompt stream from then on) depending on timing."""
     async def main():
         buf = RolloutBuffer(capacity=8, max_policy_lag=0)
-        getting = asyncio.ensure_future(buf.get(3, current_version=0))
+        getting = asyncio.ensure_future(buf.get(3, current_version=0, first=0))
         await asyncio.sleep(0)
         await buf.put([group(0), group(1), group(2)])
         short = buf.short()  # no yield between the put and the question
@@ -221,28 +221,44 @@ def with_signal(index: int) -> RolloutGroup:
     return g
 
 
-def batches_for_every_arrival_order(first: int | None) -> set[tuple[int, ...]]:
-    """The batch of 3 that a dynamic-sampling get takes from one round of 6 groups at stream
-    positions 10..15 (11 and 13 without signal), for every order in which the puts arrive."""
-    round_ = [with_signal(10), group(11), with_signal(12), group(13), with_signal(14), with_signal(15)]
+ROUND = [with_signal(10), group(11), with_signal(12), group(13), with_signal(14), with_signal(15)]
+"""One round of 6 groups at stream positions 10..15, 11 and 13 without signal."""
 
+
+def test_a_batch_is_the_same_whichever_group_arrives_first():
+    """Dynamic sampling keeps the first groups with signal. Taken as they arrive, which ones
+    depends on timing (Ray keeps no order between an async actor's calls, and several workers
+    race); taken in prompt-stream order, once every earlier group is in, it does not."""
     async def main(order):
         buf = RolloutBuffer(capacity=4, max_policy_lag=0, drop_zero_std=True)
-        getting = asyncio.ensure_future(buf.get(3, current_version=0, first=first))
+        getting = asyncio.ensure_future(buf.get(3, current_version=0, first=10))
         for g in order:
             await buf.put([g])
             await asyncio.sleep(0)
         return tuple(indices(await getting))
 
-    return {asyncio.run(main(order)) for order in itertools.permutations(round_)}
+    orders = list(itertools.permutations(ROUND))
+    first_to_arrive = {tuple(sorted([g.prompt.index for g in order if not g.zero_std][:3])) for order in orders}
+    assert len(first_to_arrive) > 1  # the precondition
+    assert {asyncio.run(main(order)) for order in orders} == {(10, 12, 14)}
 
 
-def test_a_synchronous_batch_is_the_same_whichever_group_arrives_first():
-    """Dynamic sampling keeps the first groups with signal. Taken as they arrive, which ones
-    depends on timing (Ray keeps no order between an async actor's calls, and several workers
-    race); taken in prompt-stream order, once every earlier group is in, it does not."""
-    assert len(batches_for_every_arrival_order(first=None)) > 1  # the precondition
-    assert batches_for_every_arrival_order(first=10) == {(10, 12, 14)}
+def test_one_step_ahead_the_surplus_of_a_batch_serves_the_next():
+    """Step 0's round is 0..2, step 1's 3..5. Step 0's batch took 0, 2 and 3 (1 had no signal):
+    step 1's begins at 4, skipping 3, and ends in step 2's round, at 6, the same whichever of
+    those groups arrive first."""
+    async def main(order):
+        buf = RolloutBuffer(capacity=8, max_policy_lag=1, drop_zero_std=True)
+        await buf.put([with_signal(0), group(1), with_signal(2), with_signal(3)])
+        assert indices(await buf.get(3, current_version=0, first=0)) == [0, 2, 3]
+        getting = asyncio.ensure_future(buf.get(3, current_version=1, first=3))
+        for g in order:
+            await buf.put([g])
+            await asyncio.sleep(0)
+        return tuple(indices(await getting))
+
+    orders = list(itertools.permutations(with_signal(i) for i in range(4, 9)))
+    assert {asyncio.run(main(order)) for order in orders} == {(4, 5, 6)}
 
 
 def test_an_in_order_get_waits_for_a_gap_even_when_the_buffer_is_full():
@@ -274,7 +290,7 @@ def test_a_resumed_buffer_counts_on_from_the_run_it_continues():
         buf = RolloutBuffer(capacity=4, max_policy_lag=0)
         buf.carry_on({"produced": 40, "consumed": 36, "dropped_stale": 3, "dropped_zero_std": 1})
         await buf.put([group(0), group(1)])
-        await buf.get(1, current_version=0)
+        await buf.get(1, current_version=0, first=0)
         return buf.stats()
 
     s = asyncio.run(main())
