@@ -1,4 +1,5 @@
-"""Rollout buffer: whole groups in prompt-stream order, staleness drops, back-pressure, timeouts, accounting."""
+"""Rollout buffer: whole groups in prompt-stream order, staleness drops, back-pressure,
+timeouts, accounting."""
 
 from __future__ import annotations
 
@@ -141,9 +142,9 @@ def test_accounting_invariant_after_a_mixed_sequence():
     async def main():
         buf = RolloutBuffer(capacity=6, max_policy_lag=1)
         await buf.put([group(i, version=0) for i in range(4)])
-        await buf.get(1, current_version=0, first=0)          # consumes 1
+        await buf.get(1, current_version=0, first=0)  # consumes 1
         await buf.put([group(4, version=2), group(5, version=2)])
-        await buf.get(1, current_version=2, first=0)          # drops 3 (version 0 < 1), consumes 1
+        await buf.get(1, current_version=2, first=0)  # drops 3 (version 0 < 1), consumes 1
         await buf.put([group(6, version=3)])
         return buf.stats()
 
@@ -238,7 +239,8 @@ def test_a_batch_is_the_same_whichever_group_arrives_first():
         return tuple(indices(await getting))
 
     orders = list(itertools.permutations(ROUND))
-    first_to_arrive = {tuple(sorted([g.prompt.index for g in order if not g.zero_std][:3])) for order in orders}
+    first_to_arrive = {tuple(sorted([g.prompt.index for g in order if not g.zero_std][:3]))
+                       for order in orders}
     assert len(first_to_arrive) > 1  # the precondition
     assert {asyncio.run(main(order)) for order in orders} == {(10, 12, 14)}
 
@@ -258,6 +260,8 @@ def test_one_step_ahead_the_surplus_of_a_batch_serves_the_next():
         return tuple(indices(await getting))
 
     orders = list(itertools.permutations(with_signal(i) for i in range(4, 9)))
+    first_to_arrive = {tuple(sorted(g.prompt.index for g in order[:3])) for order in orders}
+    assert len(first_to_arrive) > 1  # the precondition
     assert {asyncio.run(main(order)) for order in orders} == {(4, 5, 6)}
 
 
