@@ -382,9 +382,8 @@ class Training:
         start, began = time.perf_counter(), time.time()
         self.spans.step = step + 1
         self.rollouts.generate_ahead(step)
-        # The batch is chosen in prompt-stream order (from this step's first round on, or where
-        # the last batch ended: its surplus first), so the same groups fill it whichever arrive
-        # first.
+        # The batch is the first groups in prompt-stream order from this step's first round on
+        # (what earlier batches took skipped), so the same groups fill it whichever arrive first.
         batch = self.buffer.batch(cfg.prompts_per_step, step, self.rollouts.round_starts[step],
                                   cfg.buffer.timeout_s)
         self.rollouts.wait(batch, idle_step=step)
