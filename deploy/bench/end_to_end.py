@@ -6,7 +6,6 @@ phase."""
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Callable
@@ -145,10 +144,8 @@ def run(harness: Harness, s: Settings) -> EndToEndResult:
     cfg = harness.config(model=s.preset, batch=s.batch, tokens=s.tokens, lr=s.lr, steps=s.steps)
     shape, g, ours_dtype = harness.shape(s.preset), cfg.grpo, harness.dtype(cfg)
     mean_prompt = prompts.mean_length(prompts.train_prompts(cfg))
-    compiled = copy.deepcopy(cfg)
-    compiled.rollout.compile = True
-    records = {**{(lag, False): harness.runner.ours(cfg, "e2e", lag) for lag in s.lags},
-               **{(lag, True): harness.runner.ours(compiled, "e2e", lag) for lag in s.compiled_lags}}
+    records = {(lag, compiled): harness.runner.ours(cfg, "e2e", lag, compiled=compiled)
+               for compiled, lags in ((False, s.lags), (True, s.compiled_lags)) for lag in lags}
     micro_batches = -(-g.batch_size // cfg.learner.micro_batch_size)
     step_phases = phases_of(shape, harness.peak, cfg.prompts_per_step, g.group_size, mean_prompt,
                             micro_batches)
@@ -157,8 +154,8 @@ def run(harness: Harness, s: Settings) -> EndToEndResult:
                    for dtype in s.trl_dtypes), key=lambda t: -t.completions_per_s)
     trl = trls[0]
     ours = [throughput(record, lag, s.warmup, g.batch_size, step_phases, ours_dtype, trl,
-                       compiled=compile_)
-            for (lag, compile_), record in records.items()]
+                       compiled=compiled)
+            for (lag, compiled), record in records.items()]
     for side in [*ours, *trls]:
         log.info("end to end %s: %.2f completions/s, %.0f tokens/s, %.0f%% of its floor",
                  side.mode, side.completions_per_s, side.tokens_per_s, 100 * side.share_of_floor)

@@ -197,10 +197,10 @@ class Runner:
         self.out, self.pool = out, pool
         self.done: dict[str, RunRecord] = {}
 
-    def ours(self, cfg: Config, section: str, lag: int,
-             weight_update: str | None = None) -> RunRecord:
-        """Our run of `cfg` with this policy lag (and weight update), read back from its
-        metrics.jsonl."""
+    def ours(self, cfg: Config, section: str, lag: int, weight_update: str | None = None,
+             compiled: bool | None = None) -> RunRecord:
+        """Our run of `cfg` with this policy lag (and weight update, and compiled engines or
+        not), read back from its metrics.jsonl."""
         import yaml
 
         from deploy.metrics import read_jsonl
@@ -208,6 +208,7 @@ class Runner:
         cfg = copy.deepcopy(cfg)
         cfg.buffer.max_policy_lag = lag
         cfg.rollout.weight_update = weight_update or cfg.rollout.weight_update
+        cfg.rollout.compile = cfg.rollout.compile if compiled is None else compiled
         key = "ours " + _key(cfg)
         if key in self.done:
             return self.done[key]
