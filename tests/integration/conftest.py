@@ -62,13 +62,13 @@ def ray_local():
     ray.shutdown()
 
 
-def rollout_worker(cfg: Config, index: int, run_id: str | None = None):
+def rollout_worker(cfg: Config, index: int, run_id: str = ""):
     """A rollout worker actor of one CPU, called as the run's are (deploy/launch.py)."""
     from actors.rollout_worker import RolloutWorker
     from deploy.launch import WORKER_CALLS
 
-    args = (cfg, index) if run_id is None else (cfg, index, run_id)
-    return ray.remote(num_cpus=1, max_concurrency=WORKER_CALLS)(RolloutWorker).remote(*args)
+    actor = ray.remote(num_cpus=1, max_concurrency=WORKER_CALLS)(RolloutWorker)
+    return actor.remote(cfg, index, run_id)
 
 
 @pytest.fixture(scope="session")

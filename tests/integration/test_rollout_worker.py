@@ -197,16 +197,23 @@ def share_weights(learner: Learner, worker) -> None:
     ray.get(worker.receive_weights.remote(learner.version), timeout=TIMEOUT)
 
 
-def test_logprobs_agree_with_the_learner_before_and_after_an_update(workers, learner, prompts):
-    for seed in (2, 3):  # the engine holds the learner's weights, then an update of them
-        if seed == 3:
+def assert_agrees_before_and_after_an_update(learner: Learner, worker, prompts,
+                                             seeds: tuple[int, int]) -> None:
+    """`worker` samples with the learner's weights, then with an update of them (sent through
+    shared memory), and its log-probs are the learner's on every sampled token."""
+    for seed in seeds:
+        if seed == seeds[1]:
             perturb(learner, seed)
-        share_weights(learner, workers[1])
-        groups, _ = ray.get(workers[1].generate.remote(prompts[:4], seed), timeout=TIMEOUT)
+        share_weights(learner, worker)
+        groups, _ = ray.get(worker.generate.remote(prompts[:4], seed), timeout=TIMEOUT)
         assert all(g.policy_version == learner.version for g in groups)
         logp, engine_logp, mask = learner_logprobs(learner, groups)
         assert mask.sum() > 50
         assert (logp - engine_logp)[mask].abs().max().item() < 1e-4
+
+
+def test_logprobs_agree_with_the_learner_before_and_after_an_update(workers, learner, prompts):
+    assert_agrees_before_and_after_an_update(learner, workers[1], prompts, seeds=(2, 3))
     learner.close_weight_sync()
 
 
@@ -234,14 +241,7 @@ def test_a_compiled_engine_agrees_with_the_learner_before_and_after_an_update(ra
         # the AOT path bypasses.
         assert seen["num_aot_compiles"] == 0
         assert seen.get("inductor.fxgraph_cache_hit", 0) + seen.get("inductor.fxgraph_cache_miss", 0) > 0
-        for seed in (4, 5):
-            if seed == 5:
-                perturb(learner, seed)
-            share_weights(learner, worker)
-            groups, _ = ray.get(worker.generate.remote(prompts[:4], seed), timeout=TIMEOUT)
-            logp, engine_logp, mask = learner_logprobs(learner, groups)
-            assert mask.sum() > 50
-            assert (logp - engine_logp)[mask].abs().max().item() < 1e-4
+        assert_agrees_before_and_after_an_update(learner, worker, prompts, seeds=(4, 5))
     finally:
         learner.close_weight_sync()
         ray.kill(worker)
