@@ -131,7 +131,7 @@ def cluster(tmp_path_factory):
     # Ray registers a node started with a loopback --node-ip-address under this machine's own
     # address (what other nodes could reach); the dashboard and job server stay on 127.0.0.1.
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--num-gpus", "0",
-              "--temp-dir", str(temp), "--disable-usage-stats"]
+              "--disable-usage-stats"]
     started = time.perf_counter()
     try:
         # Ports Ray would otherwise take at fixed numbers (other Ray instances on this machine
@@ -139,9 +139,15 @@ def cluster(tmp_path_factory):
         c.ray("start", "--head", "--port", str(gcs_port), "--dashboard-host", "127.0.0.1",
               "--dashboard-port", str(dash_port), "--include-dashboard", "true",
               "--ray-client-server-port", str(free_port()),
-              "--dashboard-agent-listen-port", str(free_port()), *common)
+              "--dashboard-agent-listen-port", str(free_port()), "--temp-dir", str(temp), *common)
+        # The second node in a temporary directory of its own, as on a machine of its own: each
+        # node's runtime-env agent unpacks a job's working_dir under its session directory and,
+        # the first time it needs it, deletes what is there (ray/_private/runtime_env/working_dir.py,
+        # WorkingDirPlugin.create, overwrite=True). Sharing the head's, it once deleted the
+        # driver's working directory under it (the driver's `import actors` failed).
         c.ray("start", "--address", c.gcs, "--resources", json.dumps({"rollout": 2}),
-              "--dashboard-agent-listen-port", str(free_port()), *common)
+              "--dashboard-agent-listen-port", str(free_port()),
+              "--temp-dir", str(tmp_path_factory.mktemp("node")), *common)
         deadline = time.monotonic() + 60
         while len([n for n in c.list("nodes", check=False) if n["state"] == "ALIVE"]) < 2:
             assert time.monotonic() < deadline, "the second node never joined"
