@@ -180,17 +180,9 @@ def finished(run_dir: Path, steps: int) -> bool:
 
 
 def prompts_loading(cfg: Config, spans: Spans) -> Future:
-    """The prompts (`load_prompts`), on a thread of their own while a local Ray and the actors
-    start: none needs the others, and each takes seconds (bad data stops the run once the actors
-    are placed, and they are shut down). Before joining a cluster they load first: under `ray job
-    submit`, ray.init moved the working directory away from the thread (getcwd failed in the
-    thread's import of transformers)."""
-    from deploy.launch import cluster_address
-
-    if cluster_address(cfg):
-        done: Future = Future()
-        done.set_result(load_prompts(cfg, spans))
-        return done
+    """The prompts (`load_prompts`), on a thread of their own while Ray and the actors start:
+    none needs the others, and each takes seconds (bad data stops the run once the actors are
+    placed, and they are shut down)."""
     pool = ThreadPoolExecutor(1, thread_name_prefix="prompts", initializer=yield_the_cores)
     loading = pool.submit(load_prompts, cfg, spans)
     pool.shutdown(wait=False)  # the thread finishes its one task
