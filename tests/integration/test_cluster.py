@@ -142,9 +142,10 @@ def cluster(tmp_path_factory):
               "--dashboard-agent-listen-port", str(free_port()), "--temp-dir", str(temp), *common)
         # The second node in a temporary directory of its own, as on a machine of its own: each
         # node's runtime-env agent unpacks a job's working_dir under its session directory and,
-        # the first time it needs it, deletes what is there (ray/_private/runtime_env/working_dir.py,
-        # WorkingDirPlugin.create, overwrite=True). Sharing the head's, it once deleted the
-        # driver's working directory under it (the driver's `import actors` failed).
+        # the first time it needs it, deletes what is there
+        # (ray/_private/runtime_env/working_dir.py, WorkingDirPlugin.create, overwrite=True).
+        # Sharing the head's, it once deleted the driver's working directory under it (the
+        # driver's `import actors` failed).
         c.ray("start", "--address", c.gcs, "--resources", json.dumps({"rollout": 2}),
               "--dashboard-agent-listen-port", str(free_port()),
               "--temp-dir", str(tmp_path_factory.mktemp("node")), *common)
